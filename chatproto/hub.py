@@ -1,0 +1,378 @@
+"""The domain: who is online, where each frame goes, and what must be held.
+
+The hub does no I/O of its own. It writes frames through the sessions it is
+given (the server's protocols) and keeps everything durable through the
+store, answering only after the store's Deferred has fired: a 02 after the
+account is committed, a 07 after the delivery is.
+
+Ids and timestamps stay the raw ``bytes`` of the frames here; they become
+``str`` and ``int`` only at the store's boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from itertools import groupby
+from operator import itemgetter
+from typing import Protocol
+
+from twisted.logger import Logger
+
+from . import wire
+from .store import (
+    DUPLICATE_DELIVERED,
+    DUPLICATE_PENDING,
+    HELD_ADDED,
+    HELD_DELIVERED,
+    HELD_MESSAGE,
+    HELD_SEEN,
+    Completed,
+    Snapshot,
+)
+
+
+class Session(Protocol):
+    """One connection, as the hub sees it."""
+
+    #: The logged-in user, or None.
+    user: bytes | None
+    #: Opened with 15: only a 16 counts as delivery.
+    secret_session: bool
+    #: Logged in and done flushing what was held.
+    ready: bool
+    #: While flushing: live frames that must wait behind the held ones, as
+    #: (frame, msg_id or None, held notice or None).
+    pending: list | None
+
+    def emit(self, frame: bytes) -> None: ...
+
+    def error(self, ref: bytes, reason: bytes) -> None: ...
+
+    def close_with(self, frame: bytes) -> None: ...
+
+
+def hash_secret(secret: bytes) -> str:
+    """A secret is 128 random bits, so one SHA-256 is as good as a slow KDF."""
+    return hashlib.sha256(secret).hexdigest()
+
+
+def _new_id(first: bytes, taken) -> bytes:
+    while True:
+        candidate = first + b"%012d" % secrets.randbelow(10**12)
+        if candidate not in taken:
+            return candidate
+
+
+class Hub:
+    log = Logger()
+
+    def __init__(self, store, require_secrets: bool = False):
+        self.store = store
+        self.require_secrets = require_secrets
+        #: user id → secret hash (str) or None for an account made with 01.
+        self.users: dict[bytes, str | None] = {}
+        #: group id → members, creator first.
+        self.groups: dict[bytes, list[bytes]] = {}
+        self.read_marks: dict[bytes, dict[bytes, int]] = {}
+        self.low_marks: dict[bytes, int] = {}
+        self.sessions: dict[bytes, Session] = {}
+
+    def load(self, snapshot: Snapshot) -> None:
+        self.users = {u.encode(): h for u, h in snapshot.users.items()}
+        self.groups = {g.encode(): [m.encode() for m in ms] for g, ms in snapshot.groups.items()}
+        self.read_marks = {
+            g.encode(): {u.encode(): ts for u, ts in marks.items()}
+            for g, marks in snapshot.read_marks.items()
+        }
+        self.low_marks = {g.encode(): ts for g, ts in snapshot.low_marks.items()}
+        self.log.info(
+            "loaded {users} users and {groups} groups", users=len(self.users), groups=len(self.groups)
+        )
+
+    # -- accounts and sessions -------------------------------------------
+
+    def register(self, session: Session, with_secret: bool) -> None:
+        code = wire.REGISTER_SECRET if with_secret else wire.REGISTER
+        if self.require_secrets and not with_secret:
+            session.error(code, wire.SECRET_REQUIRED)
+            return
+        user = _new_id(b"0", self.users)
+        secret = secrets.token_hex(16).encode() if with_secret else None
+        secret_hash = hash_secret(secret) if secret else None
+        self.users[user] = secret_hash
+        d = self.store.add_user(user.decode(), secret_hash)
+        if secret:
+            d.addCallback(lambda _: session.emit(wire.registered_secret(user, secret)))
+        else:
+            d.addCallback(lambda _: session.emit(wire.registered(user)))
+        self.log.info("registered {user}", user=user.decode())
+
+    def login(self, session: Session, user: bytes, secret: bytes | None, code: bytes) -> None:
+        if user not in self.users:
+            session.error(code, wire.UNKNOWN_USER)
+            return
+        stored = self.users[user]
+        if secret is None:
+            refused = stored is not None or self.require_secrets
+        else:
+            refused = stored is None or not hmac.compare_digest(hash_secret(secret), stored)
+        if refused:
+            self.log.info("refused login of {user}", user=user.decode())
+            session.error(code, wire.SECRET_REQUIRED)
+            return
+        if session.user is not None and session.user != user:
+            self.logout(session)
+        old = self.sessions.get(user)
+        if old is not None and old is not session:
+            self.log.info("{user} logged in elsewhere: closing the old connection", user=user.decode())
+            self._abandon(old)
+            old.close_with(wire.error(wire.ONLINE, wire.LOGGED_IN_ELSEWHERE))
+        session.user = user
+        session.secret_session = secret is not None
+        session.ready = False
+        session.pending = []
+        self.sessions[user] = session
+        session.emit(wire.online_ok(user))
+        self.log.info("{user} online", user=user.decode())
+        self.store.inbox(user.decode()).addCallback(self._flush, session, user)
+
+    def _flush(self, items, session: Session, user: bytes) -> None:
+        """Send what was held, in order, then what arrived meanwhile."""
+        if self.sessions.get(user) is not session or session.pending is None:
+            return
+        frames = []
+        reached = []
+        sent = set()
+        notices = []
+        for item in items:
+            if item.code == HELD_MESSAGE:
+                frames.append(
+                    wire.message(item.src.encode(), item.dst.encode(), wire.timestamp(item.ts), item.text)
+                )
+                sent.add(item.msg_id)
+                reached.append(item.msg_id)
+            else:
+                frames.append(self._notice_frame(item.code, item.src, item.dst, item.ts))
+                notices.append(item.seq)
+        for frame, msg_id, _ in session.pending:
+            if msg_id is not None:
+                if msg_id in sent:
+                    continue
+                reached.append(msg_id)
+            frames.append(frame)
+        session.pending = None
+        session.ready = True
+        if frames:
+            session.emit(b"".join(frames))
+            self.log.info("flushed {count} held frames to {user}", count=len(frames), user=user.decode())
+        if notices:
+            self.store.drop(user.decode(), notices)
+        if reached and not session.secret_session:
+            self.store.mark_delivered(user.decode(), reached).addCallback(self._completed)
+
+    def _notice_frame(self, code: int, src: str, dst: str, ts: int) -> bytes:
+        when = wire.timestamp(ts)
+        if code == HELD_DELIVERED:
+            return wire.delivered(dst.encode(), when)
+        if code == HELD_SEEN:
+            return wire.seen_by(src.encode(), when)
+        group = dst.encode()
+        return wire.added_to_group(group, when, self.groups.get(group, []))
+
+    def logout(self, session: Session) -> None:
+        """The session's connection is gone (or is changing user)."""
+        user = session.user
+        if user is not None and self.sessions.get(user) is session:
+            self._abandon(session)
+            self.log.info("{user} offline", user=user.decode())
+        session.user = None
+        session.ready = False
+
+    def _abandon(self, session: Session) -> None:
+        """Hold the notices a session was waiting to be sent: they must not be lost."""
+        pending, session.pending = session.pending, None
+        session.ready = False
+        if session.user is not None and self.sessions.get(session.user) is session:
+            del self.sessions[session.user]
+        for _, _, notice in pending or ():
+            if notice is not None:
+                self.store.hold(session.user.decode(), *notice)
+
+    def _notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
+        """A 07, 09 or 11 for ``user``: now if online, else at their next login."""
+        session = self.sessions.get(user)
+        if session is None:
+            self.store.hold(user.decode(), code, src, dst, ts)
+        elif session.ready:
+            session.emit(frame)
+        else:
+            session.pending.append((frame, None, (code, src, dst, ts)))
+
+    # -- messages --------------------------------------------------------
+
+    def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
+        """A 05 from the logged-in ``src``; ``frame`` is the 06 to deliver."""
+        if dst in self.users:
+            recipients = (dst,)
+        else:
+            members = self.groups.get(dst)
+            if members is None:
+                session.error(wire.SEND, wire.UNKNOWN_DESTINATION)
+                return
+            if src not in members:
+                session.error(wire.SEND, wire.NOT_A_MEMBER)
+                return
+            recipients = [m for m in members if m != src]
+        now = []
+        held = []
+        for user in recipients:
+            target = self.sessions.get(user)
+            if target is not None and target.ready and not target.secret_session:
+                now.append((user, target))
+            else:
+                held.append(user)
+        d = self.store.record_message(
+            src.decode(),
+            dst.decode(),
+            int(ts),
+            text,
+            [u.decode() for u in held],
+            [u.decode() for u, _ in now],
+        )
+        d.addCallback(self._recorded, src, dst, ts, frame, now, held)
+
+    def _recorded(self, recorded, src, dst, ts, frame, now, held) -> None:
+        if recorded.status == DUPLICATE_DELIVERED:
+            self._notify(src, wire.delivered(dst, ts), HELD_DELIVERED, "", dst.decode(), int(ts))
+            return
+        if recorded.status == DUPLICATE_PENDING:
+            return
+        msg_id = recorded.msg_id
+        missed = []
+        for user, target in now:
+            if target.ready and self.sessions.get(user) is target:
+                target.emit(frame)
+            else:
+                missed.append(user)
+        for user in held:
+            self._offer(user, frame, msg_id)
+        for user in missed:
+            # It went away between our decision and the commit: hold it again.
+            self.store.requeue(user.decode(), msg_id).addCallback(
+                lambda _, user=user: self._offer(user, frame, msg_id)
+            )
+        if recorded.complete and not missed:
+            self._notify(src, wire.delivered(dst, ts), HELD_DELIVERED, "", dst.decode(), int(ts))
+
+    def _offer(self, user: bytes, frame: bytes, msg_id: int) -> None:
+        """A held message, committed: send it now if its recipient is online."""
+        session = self.sessions.get(user)
+        if session is None:
+            return
+        if not session.ready:
+            session.pending.append((frame, msg_id, None))
+            return
+        session.emit(frame)
+        if not session.secret_session:
+            self.store.mark_delivered(user.decode(), [msg_id]).addCallback(self._completed)
+
+    def _completed(self, completed: list[Completed]) -> None:
+        for src, dst, ts in completed:
+            self._notify(
+                src.encode(), wire.delivered(dst.encode(), wire.timestamp(ts)), HELD_DELIVERED, "", dst, ts
+            )
+
+    def received(self, session: Session, src: bytes, dst: bytes, ts: bytes) -> None:
+        """A 16: only a session opened with 15 acknowledges; others got theirs on write."""
+        if not session.secret_session:
+            return
+        d = self.store.acknowledge(session.user.decode(), src.decode(), dst.decode(), int(ts))
+        d.addCallback(self._completed)
+
+    # -- receipts --------------------------------------------------------
+
+    def seen(self, session: Session, peer: bytes, ts: bytes) -> None:
+        reader = session.user
+        if peer in self.users:
+            self._notify(peer, wire.seen_by(reader, ts), HELD_SEEN, reader.decode(), "", int(ts))
+            return
+        members = self.groups.get(peer)
+        if members is None:
+            session.error(wire.SEEN, wire.UNKNOWN_DESTINATION)
+            return
+        if reader not in members:
+            session.error(wire.SEEN, wire.NOT_A_MEMBER)
+            return
+        marks = self.read_marks.setdefault(peer, {})
+        when = int(ts)
+        if when <= marks.get(reader, 0):
+            return
+        marks[reader] = when
+        self.store.set_read_mark(peer.decode(), reader.decode(), when)
+        low = self.low_marks.get(peer, 0)
+        d = self.store.group_messages_since(peer.decode(), low)
+        d.addCallback(self._advance_low_mark, peer)
+
+    def _advance_low_mark(self, rows, group: bytes) -> None:
+        """Move the group's low mark past every message all its readers have read.
+
+        A message counts as read when every member but its sender has a read
+        mark at or past it; messages sharing a timestamp move the mark together.
+        """
+        members = self.groups[group]
+        marks = self.read_marks.get(group, {})
+        low = self.low_marks.get(group, 0)
+        new_low = low
+        for when, same_time in groupby(rows, key=itemgetter(1)):
+            if when <= low:
+                continue
+            senders = {src.encode() for src, _ in same_time}
+            if not all(marks.get(m, 0) >= when for sender in senders for m in members if m != sender):
+                break
+            new_low = when
+        if new_low <= low:
+            return
+        self.low_marks[group] = new_low
+        self.store.set_low_mark(group.decode(), new_low)
+        frame = wire.seen_by(group, wire.timestamp(new_low))
+        for member in members:
+            self._notify(member, frame, HELD_SEEN, group.decode(), "", new_low)
+
+    # -- groups ----------------------------------------------------------
+
+    def create_group(self, session: Session, ts: bytes, listed: list[bytes]) -> None:
+        creator = session.user
+        members = [creator]
+        for member in listed:
+            if member not in members:
+                members.append(member)
+        if len(members) > wire.MAX_MEMBERS:
+            session.error(wire.CREATE_GROUP, wire.MALFORMED)
+            return
+        if any(member not in self.users for member in members):
+            session.error(wire.CREATE_GROUP, wire.UNKNOWN_USER)
+            return
+        group = _new_id(b"1", self.groups)
+        self.groups[group] = members
+        self.read_marks[group] = {}
+        self.low_marks[group] = 0
+        offline = [m for m in members if m not in self.sessions]
+        online = [m for m in members if m in self.sessions]
+        d = self.store.add_group(
+            group.decode(), int(ts), [m.decode() for m in members], [m.decode() for m in offline]
+        )
+        frame = wire.added_to_group(group, ts, members)
+
+        def announce(_):
+            for member in online:
+                self._notify(member, frame, HELD_ADDED, "", group.decode(), int(ts))
+
+        d.addCallback(announce)
+        self.log.info(
+            "{user} created group {group} of {count}",
+            user=creator.decode(),
+            group=group.decode(),
+            count=len(members),
+        )

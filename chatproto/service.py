@@ -1,0 +1,99 @@
+"""``twist chat``: its options, and the service they wire together."""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from .hub import Hub
+from .server import ChatFactory
+from .store.sqlite import SQLiteStore
+
+DEFAULT_PORT = "tcp:7000"
+DEFAULT_DB = "chatproto.sqlite3"
+
+
+def endpoint_description(value: str) -> str:
+    """A bare port number is shorthand for a TCP endpoint on every interface."""
+    return f"tcp:{value}" if value.isdigit() else value
+
+
+class Options(usage.Options):
+    synopsis = "[--port ENDPOINT] [--db PATH] [--require-secrets]"
+    longdesc = (
+        "Run the chatproto server. ENDPOINT is a Twisted endpoint string "
+        "(tcp:7000, tcp:7000:interface=127.0.0.1, ssl:7443:privateKey=key.pem:certKey=cert.pem, "
+        "unix:/run/chat.sock) or a bare port number, shorthand for tcp:PORT."
+    )
+    optParameters = [
+        ["port", "p", DEFAULT_PORT, "Where to listen: an endpoint string, or a bare port number."],
+        [
+            "db",
+            "d",
+            DEFAULT_DB,
+            "SQLite database file, created if missing; ':memory:' keeps nothing after exit.",
+        ],
+    ]
+    optFlags = [
+        [
+            "require-secrets",
+            "s",
+            "Refuse 01 and 03: every account is made with 13 and logs in with 15 and its secret.",
+        ],
+    ]
+
+    def postOptions(self):
+        self["port"] = endpoint_description(self["port"])
+
+
+class ChatService(Service):
+    """Opens the store, loads it into the hub, and only then listens."""
+
+    log = Logger()
+
+    def __init__(self, reactor, endpoint, store, hub):
+        self._reactor = reactor
+        self._endpoint = endpoint
+        self.store = store
+        self.hub = hub
+        self.factory = ChatFactory(hub)
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        d = self.store.load()
+        d.addCallback(self.hub.load)
+        d.addCallback(lambda _: self._endpoint.listen(self.factory))
+        d.addCallback(self._listening)
+        d.addErrback(self._failed)
+        return d
+
+    def _listening(self, port):
+        self.port = port
+        self.log.info("chatproto listening on {address}", address=port.getHost())
+
+    def _failed(self, failure):
+        self.log.failure("chatproto could not start", failure)
+        self._reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        closing = [maybeDeferred(self.port.stopListening)] if self.port else []
+        for session in list(self.hub.sessions.values()):
+            session.transport.loseConnection()
+        d = DeferredList(closing)
+        d.addCallback(lambda _: self.store.close())
+        d.addCallback(lambda _: self.log.info("chatproto stopped; the store is closed"))
+        return d
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    store = SQLiteStore(options["db"], reactor)
+    hub = Hub(store, require_secrets=bool(options["require-secrets"]))
+    endpoint = serverFromString(reactor, options["port"])
+    return ChatService(reactor, endpoint, store, hub)

@@ -1,0 +1,113 @@
+"""The store: everything the server must not forget, behind one interface.
+
+Every method returns a Deferred that fires once the change is committed, so
+the server can promise nothing (a 02, a 07) before it is durable. Ids are
+13-character ``str``, timestamps ``int`` and message text ``bytes`` (without
+padding); the store knows nothing of frames.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from zope.interface import Interface
+
+# What record_message found.
+NEW = "new"
+DUPLICATE_PENDING = "duplicate-pending"
+DUPLICATE_DELIVERED = "duplicate-delivered"
+
+# Codes of inbox items: what is held for a user until their next login.
+HELD_MESSAGE = 6
+HELD_DELIVERED = 7
+HELD_SEEN = 9
+HELD_ADDED = 11
+
+
+class InboxItem(NamedTuple):
+    """One thing held for a user, in the order it was queued.
+
+    For a message (code 6): src, dst, ts, text and msg_id. For a 07: dst and
+    ts; for a 09: src and ts; for an 11: dst (the group) and ts.
+    """
+
+    seq: int
+    code: int
+    src: str
+    dst: str
+    ts: int
+    text: bytes | None
+    msg_id: int | None
+
+
+class Recorded(NamedTuple):
+    msg_id: int
+    status: str
+    #: True when no recipient is left to deliver to: the sender's 07 is due.
+    complete: bool
+
+
+class Completed(NamedTuple):
+    """A message whose last recipient just got it: its sender's 07 is due."""
+
+    src: str
+    dst: str
+    ts: int
+
+
+class Snapshot(NamedTuple):
+    """What the server keeps in memory, read once at start-up."""
+
+    users: dict[str, str | None]
+    groups: dict[str, list[str]]
+    read_marks: dict[str, dict[str, int]]
+    low_marks: dict[str, int]
+
+
+class IChatStore(Interface):
+    def load():
+        """Deferred[Snapshot]: users (id → secret hash or None), groups and read marks."""
+
+    def add_user(user_id, secret_hash):
+        """Deferred[None]: a new account; secret_hash is None for one made with 01."""
+
+    def add_group(group_id, ts, members, hold_for):
+        """Deferred[None]: a new group, with an 11 held for each of ``hold_for``."""
+
+    def record_message(src, dst, ts, text, held, delivered):
+        """Deferred[Recorded]: store a message unless it is already stored.
+
+        ``held`` are recipients it waits for (an inbox item each);
+        ``delivered`` are recipients it reached already. A message that
+        repeats a stored one (same src, dst, ts and text) changes nothing.
+        """
+
+    def requeue(user_id, msg_id):
+        """Deferred[None]: a recipient counted as reached did not get it after all."""
+
+    def mark_delivered(user_id, msg_ids):
+        """Deferred[list[Completed]]: these messages reached user_id."""
+
+    def acknowledge(user_id, src, dst, ts):
+        """Deferred[list[Completed]]: user_id acknowledged (16) the message src→dst at ts."""
+
+    def hold(user_id, code, src, dst, ts):
+        """Deferred[None]: keep a 07, 09 or 11 for user_id's next login."""
+
+    def inbox(user_id):
+        """Deferred[list[InboxItem]]: everything held for user_id, oldest first."""
+
+    def drop(user_id, seqs):
+        """Deferred[None]: forget held 07/09/11 items once they were sent."""
+
+    def set_read_mark(group_id, user_id, ts):
+        """Deferred[None]: user_id has read group_id up to ts."""
+
+    def set_low_mark(group_id, ts):
+        """Deferred[None]: every member has read group_id up to ts."""
+
+    def group_messages_since(group_id, ts):
+        """Deferred[list[tuple[str, int]]]: (src, ts) of the group's messages after ts, by ts."""
+
+    def close():
+        """Deferred[None]: finish what was submitted, then release the database."""

@@ -1,0 +1,148 @@
+"""A store in plain dicts: for unit tests, where a Deferred that has already
+fired keeps the protocol's behaviour visible in the same call."""
+
+from __future__ import annotations
+
+from itertools import count
+
+from twisted.internet.defer import succeed
+from zope.interface import implementer
+
+from . import (
+    DUPLICATE_DELIVERED,
+    DUPLICATE_PENDING,
+    HELD_ADDED,
+    HELD_MESSAGE,
+    NEW,
+    Completed,
+    IChatStore,
+    InboxItem,
+    Recorded,
+    Snapshot,
+)
+
+
+class _Message:
+    __slots__ = ("id", "src", "dst", "ts", "text", "remaining")
+
+    def __init__(self, msg_id, src, dst, ts, text, remaining):
+        self.id = msg_id
+        self.src = src
+        self.dst = dst
+        self.ts = ts
+        self.text = text
+        self.remaining = remaining
+
+
+@implementer(IChatStore)
+class MemoryStore:
+    def __init__(self):
+        self.users: dict[str, str | None] = {}
+        self.groups: dict[str, list[str]] = {}
+        self.read_marks: dict[str, dict[str, int]] = {}
+        self.low_marks: dict[str, int] = {}
+        self.messages: dict[int, _Message] = {}
+        self._by_key: dict[tuple, _Message] = {}
+        self._inboxes: dict[str, dict[int, InboxItem]] = {}
+        self._ids = count(1)
+        self.closed = False
+
+    def load(self):
+        return succeed(
+            Snapshot(
+                dict(self.users),
+                {g: list(m) for g, m in self.groups.items()},
+                {g: dict(m) for g, m in self.read_marks.items()},
+                dict(self.low_marks),
+            )
+        )
+
+    def add_user(self, user_id, secret_hash):
+        self.users[user_id] = secret_hash
+        return succeed(None)
+
+    def add_group(self, group_id, ts, members, hold_for):
+        self.groups[group_id] = list(members)
+        self.read_marks[group_id] = {}
+        self.low_marks[group_id] = 0
+        for user_id in hold_for:
+            self._put(user_id, HELD_ADDED, "", group_id, ts, None, None)
+        return succeed(None)
+
+    def _put(self, user_id, code, src, dst, ts, text, msg_id):
+        seq = next(self._ids)
+        self._inboxes.setdefault(user_id, {})[seq] = InboxItem(seq, code, src, dst, ts, text, msg_id)
+
+    def record_message(self, src, dst, ts, text, held, delivered):
+        key = (src, dst, ts, text)
+        known = self._by_key.get(key)
+        if known is not None:
+            status = DUPLICATE_DELIVERED if known.remaining == 0 else DUPLICATE_PENDING
+            return succeed(Recorded(known.id, status, known.remaining == 0))
+        msg = _Message(next(self._ids), src, dst, ts, text, len(held))
+        self.messages[msg.id] = msg
+        self._by_key[key] = msg
+        for user_id in held:
+            self._put(user_id, HELD_MESSAGE, src, dst, ts, text, msg.id)
+        return succeed(Recorded(msg.id, NEW, msg.remaining == 0))
+
+    def requeue(self, user_id, msg_id):
+        msg = self.messages[msg_id]
+        msg.remaining += 1
+        self._put(user_id, HELD_MESSAGE, msg.src, msg.dst, msg.ts, msg.text, msg.id)
+        return succeed(None)
+
+    def _deliver(self, user_id, msg_ids):
+        inbox = self._inboxes.get(user_id, {})
+        wanted = set(msg_ids)
+        done = []
+        for seq, item in list(inbox.items()):
+            if item.code == HELD_MESSAGE and item.msg_id in wanted:
+                del inbox[seq]
+                msg = self.messages[item.msg_id]
+                msg.remaining -= 1
+                if msg.remaining == 0:
+                    done.append(Completed(msg.src, msg.dst, msg.ts))
+        return done
+
+    def mark_delivered(self, user_id, msg_ids):
+        return succeed(self._deliver(user_id, msg_ids))
+
+    def acknowledge(self, user_id, src, dst, ts):
+        ids = [
+            item.msg_id
+            for item in self._inboxes.get(user_id, {}).values()
+            if item.code == HELD_MESSAGE and (item.src, item.dst, item.ts) == (src, dst, ts)
+        ]
+        return succeed(self._deliver(user_id, ids))
+
+    def hold(self, user_id, code, src, dst, ts):
+        self._put(user_id, code, src, dst, ts, None, None)
+        return succeed(None)
+
+    def inbox(self, user_id):
+        return succeed(sorted(self._inboxes.get(user_id, {}).values()))
+
+    def drop(self, user_id, seqs):
+        inbox = self._inboxes.get(user_id, {})
+        for seq in seqs:
+            item = inbox.get(seq)
+            if item is not None and item.code != HELD_MESSAGE:
+                del inbox[seq]
+        return succeed(None)
+
+    def set_read_mark(self, group_id, user_id, ts):
+        self.read_marks.setdefault(group_id, {})[user_id] = ts
+        return succeed(None)
+
+    def set_low_mark(self, group_id, ts):
+        self.low_marks[group_id] = ts
+        return succeed(None)
+
+    def group_messages_since(self, group_id, ts):
+        rows = sorted((m.ts, m.id, m.src) for m in self.messages.values() if m.dst == group_id and m.ts > ts)
+        return succeed([(src, when) for when, _, src in rows])
+
+    def close(self):
+        self.closed = True
+        return succeed(None)

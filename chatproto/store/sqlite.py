@@ -1,0 +1,357 @@
+"""The default store: SQLite in WAL mode, with group commit.
+
+Every operation submitted during one reactor turn (and while the previous
+transaction is running) goes into one transaction on a single database
+thread, so a burst of messages costs one commit, and each operation's
+Deferred fires after that commit, on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from importlib import resources
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from . import (
+    DUPLICATE_DELIVERED,
+    DUPLICATE_PENDING,
+    HELD_ADDED,
+    HELD_MESSAGE,
+    NEW,
+    Completed,
+    IChatStore,
+    InboxItem,
+    Recorded,
+    Snapshot,
+)
+
+SCHEMA_VERSION = 1
+
+
+class DatabaseTooNew(Exception):
+    """The database was written by a newer chatproto than this one."""
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open ``path`` with the settings every user of the database needs."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    if path != ":memory:":
+        conn.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode survives a crash of the process (kill -9); FULL
+    # would also survive a power cut, at an fsync per commit.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def schema_sql(version: int) -> str:
+    return resources.files(__package__).joinpath(f"schema/sqlite/{version:03d}.sql").read_text()
+
+
+def ensure_schema(conn: sqlite3.Connection) -> int:
+    """Create the schema in an empty database; refuse one newer than us."""
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    ).fetchone()
+    if not has_table:
+        conn.executescript("BEGIN;" + schema_sql(SCHEMA_VERSION) + "COMMIT;")
+        return SCHEMA_VERSION
+    (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise DatabaseTooNew(
+            f"the database has schema version {version}, newer than this server's "
+            f"{SCHEMA_VERSION}: upgrade chatproto"
+        )
+    return version
+
+
+@implementer(IChatStore)
+class SQLiteStore:
+    log = Logger()
+
+    def __init__(self, path: str, reactor):
+        self.path = path
+        self._reactor = reactor
+        self._conn = connect(path)
+        ensure_schema(self._conn)
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-sqlite")
+        self._pool.start()
+        self._queue: list[tuple] = []
+        self._busy = False
+        self._scheduled = False
+        self._closing: Deferred | None = None
+        #: Figures for the benchmark and the logs: transactions and operations.
+        self.transactions = 0
+        self.operations = 0
+
+    # -- group commit ----------------------------------------------------
+
+    def _submit(self, fn, *args) -> Deferred:
+        d = Deferred()
+        self._queue.append((fn, args, d))
+        if not self._busy and not self._scheduled:
+            self._scheduled = True
+            self._reactor.callLater(0, self._run)
+        return d
+
+    def _run(self):
+        self._scheduled = False
+        if self._busy or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        self._busy = True
+        d = deferToThreadPool(self._reactor, self._pool, self._transaction, batch)
+        d.addBoth(self._finished, batch)
+
+    def _transaction(self, batch):
+        """Run on the database thread: the whole batch in one transaction."""
+        started = time.perf_counter()
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        results = []
+        try:
+            for fn, args, _ in batch:
+                try:
+                    results.append((True, fn(cur, *args)))
+                except sqlite3.IntegrityError as e:
+                    results.append((False, e))
+            cur.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            raise
+        return results, time.perf_counter() - started
+
+    def _finished(self, outcome, batch):
+        self._busy = False
+        if isinstance(outcome, Failure):
+            self.log.failure("store transaction failed", outcome)
+            for _, _, d in batch:
+                d.errback(outcome)
+        else:
+            results, seconds = outcome
+            self.transactions += 1
+            self.operations += len(batch)
+            self.log.debug("committed {count} operations in {ms:.2f} ms", count=len(batch), ms=seconds * 1000)
+            for (ok, value), (_, _, d) in zip(results, batch, strict=True):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+        if self._queue:
+            self._scheduled = True
+            self._reactor.callLater(0, self._run)
+        elif self._closing is not None:
+            self._shut()
+
+    # -- operations --------------------------------------------------------
+
+    def load(self):
+        return self._submit(_load)
+
+    def add_user(self, user_id, secret_hash):
+        return self._submit(_add_user, user_id, secret_hash)
+
+    def add_group(self, group_id, ts, members, hold_for):
+        return self._submit(_add_group, group_id, ts, members, hold_for)
+
+    def record_message(self, src, dst, ts, text, held, delivered):
+        return self._submit(_record_message, src, dst, ts, text, held, delivered)
+
+    def requeue(self, user_id, msg_id):
+        return self._submit(_requeue, user_id, msg_id)
+
+    def mark_delivered(self, user_id, msg_ids):
+        return self._submit(_mark_delivered, user_id, msg_ids)
+
+    def acknowledge(self, user_id, src, dst, ts):
+        return self._submit(_acknowledge, user_id, src, dst, ts)
+
+    def hold(self, user_id, code, src, dst, ts):
+        return self._submit(_hold, user_id, code, src, dst, ts)
+
+    def inbox(self, user_id):
+        return self._submit(_inbox, user_id)
+
+    def drop(self, user_id, seqs):
+        return self._submit(_drop, user_id, seqs)
+
+    def set_read_mark(self, group_id, user_id, ts):
+        return self._submit(_set_read_mark, group_id, user_id, ts)
+
+    def set_low_mark(self, group_id, ts):
+        return self._submit(_set_low_mark, group_id, ts)
+
+    def group_messages_since(self, group_id, ts):
+        return self._submit(_group_messages_since, group_id, ts)
+
+    def close(self):
+        if self._closing is None:
+            self._closing = Deferred()
+            if not self._busy and not self._queue:
+                self._shut()
+        d = Deferred()
+        self._closing.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def _shut(self):
+        self._pool.stop()
+        self._conn.close()
+        self._closing.callback(None)
+
+
+# Each operation runs on the database thread inside the batch's transaction.
+
+
+def _load(cur):
+    users = dict(cur.execute("SELECT id, secret_hash FROM users"))
+    groups: dict[str, list[str]] = {}
+    read_marks: dict[str, dict[str, int]] = {}
+    low_marks: dict[str, int] = {}
+    for group_id, low in cur.execute("SELECT id, low_mark FROM groups"):
+        groups[group_id] = []
+        read_marks[group_id] = {}
+        low_marks[group_id] = low
+    for group_id, user_id, mark in cur.execute(
+        "SELECT group_id, user_id, read_mark FROM members ORDER BY group_id, position"
+    ):
+        groups[group_id].append(user_id)
+        if mark:
+            read_marks[group_id][user_id] = mark
+    return Snapshot(users, groups, read_marks, low_marks)
+
+
+def _add_user(cur, user_id, secret_hash):
+    cur.execute(
+        "INSERT INTO users (id, secret_hash, created) VALUES (?, ?, ?)",
+        (user_id, secret_hash, int(time.time())),
+    )
+
+
+def _add_group(cur, group_id, ts, members, hold_for):
+    cur.execute(
+        "INSERT INTO groups (id, ts, created, low_mark) VALUES (?, ?, ?, 0)",
+        (group_id, ts, int(time.time())),
+    )
+    cur.executemany(
+        "INSERT INTO members (group_id, user_id, position, read_mark) VALUES (?, ?, ?, 0)",
+        [(group_id, user_id, i) for i, user_id in enumerate(members)],
+    )
+    cur.executemany(
+        "INSERT INTO inbox (user_id, code, src, dst, ts) VALUES (?, ?, '', ?, ?)",
+        [(user_id, HELD_ADDED, group_id, ts) for user_id in hold_for],
+    )
+
+
+def _record_message(cur, src, dst, ts, text, held, delivered):
+    row = cur.execute(
+        "SELECT id, remaining FROM messages WHERE src = ? AND dst = ? AND ts = ? AND body = ?",
+        (src, dst, ts, text),
+    ).fetchone()
+    if row is not None:
+        msg_id, remaining = row
+        status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
+        return Recorded(msg_id, status, remaining == 0)
+    cur.execute(
+        "INSERT INTO messages (src, dst, ts, body, remaining) VALUES (?, ?, ?, ?, ?)",
+        (src, dst, ts, text, len(held)),
+    )
+    msg_id = cur.lastrowid
+    if len(held) == 1:
+        cur.execute(
+            "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)",
+            (held[0], HELD_MESSAGE, msg_id, src, dst, ts),
+        )
+    elif held:
+        cur.executemany(
+            "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)",
+            [(user_id, HELD_MESSAGE, msg_id, src, dst, ts) for user_id in held],
+        )
+    return Recorded(msg_id, NEW, not held)
+
+
+def _requeue(cur, user_id, msg_id):
+    cur.execute("UPDATE messages SET remaining = remaining + 1 WHERE id = ?", (msg_id,))
+    cur.execute(
+        "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) "
+        "SELECT ?, ?, id, src, dst, ts FROM messages WHERE id = ?",
+        (user_id, HELD_MESSAGE, msg_id),
+    )
+
+
+def _mark_delivered(cur, user_id, msg_ids):
+    done = []
+    for msg_id in msg_ids:
+        cur.execute(
+            "DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = ?",
+            (msg_id, user_id, HELD_MESSAGE),
+        )
+        if cur.rowcount <= 0:
+            continue
+        row = cur.execute(
+            "UPDATE messages SET remaining = remaining - ? WHERE id = ? RETURNING src, dst, ts, remaining",
+            (cur.rowcount, msg_id),
+        ).fetchone()
+        if row[3] == 0:
+            done.append(Completed(row[0], row[1], row[2]))
+    return done
+
+
+def _acknowledge(cur, user_id, src, dst, ts):
+    ids = [
+        msg_id
+        for (msg_id,) in cur.execute(
+            "SELECT msg_id FROM inbox WHERE user_id = ? AND src = ? AND dst = ? AND ts = ? AND code = ?",
+            (user_id, src, dst, ts, HELD_MESSAGE),
+        ).fetchall()
+    ]
+    return _mark_delivered(cur, user_id, ids)
+
+
+def _hold(cur, user_id, code, src, dst, ts):
+    cur.execute(
+        "INSERT INTO inbox (user_id, code, src, dst, ts) VALUES (?, ?, ?, ?, ?)",
+        (user_id, code, src, dst, ts),
+    )
+
+
+def _inbox(cur, user_id):
+    return [
+        InboxItem(*row)
+        for row in cur.execute(
+            "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
+            "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? ORDER BY i.seq",
+            (user_id,),
+        )
+    ]
+
+
+def _drop(cur, user_id, seqs):
+    cur.executemany(
+        "DELETE FROM inbox WHERE seq = ? AND user_id = ? AND code != ?",
+        [(seq, user_id, HELD_MESSAGE) for seq in seqs],
+    )
+
+
+def _set_read_mark(cur, group_id, user_id, ts):
+    cur.execute(
+        "UPDATE members SET read_mark = ? WHERE group_id = ? AND user_id = ?",
+        (ts, group_id, user_id),
+    )
+
+
+def _set_low_mark(cur, group_id, ts):
+    cur.execute("UPDATE groups SET low_mark = ? WHERE id = ?", (ts, group_id))
+
+
+def _group_messages_since(cur, group_id, ts):
+    return cur.execute(
+        "SELECT src, ts FROM messages WHERE dst = ? AND ts > ? ORDER BY ts, id", (group_id, ts)
+    ).fetchall()

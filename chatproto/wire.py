@@ -1,0 +1,249 @@
+"""The wire contract: codes, field widths, frame encoders and field checks.
+
+Frames are plain ``bytes`` built by concatenation and read by slicing: on the
+hot path a frame object per message would cost more than the whole parse.
+Both the server and the client import from here, so the widths live in one
+place.
+"""
+
+from __future__ import annotations
+
+REGISTER = b"01"
+REGISTERED = b"02"
+ONLINE = b"03"
+ONLINE_OK = b"04"
+SEND = b"05"
+MESSAGE = b"06"
+DELIVERED = b"07"
+SEEN = b"08"
+SEEN_BY = b"09"
+CREATE_GROUP = b"10"
+ADDED_TO_GROUP = b"11"
+ERROR = b"12"
+REGISTER_SECRET = b"13"
+REGISTERED_SECRET = b"14"
+ONLINE_SECRET = b"15"
+RECEIVED = b"16"
+
+ID_LEN = 13
+TS_LEN = 10
+MSG_LEN = 218
+SECRET_LEN = 32
+N_LEN = 2
+GROUP_HEADER_LEN = 2 + ID_LEN + TS_LEN + N_LEN  # 27: a 10/11 frame before its members
+MAX_MEMBERS = 99
+
+#: Length of every frame a client may send, by code. 10 is variable: its
+#: length comes from N, read from the first GROUP_HEADER_LEN bytes.
+CLIENT_FRAME_LEN = {
+    REGISTER: 2,
+    ONLINE: 15,
+    SEND: 256,
+    SEEN: 25,
+    CREATE_GROUP: GROUP_HEADER_LEN,
+    REGISTER_SECRET: 2,
+    ONLINE_SECRET: 47,
+    RECEIVED: 38,
+}
+
+#: Length of every frame the server may send, by code (11 is variable).
+SERVER_FRAME_LEN = {
+    REGISTERED: 15,
+    ONLINE_OK: 15,
+    MESSAGE: 256,
+    DELIVERED: 25,
+    SEEN_BY: 25,
+    ADDED_TO_GROUP: GROUP_HEADER_LEN,
+    ERROR: 6,
+    REGISTERED_SECRET: 47,
+}
+
+VARIABLE_LEN = (CREATE_GROUP, ADDED_TO_GROUP)
+
+# Error reasons (the REASON field of a 12 frame).
+MALFORMED = b"01"
+UNKNOWN_CODE = b"02"
+NOT_ONLINE = b"03"
+UNKNOWN_USER = b"04"
+WRONG_SRC = b"05"
+UNKNOWN_DESTINATION = b"06"
+NOT_A_MEMBER = b"07"
+SECRET_REQUIRED = b"08"
+LOGGED_IN_ELSEWHERE = b"09"
+RATE_LIMITED = b"10"
+BUSY = b"11"
+
+REASON_TEXT = {
+    MALFORMED: "a field of the frame was malformed",
+    UNKNOWN_CODE: "the server did not understand the stream and closed the connection",
+    NOT_ONLINE: "you are not logged in",
+    UNKNOWN_USER: "there is no such user",
+    WRONG_SRC: "the sender is not the logged-in user",
+    UNKNOWN_DESTINATION: "there is no such user or group",
+    NOT_A_MEMBER: "you are not a member of that group",
+    SECRET_REQUIRED: "a secret is required, or the secret was wrong",
+    LOGGED_IN_ELSEWHERE: "you logged in somewhere else, so this connection was closed",
+    RATE_LIMITED: "too many frames: slow down",
+    BUSY: "the server is busy: try again later",
+}
+
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def is_id(field: bytes) -> bool:
+    """A 13-digit ASCII id (user or group: the first digit tells which)."""
+    return len(field) == ID_LEN and field.isdigit()
+
+
+def is_user_id(field: bytes) -> bool:
+    return is_id(field) and field[0] == 0x30
+
+
+def is_group_id(field: bytes) -> bool:
+    return is_id(field) and field[0] == 0x31
+
+
+def is_timestamp(field: bytes) -> bool:
+    return len(field) == TS_LEN and field.isdigit()
+
+
+def is_secret(field: bytes) -> bool:
+    return len(field) == SECRET_LEN and _HEX.issuperset(field)
+
+
+def unpad_text(field: bytes) -> bytes | None:
+    """The text of a MSG field, or None when the contract calls it malformed.
+
+    Malformed: empty, a NUL inside the text, or invalid UTF-8.
+    """
+    text = field.rstrip(b"\0")
+    if not text or b"\0" in text:
+        return None
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text
+
+
+def pad_text(text: bytes) -> bytes:
+    return text.ljust(MSG_LEN, b"\0")
+
+
+def timestamp(seconds: int) -> bytes:
+    return b"%010d" % seconds
+
+
+# Encoders: one per frame, named after the frame.
+
+
+def registered(user: bytes) -> bytes:
+    return REGISTERED + user
+
+
+def online_ok(user: bytes) -> bytes:
+    return ONLINE_OK + user
+
+
+def message(src: bytes, dst: bytes, ts: bytes, text: bytes) -> bytes:
+    return MESSAGE + src + dst + ts + pad_text(text)
+
+
+def delivered(dst: bytes, ts: bytes) -> bytes:
+    return DELIVERED + dst + ts
+
+
+def seen_by(src: bytes, ts: bytes) -> bytes:
+    return SEEN_BY + src + ts
+
+
+def added_to_group(group: bytes, ts: bytes, members: list[bytes]) -> bytes:
+    return ADDED_TO_GROUP + group + ts + b"%02d" % len(members) + b"".join(members)
+
+
+def error(ref: bytes, reason: bytes) -> bytes:
+    return ERROR + ref + reason
+
+
+def registered_secret(user: bytes, secret: bytes) -> bytes:
+    return REGISTERED_SECRET + user + secret
+
+
+# Client-side encoders.
+
+
+def register() -> bytes:
+    return REGISTER
+
+
+def register_secret() -> bytes:
+    return REGISTER_SECRET
+
+
+def online(user: bytes) -> bytes:
+    return ONLINE + user
+
+
+def online_secret(user: bytes, secret: bytes) -> bytes:
+    return ONLINE_SECRET + user + secret
+
+
+def send(src: bytes, dst: bytes, ts: bytes, text: bytes) -> bytes:
+    return SEND + src + dst + ts + pad_text(text)
+
+
+def seen(src: bytes, ts: bytes) -> bytes:
+    return SEEN + src + ts
+
+
+def create_group(src: bytes, ts: bytes, members: list[bytes]) -> bytes:
+    return CREATE_GROUP + src + ts + b"%02d" % len(members) + b"".join(members)
+
+
+def received(src: bytes, dst: bytes, ts: bytes) -> bytes:
+    return RECEIVED + src + dst + ts
+
+
+def frame_length(lengths: dict[bytes, int], buf: bytes, at: int) -> int | None:
+    """Length of the frame starting at ``buf[at:]``.
+
+    Returns 0 when more bytes are needed to know it, -1 when the code is not
+    in ``lengths`` (the stream cannot be framed) and -2 when a group frame's
+    N is not two digits (its length cannot be known either). The sign
+    convention keeps the framing loop free of exceptions.
+    """
+    code = buf[at : at + 2]
+    if len(code) < 2:
+        return 0
+    length = lengths.get(code)
+    if length is None:
+        return -1
+    if code in VARIABLE_LEN:
+        count = buf[at + GROUP_HEADER_LEN - N_LEN : at + GROUP_HEADER_LEN]
+        if len(count) < N_LEN:
+            return 0
+        if not count.isdigit():
+            return -2
+        length += ID_LEN * int(count)
+    return length
+
+
+def split_frames(lengths: dict[bytes, int], buf: bytes) -> tuple[list[bytes], bytes, int]:
+    """Every complete frame at the front of ``buf``, in one pass.
+
+    Returns (frames, rest, status) where status is 0 when ``rest`` is just an
+    incomplete frame, or the negative code of :func:`frame_length` when the
+    stream stopped being frameable at ``rest``.
+    """
+    frames = []
+    at = 0
+    end = len(buf)
+    while at < end:
+        length = frame_length(lengths, buf, at)
+        if length <= 0:
+            return frames, buf[at:], length
+        if at + length > end:
+            break
+        frames.append(buf[at : at + length])
+        at += length
+    return frames, buf[at:], 0
