@@ -42,6 +42,8 @@ class Session(Protocol):
     secret_session: bool
     #: Logged in and done flushing what was held.
     ready: bool
+    #: Its reader is slow: new frames for it stay in the store until it drains.
+    congested: bool
     #: While flushing: live frames that must wait behind the held ones, as
     #: (frame, msg_id or None, held notice or None).
     pending: list | None
@@ -125,18 +127,41 @@ class Hub:
         if session.user is not None and session.user != user:
             self.logout(session)
         old = self.sessions.get(user)
-        if old is not None and old is not session:
+        if old is session:
+            # Logged in again on the same connection: resend what is still held.
+            session.emit(wire.online_ok(user))
+            if session.ready:
+                self._start_flush(session, user)
+            return
+        if old is not None:
             self.log.info("{user} logged in elsewhere: closing the old connection", user=user.decode())
             self._abandon(old)
             old.close_with(wire.error(wire.ONLINE, wire.LOGGED_IN_ELSEWHERE))
         session.user = user
         session.secret_session = secret is not None
-        session.ready = False
-        session.pending = []
         self.sessions[user] = session
         session.emit(wire.online_ok(user))
         self.log.info("{user} online", user=user.decode())
+        self._start_flush(session, user)
+
+    def _start_flush(self, session: Session, user: bytes) -> None:
+        """Send everything held; live frames wait in ``pending`` until it is sent."""
+        session.ready = False
+        session.pending = []
         self.store.inbox(user.decode()).addCallback(self._flush, session, user)
+
+    def congested(self, session: Session) -> None:
+        """The session's reader fell behind: hold what is for it in the store."""
+        session.congested = True
+
+    def drained(self, session: Session) -> None:
+        """The reader caught up: send what was held for it meanwhile."""
+        if not session.congested:
+            return
+        session.congested = False
+        user = session.user
+        if user is not None and self.sessions.get(user) is session and session.ready:
+            self._start_flush(session, user)
 
     def _flush(self, items, session: Session, user: bytes) -> None:
         """Send what was held, in order, then what arrived meanwhile."""
@@ -203,7 +228,7 @@ class Hub:
     def _notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
         """A 07, 09 or 11 for ``user``: now if online, else at their next login."""
         session = self.sessions.get(user)
-        if session is None:
+        if session is None or session.congested:
             self.store.hold(user.decode(), code, src, dst, ts)
         elif session.ready:
             session.emit(frame)
@@ -229,7 +254,7 @@ class Hub:
         held = []
         for user in recipients:
             target = self.sessions.get(user)
-            if target is not None and target.ready and not target.secret_session:
+            if target is not None and target.ready and not (target.secret_session or target.congested):
                 now.append((user, target))
             else:
                 held.append(user)
@@ -269,7 +294,7 @@ class Hub:
     def _offer(self, user: bytes, frame: bytes, msg_id: int) -> None:
         """A held message, committed: send it now if its recipient is online."""
         session = self.sessions.get(user)
-        if session is None:
+        if session is None or session.congested:
             return
         if not session.ready:
             session.pending.append((frame, msg_id, None))

@@ -2,30 +2,69 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import wire
 from .hub import Hub
 
 _MEMBER_AT = wire.GROUP_HEADER_LEN
+_NO_FRAME = b"00"  # REF of an error that answers no frame (a refused connection)
 
 
+@dataclass
+class Limits:
+    """What one connection may cost the server; 0 turns a limit off."""
+
+    #: Frames per second a connection may send, sustained.
+    frame_rate: float = 2000.0
+    #: Frames a connection may send in a burst above the rate.
+    frame_burst: float = 10000.0
+    #: Open connections; one more is told 12 00 11 and closed.
+    max_connections: int = 20000
+    #: Seconds a connection may stay without logging in (03 or 15).
+    login_timeout: float = 60.0
+    #: Bytes written to a reader that has stopped reading before it is dropped.
+    max_buffer: int = 1 << 20
+
+
+@implementer(IPushProducer)
 class ChatProtocol(Protocol):
+    """One connection. It registers itself with its transport as a producer,
+    so the transport tells it when the reader falls behind."""
+
     log = Logger()
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, clock, limits: Limits):
         self.hub = hub
+        self.clock = clock
+        self.limits = limits
         self.user: bytes | None = None
         self.secret_session = False
         self.ready = False
+        self.congested = False
         self.pending: list | None = None
         self._buffer = b""
         self._closing = False
+        self._backlog = 0
+        self._tokens = limits.frame_burst
+        self._refilled = 0.0
+        self._login_timer = None
 
     # -- what the hub calls ----------------------------------------------
 
     def emit(self, frame: bytes) -> None:
+        if self.congested:
+            self._backlog += len(frame)
+            if self._backlog > self.limits.max_buffer > 0:
+                self.log.warn("dropping {user}: {bytes} bytes unread", user=self._who(), bytes=self._backlog)
+                self._closing = True
+                self.transport.abortConnection()
+                return
         self.transport.write(frame)
 
     def close_with(self, frame: bytes) -> None:
@@ -37,10 +76,42 @@ class ChatProtocol(Protocol):
 
     def connectionMade(self):
         self.log.info("connection from {peer}", peer=_describe(self.transport.getPeer()))
+        self.transport.registerProducer(self, True)
+        self._refilled = self.clock.seconds()
+        if self.limits.login_timeout > 0:
+            self._login_timer = self.clock.callLater(self.limits.login_timeout, self._login_expired)
 
     def connectionLost(self, reason):
+        if self.factory is not None:
+            self.factory.connections -= 1
+        self._closing = True
+        self._cancel_login_timer()
         self.hub.logout(self)
         self.log.info("connection from {peer} closed", peer=_describe(self.transport.getPeer()))
+
+    def _cancel_login_timer(self):
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        self._login_timer = None
+
+    def _login_expired(self):
+        self._login_timer = None
+        if self.user is None:
+            self.log.info("closing {peer}: no login", peer=_describe(self.transport.getPeer()))
+            self._closing = True
+            self.transport.loseConnection()
+
+    # IPushProducer: the transport's verdict on the reader.
+
+    def pauseProducing(self):
+        self.hub.congested(self)
+
+    def resumeProducing(self):
+        self._backlog = 0
+        self.hub.drained(self)
+
+    def stopProducing(self):
+        pass
 
     def dataReceived(self, data: bytes):
         if self._closing:
@@ -49,7 +120,19 @@ class ChatProtocol(Protocol):
             data = self._buffer + data
         frames, self._buffer, status = wire.split_frames(wire.CLIENT_FRAME_LEN, data)
         handlers = self._handlers
+        limited = self.limits.frame_rate > 0
+        if limited:
+            now = self.clock.seconds()
+            self._tokens = min(
+                self.limits.frame_burst, self._tokens + (now - self._refilled) * self.limits.frame_rate
+            )
+            self._refilled = now
         for frame in frames:
+            if limited:
+                if self._tokens < 1:
+                    self.error(frame[:2], wire.RATE_LIMITED)
+                    continue
+                self._tokens -= 1
             handlers[frame[:2]](self, frame)
             if self._closing:
                 return
@@ -73,10 +156,13 @@ class ChatProtocol(Protocol):
         self.log.info(
             "error {reason} for a {ref} from {user}",
             reason=reason.decode(),
-            ref=ref.decode(),
-            user=self.user.decode() if self.user else "a connection not logged in",
+            ref=ref.decode("latin-1"),
+            user=self._who(),
         )
         self.transport.write(wire.error(ref, reason))
+
+    def _who(self) -> str:
+        return self.user.decode() if self.user else _describe(self.transport.getPeer())
 
     # -- frames ----------------------------------------------------------
 
@@ -91,12 +177,16 @@ class ChatProtocol(Protocol):
         if not wire.is_id(user):
             return self.error(wire.ONLINE, wire.MALFORMED)
         self.hub.login(self, user, None, wire.ONLINE)
+        if self.user is not None:
+            self._cancel_login_timer()
 
     def _online_secret(self, frame):
         user, secret = frame[2:15], frame[15:47]
         if not (wire.is_id(user) and wire.is_secret(secret)):
             return self.error(wire.ONLINE_SECRET, wire.MALFORMED)
         self.hub.login(self, user, secret, wire.ONLINE_SECRET)
+        if self.user is not None:
+            self._cancel_login_timer()
 
     def _send(self, frame):
         src, dst, ts = frame[2:15], frame[15:28], frame[28:38]
@@ -149,14 +239,34 @@ class ChatProtocol(Protocol):
     }
 
 
+class _Refused(Protocol):
+    """Answers a connection over the cap with 12 00 11 and hangs up."""
+
+    def connectionMade(self):
+        self.transport.write(wire.error(_NO_FRAME, wire.BUSY))
+        self.transport.loseConnection()
+
+
 class ChatFactory(Factory):
     noisy = False
+    log = Logger()
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, clock, limits: Limits | None = None):
         self.hub = hub
+        self.clock = clock
+        self.limits = limits or Limits()
+        self.connections = 0
 
     def buildProtocol(self, addr):
-        return ChatProtocol(self.hub)
+        if 0 < self.limits.max_connections <= self.connections:
+            self.log.warn(
+                "refusing {peer}: {count} connections open", peer=_describe(addr), count=self.connections
+            )
+            return _Refused()
+        self.connections += 1
+        protocol = ChatProtocol(self.hub, self.clock, self.limits)
+        protocol.factory = self
+        return protocol
 
 
 def _describe(address) -> str:

@@ -9,7 +9,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .hub import Hub
-from .server import ChatFactory
+from .server import ChatFactory, Limits
 from .store.sqlite import SQLiteStore
 
 DEFAULT_PORT = "tcp:7000"
@@ -36,6 +36,29 @@ class Options(usage.Options):
             DEFAULT_DB,
             "SQLite database file, created if missing; ':memory:' keeps nothing after exit.",
         ],
+        [
+            "max-frame-rate",
+            None,
+            Limits.frame_rate,
+            "Frames per second one connection may send (0: no limit).",
+            float,
+        ],
+        ["frame-burst", None, Limits.frame_burst, "Frames one connection may send in a burst.", float],
+        ["max-connections", None, Limits.max_connections, "Open connections at most (0: no limit).", int],
+        [
+            "login-timeout",
+            None,
+            Limits.login_timeout,
+            "Seconds a connection may wait before logging in.",
+            float,
+        ],
+        [
+            "max-buffer",
+            None,
+            Limits.max_buffer,
+            "Bytes written to a client that stopped reading before it is dropped.",
+            int,
+        ],
     ]
     optFlags = [
         [
@@ -54,12 +77,12 @@ class ChatService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, endpoint, store, hub):
+    def __init__(self, reactor, endpoint, store, hub, limits):
         self._reactor = reactor
         self._endpoint = endpoint
         self.store = store
         self.hub = hub
-        self.factory = ChatFactory(hub)
+        self.factory = ChatFactory(hub, reactor, limits)
         self.port = None
 
     def startService(self):
@@ -96,4 +119,11 @@ def makeService(options, reactor=None):
     store = SQLiteStore(options["db"], reactor)
     hub = Hub(store, require_secrets=bool(options["require-secrets"]))
     endpoint = serverFromString(reactor, options["port"])
-    return ChatService(reactor, endpoint, store, hub)
+    limits = Limits(
+        frame_rate=options["max-frame-rate"],
+        frame_burst=options["frame-burst"],
+        max_connections=options["max-connections"],
+        login_timeout=options["login-timeout"],
+        max_buffer=options["max-buffer"],
+    )
+    return ChatService(reactor, endpoint, store, hub, limits)
