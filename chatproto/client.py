@@ -1,0 +1,842 @@
+"""A client any front end can drive: the connection, a local model and its store.
+
+The model knows nothing of sockets or screens: frames come in through
+:class:`ChatClientProtocol`, which it answers through the connection it was
+given at login, and front ends watch it through listeners. Everything a user
+would miss after a restart (identity, contacts, groups, history, the outbox)
+lives in one SQLite file per profile, written before the server is told
+anything that depends on it (a 16 only after the 06 is committed locally).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from . import wire
+
+QUEUED = "queued"
+SENT = "sent"
+DELIVERED = "delivered"
+READ = "read"
+FAILED = "failed"
+#: A state only ever moves up this ranking (a late 07 never undoes a 09).
+_RANK = {QUEUED: 0, SENT: 1, FAILED: 1, DELIVERED: 2, READ: 3}
+
+CONNECTED = "connected"
+RECONNECTING = "reconnecting"
+OFFLINE = "offline"
+
+LOGIN_TIMEOUT = 30.0
+_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "tls", "ssl", "unix", "tor", "onion", "systemd", "host"})
+
+
+class ProfileError(Exception):
+    """A profile that cannot be used safely; the message is a sentence for the user."""
+
+
+# -- profile: where it lives, who we are ---------------------------------
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "chatproto")
+
+
+def endpoint_description(value: str) -> str:
+    """A bare ``host:port`` or port is shorthand for TCP; anything else is a Twisted endpoint string."""
+    if value.isdigit():
+        return f"tcp:localhost:{value}"
+    head, sep, port = value.rpartition(":")
+    if sep and port.isdigit() and ":" not in head and head.lower() not in _ENDPOINT_TYPES:
+        return f"tcp:{head}:{port}"
+    return value
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    secret: str
+
+
+def load_identity(path: str) -> Identity | None:
+    """The saved id and secret, or None on a first run.
+
+    A file that others can read is refused, not used: its secret is the whole account.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if mode & 0o077:
+        raise ProfileError(
+            f"{path} can be read by other users, so its secret may be known. "
+            f"Run 'chmod 600 {path}' if you trust it, and start again."
+        )
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    user, secret = data.get("id", ""), data.get("secret", "")
+    if not (wire.is_user_id(user.encode()) and wire.is_secret(secret.encode())):
+        raise ProfileError(f"{path} does not hold a valid id and secret.")
+    return Identity(user, secret)
+
+
+def save_identity(path: str, identity: Identity) -> None:
+    """Written beside the target with mode 0600 and renamed over it, so it is never half there."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, json.dumps({"id": identity.user, "secret": identity.secret}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def split_text(text: str, limit: int = wire.MSG_LEN) -> list[str]:
+    """The pieces to send: each at most ``limit`` UTF-8 bytes, cut between characters.
+
+    NULs cannot travel (the field is NUL-padded), line ends become ``\\n`` and
+    trailing blanks are dropped; nothing but blanks means nothing to send.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "")
+    text = text.encode("utf-8", "replace").decode("utf-8").rstrip().lstrip("\n")
+    if not text:
+        return []
+    parts: list[str] = []
+    start = 0
+    size = 0
+    for at, ch in enumerate(text):
+        n = len(ch.encode("utf-8"))
+        if size + n > limit:
+            parts.append(text[start:at])
+            start, size = at, 0
+        size += n
+    parts.append(text[start:])
+    return parts
+
+
+# -- the model's data ----------------------------------------------------
+
+
+@dataclass(eq=False)
+class Message:
+    conv: str
+    src: str
+    dst: str
+    ts: int
+    text: str
+    outgoing: bool
+    state: str
+    #: Local wall-clock time it was written or received.
+    at: float
+    id: int | None = None
+
+
+@dataclass(eq=False)
+class Conversation:
+    id: str
+    messages: list[Message] = field(default_factory=list)
+    unread: int = 0
+    last_activity: float = 0.0
+    #: Newest incoming timestamp the user has had on screen.
+    read_upto: int = 0
+    #: Newest timestamp named in an 08 written to a logged-in connection.
+    read_sent: int = 0
+    #: Last timestamp we used here: the next must be larger.
+    last_out_ts: int = 0
+
+    @property
+    def is_group(self) -> bool:
+        return self.id.startswith("1")
+
+    def newest_incoming(self) -> int:
+        return max((m.ts for m in self.messages if not m.outgoing), default=0)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS names (id TEXT PRIMARY KEY, nickname TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, members TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    unread INTEGER NOT NULL DEFAULT 0,
+    last_activity REAL NOT NULL DEFAULT 0,
+    read_upto INTEGER NOT NULL DEFAULT 0,
+    read_sent INTEGER NOT NULL DEFAULT 0,
+    last_out_ts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conv TEXT NOT NULL,
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    outgoing INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,
+    UNIQUE (src, dst, ts, text)
+);
+CREATE INDEX IF NOT EXISTS messages_by_conv ON messages (conv, id);
+"""
+
+
+class LocalStore:
+    """One profile's SQLite file, plus a lock so two clients never share a profile.
+
+    Writes are small and autocommitted (WAL, synchronous=NORMAL): each call
+    returns once its row is durable against a crash of this process, which is
+    what the 16 after a 06 needs.
+    """
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.directory = directory
+        self.identity_path = os.path.join(directory, "identity.json")
+        self._lock = open(os.path.join(directory, "lock"), "w")  # noqa: SIM115 - held for the store's life
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise ProfileError(f"Another chat client is already using the profile in {directory}.") from None
+        self.db = sqlite3.connect(os.path.join(directory, "client.sqlite3"), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+        self._lock.close()
+
+    def load(self):
+        names = dict(self.db.execute("SELECT id, nickname FROM names"))
+        groups = {g: m.split() for g, m in self.db.execute("SELECT id, members FROM groups")}
+        convs = {}
+        for row in self.db.execute(
+            "SELECT id, unread, last_activity, read_upto, read_sent, last_out_ts FROM conversations"
+        ):
+            convs[row[0]] = Conversation(row[0], [], *row[1:])
+        for row in self.db.execute(
+            "SELECT conv, src, dst, ts, text, outgoing, state, at, id FROM messages ORDER BY id"
+        ):
+            conv = convs.get(row[0])
+            if conv is None:
+                conv = convs[row[0]] = Conversation(row[0])
+            conv.messages.append(Message(*row[:5], bool(row[5]), *row[6:]))
+        return names, groups, convs
+
+    def add_message(self, m: Message) -> bool:
+        """False when the message is already stored (a duplicate 06)."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO messages (conv, src, dst, ts, text, outgoing, state, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (m.conv, m.src, m.dst, m.ts, m.text, int(m.outgoing), m.state, m.at),
+        )
+        if cur.rowcount == 0:
+            return False
+        m.id = cur.lastrowid
+        return True
+
+    def set_states(self, messages: list[Message]) -> None:
+        if messages:
+            self.db.executemany(
+                "UPDATE messages SET state = ? WHERE id = ?", [(m.state, m.id) for m in messages]
+            )
+
+    def save_conversation(self, c: Conversation) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO conversations"
+            " (id, unread, last_activity, read_upto, read_sent, last_out_ts) VALUES (?, ?, ?, ?, ?, ?)",
+            (c.id, c.unread, c.last_activity, c.read_upto, c.read_sent, c.last_out_ts),
+        )
+
+    def set_name(self, who: str, nickname: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO names (id, nickname) VALUES (?, ?)", (who, nickname))
+
+    def set_group(self, group: str, members: list[str]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO groups (id, members) VALUES (?, ?)", (group, " ".join(members))
+        )
+
+
+# -- the model -------------------------------------------------------------
+
+_ACTION = {
+    wire.SEND: "A message could not be sent",
+    wire.SEEN: "A read receipt could not be sent",
+    wire.CREATE_GROUP: "The group could not be created",
+    wire.ONLINE: "Could not log in",
+    wire.ONLINE_SECRET: "Could not log in",
+    wire.REGISTER: "Could not register",
+    wire.REGISTER_SECRET: "Could not register",
+    wire.RECEIVED: "A delivery receipt was refused",
+}
+
+
+def error_sentence(ref: bytes, reason: bytes) -> str:
+    """A 12 as a sentence a person can act on, never a code."""
+    action = _ACTION.get(ref, "The server refused a request")
+    why = wire.REASON_TEXT.get(reason, "the server gave a reason this client does not know")
+    return f"{action}: {why}."
+
+
+class ClientModel:
+    """Contacts, conversations, ticks and the outbox, answering frames and user actions.
+
+    Listeners are called as ``listener(event, **data)`` after every change a
+    front end may want to draw; ``incoming`` carries ``notify=True`` when a new
+    message arrived in a conversation that is not open.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: LocalStore, clock, read_receipts: bool = True):
+        self.store = store
+        self.clock = clock
+        self.read_receipts = read_receipts
+        self.me: Identity | None = load_identity(store.identity_path)
+        self.names, self.groups, self.conversations = store.load()
+        self.connection: ChatClientProtocol | None = None
+        self.status = OFFLINE
+        self.status_detail = ""
+        self.open_id: str | None = None
+        self.listeners: list[Callable[..., None]] = []
+        #: Every outgoing message without its 07, oldest first: resent after each login.
+        self.outbox = [
+            m
+            for c in self.conversations.values()
+            for m in c.messages
+            if m.outgoing and m.state in (QUEUED, SENT)
+        ]
+        self.outbox.sort(key=lambda m: m.id)
+        self._outgoing = {
+            (c.id, m.ts): m for c in self.conversations.values() for m in c.messages if m.outgoing
+        }
+        #: 05s written on this connection whose fate is unknown: a 12 05 names one of them.
+        self._in_flight: list[Message] = []
+        #: Destinations the server has shown to exist (they wrote, confirmed, or share a group).
+        self._known: set[str] = set(self.groups)
+        for members in self.groups.values():
+            self._known.update(members)
+        self._known.update(c.id for c in self.conversations.values() if c.newest_incoming())
+        self._pending_groups: dict[int, str] = {}
+        self._last_group_ts = 0
+
+    # -- reading ---------------------------------------------------------
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def display_name(self, who: str) -> str:
+        if self.me is not None and who == self.me.user:
+            return "me"
+        if who in self.names:
+            return self.names[who]
+        if who.startswith("1"):
+            others = [
+                self.display_name(m) for m in self.groups.get(who, []) if self.me is None or m != self.me.user
+            ]
+            return "group: " + ", ".join(others) if others else f"group {who}"
+        return who
+
+    def ordered(self) -> list[Conversation]:
+        """Conversations, the most recently active first."""
+        return sorted(self.conversations.values(), key=lambda c: (-c.last_activity, c.id))
+
+    def contacts(self) -> list[tuple[str, str]]:
+        """(id, nickname) of every named user, by nickname."""
+        return sorted(
+            ((i, n) for i, n in self.names.items() if i.startswith("0")), key=lambda x: x[1].lower()
+        )
+
+    def unsent(self) -> list[Message]:
+        """Messages that have not reached the server yet (they stay in the outbox across restarts)."""
+        return [m for m in self.outbox if m.state == QUEUED]
+
+    def _emit(self, event: str, **data) -> None:
+        for listener in list(self.listeners):
+            listener(event, **data)
+
+    # -- user actions ----------------------------------------------------
+
+    def conversation(self, cid: str) -> Conversation:
+        conv = self.conversations.get(cid)
+        if conv is None:
+            conv = self.conversations[cid] = Conversation(cid, last_activity=self.now())
+            self.store.save_conversation(conv)
+        return conv
+
+    def add_contact(self, who: str, nickname: str) -> Conversation:
+        """Name a user (or a group) and give it a conversation; raises ValueError for a bad id."""
+        who = who.strip()
+        nickname = nickname.strip() or who
+        if not wire.is_id(who.encode()):
+            raise ValueError("An id is 13 digits, starting with 0 for a person or 1 for a group.")
+        if self.me is not None and who == self.me.user:
+            raise ValueError("That is your own id.")
+        self.names[who] = nickname
+        self.store.set_name(who, nickname)
+        conv = self.conversation(who)
+        self._emit("conversations")
+        return conv
+
+    def send_text(self, cid: str, text: str) -> list[Message]:
+        """Split, stamp, keep in the outbox, and write now if online."""
+        if self.me is None:
+            raise ValueError("This profile has no id yet: it gets one the first time it reaches the server.")
+        conv = self.conversation(cid)
+        sent = []
+        for part in split_text(text):
+            ts = max(int(self.now()), conv.last_out_ts + 1)
+            conv.last_out_ts = ts
+            m = Message(cid, self.me.user, cid, ts, part, True, QUEUED, self.now())
+            self.store.add_message(m)
+            conv.messages.append(m)
+            self.outbox.append(m)
+            self._outgoing[(cid, ts)] = m
+            sent.append(m)
+        if not sent:
+            return sent
+        conv.last_activity = self.now()
+        self.store.save_conversation(conv)
+        if self.connection is not None:
+            self._write_messages(self.connection, sent)
+        self._emit("messages", conv=conv)
+        return sent
+
+    def open(self, cid: str | None) -> None:
+        """The front end shows ``cid`` now: its unread count goes and its readers learn it was read."""
+        self.open_id = cid
+        if cid is None or cid not in self.conversations:
+            return
+        conv = self.conversations[cid]
+        conv.unread = 0
+        conv.read_upto = max(conv.read_upto, conv.newest_incoming())
+        self.store.save_conversation(conv)
+        self._send_read(conv)
+        self._emit("conversations")
+
+    def create_group(self, members: list[str], name: str = "") -> None:
+        """Ask the server for a group of ``members`` and us; its 11 makes the conversation."""
+        if self.connection is None or self.me is None:
+            raise ValueError("Groups can be created only while connected.")
+        listed = [m for m in dict.fromkeys(members) if m != self.me.user]
+        if not listed or len(listed) + 1 > wire.MAX_MEMBERS:
+            raise ValueError(f"A group needs 1 to {wire.MAX_MEMBERS - 1} other members.")
+        ts = max(int(self.now()), self._last_group_ts + 1)
+        self._last_group_ts = ts
+        if name.strip():
+            self._pending_groups[ts] = name.strip()
+        self.connection.write(
+            wire.create_group(self.me.user.encode(), wire.timestamp(ts), [m.encode() for m in listed])
+        )
+
+    # -- connection events -------------------------------------------------
+
+    def registered(self, user: str, secret: str) -> None:
+        self.me = Identity(user, secret)
+        save_identity(self.store.identity_path, self.me)
+        self.log.info("registered as {user}", user=user)
+        self._emit("identity")
+
+    def set_status(self, status: str, detail: str = "") -> None:
+        self.status, self.status_detail = status, detail
+        self._emit("status")
+
+    def logged_in(self, connection: ChatClientProtocol) -> None:
+        """Resend the whole outbox, then every read receipt the server has not had."""
+        self.connection = connection
+        self._in_flight = []
+        self.set_status(CONNECTED)
+        if self.outbox:
+            self._write_messages(connection, list(self.outbox))
+            self.log.info("resent {count} messages from the outbox", count=len(self.outbox))
+        for conv in self.conversations.values():
+            self._send_read(conv)
+        self._emit("messages", conv=None)
+
+    def disconnected(self, connection: ChatClientProtocol) -> None:
+        if self.connection is connection:
+            self.connection = None
+            self._in_flight = []
+
+    def _write_messages(self, connection: ChatClientProtocol, messages: list[Message]) -> None:
+        me = self.me.user.encode()
+        connection.write(
+            b"".join(
+                wire.send(me, m.dst.encode(), wire.timestamp(m.ts), m.text.encode("utf-8")) for m in messages
+            )
+        )
+        self._in_flight.extend(messages)
+        moved = [m for m in messages if m.state == QUEUED]
+        for m in moved:
+            m.state = SENT
+        self.store.set_states(moved)
+
+    def _send_read(self, conv: Conversation) -> None:
+        if not self.read_receipts or self.connection is None or conv.read_upto <= conv.read_sent:
+            return
+        self.connection.write(wire.seen(conv.id.encode(), wire.timestamp(conv.read_upto)))
+        conv.read_sent = conv.read_upto
+        self.store.save_conversation(conv)
+
+    # -- frames from the server --------------------------------------------
+
+    def on_message(self, connection: ChatClientProtocol, src: str, dst: str, ts: int, text: str) -> None:
+        """Keep it (unless it is a duplicate), then acknowledge it with 16: never the other way round."""
+        cid = dst if dst.startswith("1") else src
+        m = Message(cid, src, dst, ts, text, False, DELIVERED, self.now())
+        is_new = self.store.add_message(m)
+        connection.write(wire.received(src.encode(), dst.encode(), wire.timestamp(ts)))
+        if not is_new:
+            self.log.debug("dropped a duplicate message from {src}", src=src)
+            return
+        self._known.add(src)
+        conv = self.conversation(cid)
+        conv.messages.append(m)
+        conv.last_activity = self.now()
+        is_open = cid == self.open_id
+        if is_open:
+            conv.read_upto = max(conv.read_upto, ts)
+        else:
+            conv.unread += 1
+        self.store.save_conversation(conv)
+        if is_open:
+            self._send_read(conv)
+        self._emit("incoming", conv=conv, message=m, notify=not is_open)
+
+    def on_delivered(self, dst: str, ts: int) -> None:
+        self._known.add(dst)
+        m = self._outgoing.get((dst, ts))
+        if m is None:
+            self.log.info("a 07 for a message this client does not have: {dst} {ts}", dst=dst, ts=ts)
+            return
+        self._advance([m], DELIVERED)
+
+    def on_seen(self, reader: str, ts: int) -> None:
+        """``reader`` (a user, or a group's low mark) has read our messages up to ``ts``."""
+        self._known.add(reader)
+        conv = self.conversations.get(reader)
+        if conv is None:
+            return
+        self._advance([m for m in conv.messages if m.outgoing and m.ts <= ts and m.state != QUEUED], READ)
+
+    def _advance(self, messages: list[Message], state: str) -> None:
+        moved = [m for m in messages if _RANK[m.state] < _RANK[state]]
+        if not moved:
+            return
+        for m in moved:
+            m.state = state
+        gone = set(map(id, moved))
+        self.outbox = [m for m in self.outbox if id(m) not in gone]
+        self._in_flight = [m for m in self._in_flight if id(m) not in gone]
+        self.store.set_states(moved)
+        self._emit("ticks", messages=moved)
+
+    def on_group(self, group: str, ts: int, members: list[str]) -> None:
+        self.groups[group] = members
+        self.store.set_group(group, members)
+        self._known.add(group)
+        self._known.update(members)
+        mine = self.me is not None and members and members[0] == self.me.user
+        name = self._pending_groups.pop(ts, None) if mine else None
+        if name:
+            self.names[group] = name
+            self.store.set_name(group, name)
+        conv = self.conversation(group)
+        conv.last_activity = self.now()
+        self.store.save_conversation(conv)
+        self._emit("group", conv=conv, created_by_me=bool(mine))
+
+    def on_error(self, ref: bytes, reason: bytes) -> None:
+        sentence = error_sentence(ref, reason)
+        if ref == wire.SEND and reason in (wire.UNKNOWN_DESTINATION, wire.NOT_A_MEMBER):
+            m = self._blame(reason)
+            if m is not None:
+                m.state = FAILED
+                self.outbox = [o for o in self.outbox if o is not m]
+                self._in_flight = [o for o in self._in_flight if o is not m]
+                self.store.set_states([m])
+                sentence = (
+                    f"Your message to {self.display_name(m.dst)} could not be sent: "
+                    f"{wire.REASON_TEXT[reason]}. It will not be retried."
+                )
+                self._emit("ticks", messages=[m])
+        self.log.info("server error {ref} {reason}", ref=ref, reason=reason)
+        self._emit("error", text=sentence)
+
+    def _blame(self, reason: bytes) -> Message | None:
+        """Which in-flight 05 a 12 05 06/07 is about: the frame does not say.
+
+        The reason is a property of the destination, so prefer the oldest
+        message to a destination the server has never shown to exist (06) or
+        to a group (07); a 07 arriving later for a failed message still wins.
+        """
+        flight = self._in_flight
+        if reason == wire.NOT_A_MEMBER:
+            candidates = [m for m in flight if m.dst.startswith("1")]
+        else:
+            candidates = [m for m in flight if m.dst not in self._known]
+        candidates = candidates or flight
+        return candidates[0] if candidates else None
+
+
+# -- the connection ------------------------------------------------------------
+
+
+class ChatClientProtocol(Protocol):
+    """One connection: frames the server's bytes, logs in, hands frames to the model."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        model: ClientModel,
+        clock,
+        on_refused: Callable[[str], None] | None = None,
+        on_lost: Callable[[ChatClientProtocol], None] | None = None,
+    ):
+        self.model = model
+        self.clock = clock
+        self.on_refused = on_refused
+        self.on_lost = on_lost
+        self.phase = "new"
+        self._buffer = b""
+        self._login: Deferred | None = None
+        self._timeout = None
+
+    def write(self, frame: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(frame)
+
+    def login(self) -> Deferred:
+        """Register first if the profile has no id; fires with self once logged in, None if the line dies."""
+        self._login = Deferred()
+        self._timeout = self.clock.callLater(LOGIN_TIMEOUT, self._too_slow)
+        if self.model.me is None:
+            self.phase = "register"
+            self.write(wire.register_secret())
+        else:
+            self._send_login()
+        return self._login
+
+    def _send_login(self) -> None:
+        self.phase = "login"
+        me = self.model.me
+        self.write(wire.online_secret(me.user.encode(), me.secret.encode()))
+
+    def _too_slow(self) -> None:
+        self._timeout = None
+        self.log.info("no answer to the login: dropping the connection")
+        self.transport.loseConnection()
+
+    def _finish_login(self, result) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+        d, self._login = self._login, None
+        if d is not None:
+            d.callback(result)
+
+    def dataReceived(self, data: bytes) -> None:
+        frames, self._buffer, status = wire.split_frames(wire.SERVER_FRAME_LEN, self._buffer + data)
+        for frame in frames:
+            if self.phase == "closed":
+                return
+            self._dispatch(frame)
+        if status < 0 and self.phase != "closed":
+            self.log.warn("unframeable bytes from the server: {head!r}", head=self._buffer[:8])
+            self.model.on_error(b"??", b"??")
+            self.close()
+
+    def close(self) -> None:
+        self.phase = "closed"
+        self.transport.loseConnection()
+
+    def _dispatch(self, frame: bytes) -> None:
+        code = frame[:2]
+        if code == wire.REGISTERED_SECRET and self.phase == "register":
+            self.model.registered(frame[2:15].decode(), frame[15:47].decode())
+            self._send_login()
+        elif code == wire.ONLINE_OK and self.phase == "login":
+            self.phase = "ready"
+            self._finish_login(self)
+        elif code == wire.ERROR:
+            self._error(frame[2:4], frame[4:6])
+        elif self.phase != "ready":
+            self.log.info("ignored a {code!r} before login", code=code)
+        elif code == wire.MESSAGE:
+            src, dst, ts = frame[2:15], frame[15:28], frame[28:38]
+            text = wire.unpad_text(frame[38:])
+            if text is None or not (wire.is_id(src) and wire.is_id(dst) and wire.is_timestamp(ts)):
+                self.log.warn("a malformed 06 from the server, acknowledged and dropped")
+                self.write(wire.received(src, dst, ts))
+                return
+            self.model.on_message(self, src.decode(), dst.decode(), int(ts), text.decode("utf-8"))
+        elif code == wire.DELIVERED:
+            self.model.on_delivered(frame[2:15].decode(), int(frame[15:25]))
+        elif code == wire.SEEN_BY:
+            self.model.on_seen(frame[2:15].decode(), int(frame[15:25]))
+        elif code == wire.ADDED_TO_GROUP:
+            members = [
+                frame[at : at + wire.ID_LEN].decode() for at in range(wire.GROUP_HEADER_LEN, len(frame), 13)
+            ]
+            self.model.on_group(frame[2:15].decode(), int(frame[15:25]), members)
+
+    def _error(self, ref: bytes, reason: bytes) -> None:
+        if ref in (wire.REGISTER_SECRET, wire.ONLINE_SECRET) and self.phase in ("register", "login"):
+            self._refused(error_sentence(ref, reason))
+        elif reason == wire.LOGGED_IN_ELSEWHERE:
+            self._refused("This profile logged in from somewhere else, so this client went offline.")
+        else:
+            self.model.on_error(ref, reason)
+
+    def _refused(self, sentence: str) -> None:
+        """Trying again would not help (or would fight another client): stop and say why."""
+        self.log.info("login refused: {why}", why=sentence)
+        if self.on_refused is not None:
+            self.on_refused(sentence)
+        self.close()
+
+    def connectionLost(self, reason) -> None:
+        self.phase = "closed"
+        self.model.disconnected(self)
+        # Fire the login with None rather than failing it, and before telling the client:
+        # ClientService treats a failed prepareConnection as a failed attempt but keeps the
+        # connection, and the loss of that connection then reaches its state machine in a
+        # state with no transition for it (automat's NoTransition, logged by the reactor).
+        self._finish_login(None)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class _Factory(Factory):
+    noisy = False
+
+    def __init__(self, client: ChatClient):
+        self.client = client
+
+    def buildProtocol(self, addr):
+        protocol = ChatClientProtocol(
+            self.client.model, self.client.clock, self.client.refused, self.client.lost
+        )
+        self.client.protocol = protocol
+        return protocol
+
+
+class ChatClient:
+    """Keeps one logged-in connection alive: ClientService with backoff, login and resend on each.
+
+    Stopping goes through the connection when there is one (close it, then stop
+    the service from its connectionLost), because ClientService cannot stop
+    cleanly while a prepareConnection is pending.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, server: str | object, model: ClientModel, retry_policy=None):
+        self.clock = reactor
+        self.model = model
+        if isinstance(server, str):
+            server = clientFromString(reactor, endpoint_description(server))
+        self.service = ClientService(
+            server,
+            _Factory(self),
+            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=15.0),
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+        self.protocol: ChatClientProtocol | None = None
+        self._stopped = True
+        self._stopping: list[Deferred] = []
+
+    def start(self) -> None:
+        self._stopped = False
+        self.model.set_status(RECONNECTING, "connecting")
+        self.service.startService()
+
+    def stop(self) -> Deferred:
+        """Close the connection (if any) and stop reconnecting; fires once both are done."""
+        self._stopped = True
+        if self.protocol is not None:
+            d = Deferred()
+            self._stopping.append(d)
+            self.protocol.close()
+            return d
+        return self._stop_service()
+
+    def _stop_service(self) -> Deferred:
+        if not self.service.running:
+            return succeed(None)
+        return self.service.stopService()
+
+    def reconnect_now(self) -> Deferred:
+        """Skip the backoff (or undo a refusal): stop, then start at once."""
+        d = self.stop()
+        d.addCallback(lambda _: self.start())
+        return d
+
+    def refused(self, sentence: str) -> None:
+        """Called just before the protocol closes: its connectionLost will stop the service."""
+        self._stopped = True
+        self.model.set_status(OFFLINE, sentence)
+        self.model._emit("error", text=sentence)
+
+    def _prepare(self, protocol) -> Deferred:
+        d = protocol.login()
+        d.addCallback(self._logged_in)
+        return d
+
+    def _logged_in(self, protocol) -> None:
+        if protocol is not None:
+            self.model.logged_in(protocol)
+
+    def lost(self, protocol: ChatClientProtocol) -> None:
+        if self.protocol is protocol:
+            self.protocol = None
+        if not self._stopped:
+            self.model.set_status(RECONNECTING, "the connection was lost; retrying")
+            return
+        if self.model.status != OFFLINE:
+            self.model.set_status(OFFLINE)
+        d = self._stop_service()
+        waiting, self._stopping = self._stopping, []
+        for w in waiting:
+            d.addBoth(lambda result, w=w: w.callback(None))
+
+
+__all__ = [
+    "CONNECTED",
+    "DELIVERED",
+    "FAILED",
+    "OFFLINE",
+    "QUEUED",
+    "READ",
+    "RECONNECTING",
+    "SENT",
+    "ChatClient",
+    "ChatClientProtocol",
+    "ClientModel",
+    "Conversation",
+    "Identity",
+    "LocalStore",
+    "Message",
+    "ProfileError",
+    "default_data_dir",
+    "endpoint_description",
+    "error_sentence",
+    "load_identity",
+    "save_identity",
+    "split_text",
+]

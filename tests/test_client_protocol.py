@@ -1,0 +1,421 @@
+"""The client library against fake transports and a fake clock: no sockets, no sleeping."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from chatproto import wire
+from chatproto.client import (
+    CONNECTED,
+    DELIVERED,
+    FAILED,
+    OFFLINE,
+    QUEUED,
+    READ,
+    RECONNECTING,
+    SENT,
+    ChatClient,
+    Identity,
+    LocalStore,
+    ProfileError,
+    endpoint_description,
+    error_sentence,
+    load_identity,
+    save_identity,
+    split_text,
+)
+
+from .client_fakes import BOB, CAROL, GROUP, ME, SECRET, T0, FakeEndpoint, b, drop, make_model, online, reopen
+
+
+def frames(transport) -> list[bytes]:
+    found, rest, status = wire.split_frames(wire.CLIENT_FRAME_LEN, transport.value())
+    assert rest == b"" and status == 0
+    transport.clear()
+    return found
+
+
+def incoming(src: str, dst: str, ts: int, text: str) -> bytes:
+    return wire.message(b(src), b(dst), wire.timestamp(ts), text.encode())
+
+
+# -- identity ------------------------------------------------------------------
+
+
+def test_first_run_registers_saves_a_private_identity_and_logs_in(tmp_path):
+    model, clock = make_model(tmp_path, identity=False)
+    endpoint = FakeEndpoint()
+    ChatClient(clock, endpoint, model).start()
+    protocol, transport = endpoint.last
+    assert transport.value() == wire.REGISTER_SECRET
+    transport.clear()
+    protocol.dataReceived(wire.registered_secret(b(ME), b(SECRET)))
+    assert transport.value() == wire.online_secret(b(ME), b(SECRET))
+    path = model.store.identity_path
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_identity(path) == Identity(ME, SECRET)
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert model.status == CONNECTED and model.me.user == ME
+
+
+def test_a_profile_readable_by_others_is_refused(tmp_path):
+    path = str(tmp_path / "identity.json")
+    save_identity(path, Identity(ME, SECRET))
+    os.chmod(path, 0o644)
+    with pytest.raises(ProfileError, match="chmod 600"):
+        load_identity(path)
+
+
+def test_two_clients_cannot_share_a_profile(tmp_path):
+    first = LocalStore(str(tmp_path / "p"))
+    with pytest.raises(ProfileError, match="already using"):
+        LocalStore(str(tmp_path / "p"))
+    first.close()
+    LocalStore(str(tmp_path / "p")).close()
+
+
+def test_refused_login_goes_offline_and_stops_retrying(tmp_path):
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    ChatClient(clock, endpoint, model, retry_policy=lambda n: 1.0).start()
+    protocol, transport = endpoint.last
+    protocol.dataReceived(wire.error(wire.ONLINE_SECRET, wire.SECRET_REQUIRED))
+    assert transport.disconnecting
+    drop(protocol)
+    clock.advance(60)
+    assert len(endpoint.connections) == 1
+    assert model.status == OFFLINE and "secret" in model.status_detail
+
+
+def test_login_that_never_answers_is_dropped_and_retried(tmp_path):
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    ChatClient(clock, endpoint, model, retry_policy=lambda n: 1.0).start()
+    protocol, transport = endpoint.last
+    clock.advance(31)
+    assert transport.disconnecting
+    drop(protocol)
+    assert model.status == RECONNECTING
+    clock.advance(1.5)
+    assert len(endpoint.connections) == 2
+
+
+# -- sending and the outbox ------------------------------------------------------
+
+
+def test_outbox_is_resent_after_every_login_until_its_07(tmp_path):
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    endpoint.down = True
+    client = ChatClient(clock, endpoint, model, retry_policy=lambda n: 1.0)
+    client.start()
+    (m,) = model.send_text(BOB, "hello")
+    assert m.state == QUEUED and model.unsent() == [m]
+
+    endpoint.down = False
+    clock.advance(1.5)
+    protocol, transport = endpoint.last
+    transport.clear()
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert frames(transport) == [wire.send(b(ME), b(BOB), wire.timestamp(T0), b"hello")]
+    assert m.state == SENT and model.unsent() == []
+
+    drop(protocol)
+    assert model.status == RECONNECTING
+    clock.advance(1.5)
+    protocol, transport = endpoint.last
+    transport.clear()
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert frames(transport) == [wire.send(b(ME), b(BOB), wire.timestamp(T0), b"hello")]
+
+    protocol.dataReceived(wire.delivered(b(BOB), wire.timestamp(T0)))
+    assert m.state == DELIVERED and model.outbox == []
+    drop(protocol)
+    clock.advance(1.5)
+    protocol, transport = endpoint.last
+    transport.clear()
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert frames(transport) == []
+
+
+def test_outbox_survives_a_restart_of_the_client(tmp_path):
+    model, clock = make_model(tmp_path)
+    model.send_text(BOB, "kept")
+    model = reopen(model, clock)
+    assert [m.text for m in model.outbox] == ["kept"]
+    client, endpoint, transport = online(model=model, clock=clock)
+    protocol, transport = endpoint.last
+    assert frames(transport) == [wire.send(b(ME), b(BOB), wire.timestamp(T0), b"kept")]
+
+
+def test_timestamps_strictly_increase_per_conversation_even_when_the_clock_does_not(tmp_path):
+    model, clock = make_model(tmp_path)
+    first = model.send_text(BOB, "a")[0].ts
+    second = model.send_text(BOB, "b")[0].ts
+    other = model.send_text(CAROL, "c")[0].ts
+    clock.advance(5)
+    later = model.send_text(BOB, "d")[0].ts
+    assert (first, second, other, later) == (T0, T0 + 1, T0, T0 + 5)
+    model = reopen(model, clock)
+    assert model.send_text(BOB, "e")[0].ts == T0 + 6
+
+
+def test_long_text_is_split_on_character_boundaries():
+    text = "é" * 150 + "€" * 100 + "x"
+    parts = split_text(text)
+    assert "".join(parts) == text
+    assert all(0 < len(p.encode()) <= wire.MSG_LEN for p in parts)
+    assert len(parts[0].encode()) == 218 and len(parts) == 3
+    assert split_text("  \n\n ") == []
+    assert split_text("a\r\nb\0c\n") == ["a\nbc"]
+
+
+def test_a_long_message_goes_out_as_several_frames_with_increasing_timestamps(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    model = client.model
+    sent = model.send_text(BOB, "🙂" * 120)
+    out = frames(transport)
+    assert len(out) == 3 and all(len(f) == 256 for f in out)
+    assert [m.ts for m in sent] == [T0, T0 + 1, T0 + 2]
+    assert b"".join(wire.unpad_text(f[38:]) for f in out).decode() == "🙂" * 120
+
+
+# -- receiving ------------------------------------------------------------------
+
+
+def test_every_06_is_acknowledged_and_duplicates_are_dropped(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    events = []
+    model.listeners.append(lambda event, **data: events.append((event, data.get("notify"))))
+    frame = incoming(BOB, ME, T0 - 5, "hi there")
+    # Split anywhere: the framer reassembles.
+    for at in range(0, len(frame), 7):
+        protocol.dataReceived(frame[at : at + 7])
+    protocol.dataReceived(frame)
+    assert frames(transport) == [wire.received(b(BOB), b(ME), wire.timestamp(T0 - 5))] * 2
+    conv = model.conversations[BOB]
+    assert [m.text for m in conv.messages] == ["hi there"]
+    assert conv.unread == 1 and events == [("incoming", True)]
+    model = reopen(model, client.clock)
+    assert [m.text for m in model.conversations[BOB].messages] == ["hi there"]
+    assert model.conversations[BOB].unread == 1
+
+
+def test_opening_a_conversation_sends_08_for_the_newest_message(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    protocol.dataReceived(incoming(BOB, ME, T0 - 9, "one") + incoming(BOB, ME, T0 - 3, "two"))
+    transport.clear()
+    model.open(BOB)
+    assert frames(transport) == [wire.seen(b(BOB), wire.timestamp(T0 - 3))]
+    assert model.conversations[BOB].unread == 0
+    model.open(BOB)
+    assert frames(transport) == []
+    # While it is open, a new message is read at once.
+    protocol.dataReceived(incoming(BOB, ME, T0, "three"))
+    assert frames(transport) == [
+        wire.received(b(BOB), b(ME), wire.timestamp(T0)),
+        wire.seen(b(BOB), wire.timestamp(T0)),
+    ]
+    assert model.conversations[BOB].unread == 0
+
+
+def test_no_read_receipts_when_turned_off(tmp_path):
+    client, endpoint, transport = online(tmp_path, read_receipts=False)
+    protocol, _ = endpoint.last
+    protocol.dataReceived(incoming(BOB, ME, T0, "psst"))
+    transport.clear()
+    client.model.open(BOB)
+    assert frames(transport) == []
+    assert client.model.conversations[BOB].unread == 0
+
+
+def test_a_read_while_offline_is_sent_after_login(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    protocol.dataReceived(incoming(BOB, ME, T0, "later"))
+    drop(protocol)
+    client.model.open(BOB)
+    client.clock.advance(1.5)
+    protocol, transport = endpoint.last
+    transport.clear()
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert frames(transport) == [wire.seen(b(BOB), wire.timestamp(T0))]
+
+
+def test_ticks_move_on_07_and_09_and_never_back(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    a, bb = model.send_text(BOB, "a") + model.send_text(BOB, "b")
+    c = model.send_text(BOB, "c")[0]
+    assert (a.state, bb.state, c.state) == (SENT, SENT, SENT)
+    protocol.dataReceived(wire.delivered(b(BOB), wire.timestamp(a.ts)))
+    assert (a.state, bb.state) == (DELIVERED, SENT)
+    protocol.dataReceived(wire.seen_by(b(BOB), wire.timestamp(bb.ts)))
+    assert (a.state, bb.state, c.state) == (READ, READ, SENT)
+    protocol.dataReceived(wire.delivered(b(BOB), wire.timestamp(bb.ts)))
+    assert bb.state == READ
+    assert model.outbox == [c]
+    model = reopen(model, client.clock)
+    assert [m.state for m in model.conversations[BOB].messages] == [READ, READ, SENT]
+
+
+def test_conversations_are_ordered_by_last_activity_with_unread_counts(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    model.add_contact(BOB, "Bob")
+    client.clock.advance(1)
+    model.add_contact(CAROL, "Carol")
+    assert [c.id for c in model.ordered()] == [CAROL, BOB]
+    client.clock.advance(1)
+    protocol.dataReceived(incoming(BOB, ME, T0, "x") + incoming(BOB, ME, T0 + 1, "y"))
+    assert [(c.id, c.unread) for c in model.ordered()] == [(BOB, 2), (CAROL, 0)]
+    stranger = "0999999999999"
+    client.clock.advance(1)
+    protocol.dataReceived(incoming(stranger, ME, T0, "who am I"))
+    assert model.ordered()[0].id == stranger and model.display_name(stranger) == stranger
+    assert model.display_name(BOB) == "Bob"
+    with pytest.raises(ValueError):
+        model.add_contact("12345", "short")
+
+
+# -- groups ------------------------------------------------------------------------
+
+
+def test_group_creation_messages_and_group_ticks(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    model.add_contact(BOB, "Bob")
+    model.add_contact(CAROL, "Carol")
+    events = []
+    model.listeners.append(lambda event, **data: events.append((event, data.get("created_by_me"))))
+    model.create_group([BOB, CAROL, BOB], "Friends")
+    assert frames(transport) == [wire.create_group(b(ME), wire.timestamp(T0), [b(BOB), b(CAROL)])]
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(ME), b(BOB), b(CAROL)]))
+    assert model.groups[GROUP] == [ME, BOB, CAROL]
+    assert model.display_name(GROUP) == "Friends" and ("group", True) in events
+
+    protocol.dataReceived(incoming(CAROL, GROUP, T0 + 2, "hello all"))
+    assert frames(transport) == [wire.received(b(CAROL), b(GROUP), wire.timestamp(T0 + 2))]
+    (got,) = model.conversations[GROUP].messages
+    assert (got.src, got.conv) == (CAROL, GROUP) and model.display_name(got.src) == "Carol"
+
+    mine = model.send_text(GROUP, "hi")[0]
+    assert frames(transport) == [wire.send(b(ME), b(GROUP), wire.timestamp(mine.ts), b"hi")]
+    protocol.dataReceived(wire.delivered(b(GROUP), wire.timestamp(mine.ts)))
+    assert mine.state == DELIVERED
+    protocol.dataReceived(wire.seen_by(b(GROUP), wire.timestamp(mine.ts - 1)))
+    assert mine.state == DELIVERED
+    protocol.dataReceived(wire.seen_by(b(GROUP), wire.timestamp(mine.ts)))
+    assert mine.state == READ
+    model.open(GROUP)
+    assert frames(transport) == [wire.seen(b(GROUP), wire.timestamp(T0 + 2))]
+
+
+def test_a_group_made_by_someone_else_is_named_after_its_members(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    client.model.add_contact(BOB, "Bob")
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME), b(CAROL)]))
+    assert client.model.display_name(GROUP) == f"group: Bob, {CAROL}"
+    model = reopen(client.model, client.clock)
+    assert model.groups[GROUP] == [BOB, ME, CAROL] and GROUP in model.conversations
+
+
+def test_groups_need_a_connection(tmp_path):
+    model, clock = make_model(tmp_path)
+    with pytest.raises(ValueError, match="connected"):
+        model.create_group([BOB])
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+def test_errors_become_sentences():
+    assert error_sentence(wire.CREATE_GROUP, wire.UNKNOWN_USER) == (
+        "The group could not be created: there is no such user."
+    )
+    assert "12" not in error_sentence(wire.SEND, wire.RATE_LIMITED)
+
+
+def test_a_message_to_an_unknown_user_fails_instead_of_staying_in_the_outbox(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    protocol.dataReceived(incoming(BOB, ME, T0, "known"))
+    errors = []
+    model.listeners.append(lambda event, **data: event == "error" and errors.append(data["text"]))
+    model.add_contact("0555555555555", "Typo")
+    ok = model.send_text(BOB, "to bob")[0]
+    bad = model.send_text("0555555555555", "to nobody")[0]
+    protocol.dataReceived(wire.error(wire.SEND, wire.UNKNOWN_DESTINATION))
+    assert bad.state == FAILED and ok.state == SENT
+    assert model.outbox == [ok]
+    assert errors == [
+        "Your message to Typo could not be sent: there is no such user or group. It will not be retried."
+    ]
+    drop(protocol)
+    client.clock.advance(1.5)
+    protocol, transport = endpoint.last
+    transport.clear()
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert frames(transport) == [wire.send(b(ME), b(BOB), wire.timestamp(ok.ts), b"to bob")]
+    model = reopen(model, client.clock)
+    assert [m.state for m in model.conversations["0555555555555"].messages] == [FAILED]
+
+
+def test_a_group_message_refused_as_not_a_member_is_failed(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    to_bob = model.send_text(BOB, "fine")[0]
+    to_group = model.send_text(GROUP, "nope")[0]
+    protocol.dataReceived(wire.error(wire.SEND, wire.NOT_A_MEMBER))
+    assert (to_bob.state, to_group.state) == (SENT, FAILED)
+
+
+def test_logged_in_elsewhere_stops_reconnecting(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    protocol.dataReceived(wire.error(wire.ONLINE, wire.LOGGED_IN_ELSEWHERE))
+    drop(protocol)
+    client.clock.advance(60)
+    assert len(endpoint.connections) == 1
+    assert client.model.status == OFFLINE and "somewhere else" in client.model.status_detail
+    client.reconnect_now()
+    assert len(endpoint.connections) == 2
+
+
+def test_endpoint_shorthands():
+    assert endpoint_description("example.org:7000") == "tcp:example.org:7000"
+    assert endpoint_description("7000") == "tcp:localhost:7000"
+    assert endpoint_description("tcp:localhost:7000") == "tcp:localhost:7000"
+    assert endpoint_description("tls:host:7443") == "tls:host:7443"
+    assert endpoint_description("unix:/run/chat.sock") == "unix:/run/chat.sock"
+
+
+@pytest.mark.parametrize("logged_in", [False, True])
+def test_stopping_closes_the_connection_and_stops_retrying(tmp_path, logged_in):
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    client = ChatClient(clock, endpoint, model, retry_policy=lambda n: 1.0)
+    client.start()
+    protocol, transport = endpoint.last
+    if logged_in:
+        protocol.dataReceived(wire.online_ok(b(ME)))
+    done = []
+    client.stop().addCallback(done.append)
+    assert transport.disconnecting and not done
+    drop(protocol)
+    assert done == [None] and not client.service.running
+    clock.advance(60)
+    assert len(endpoint.connections) == 1 and model.status == OFFLINE
