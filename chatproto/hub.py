@@ -32,6 +32,28 @@ from .store import (
     Snapshot,
 )
 
+#: Held items sent per store round trip when a user comes online.
+FLUSH_PAGE = 1000
+
+
+class _Flush:
+    """Where a user's flush of held items is: a cursor into their inbox, and
+    the live frames that must wait until everything held has been sent."""
+
+    __slots__ = ("cursor", "offers", "asked_at", "waiting", "sent", "frames")
+
+    def __init__(self):
+        self.cursor = 0
+        #: Messages held for the user since the flush began: while this moves,
+        #: the inbox may hold more than the last page showed.
+        self.offers = 0
+        self.asked_at = 0
+        #: Paused by the transport between two pages.
+        self.waiting = False
+        self.sent = 0
+        #: (frame, notice to hold if the connection is lost, or None)
+        self.frames: list[tuple[bytes, tuple | None]] = []
+
 
 class Session(Protocol):
     """One connection, as the hub sees it."""
@@ -44,9 +66,10 @@ class Session(Protocol):
     ready: bool
     #: Its reader is slow: new frames for it stay in the store until it drains.
     congested: bool
-    #: While flushing: live frames that must wait behind the held ones, as
-    #: (frame, msg_id or None, held notice or None).
-    pending: list | None
+    #: The flush of what was held, while it runs.
+    flush: _Flush | None
+    #: Its transport asked us to stop writing for now.
+    paused: bool
 
     def emit(self, frame: bytes) -> None: ...
 
@@ -145,57 +168,72 @@ class Hub:
         self._start_flush(session, user)
 
     def _start_flush(self, session: Session, user: bytes) -> None:
-        """Send everything held; live frames wait in ``pending`` until it is sent."""
+        """Send everything held, a page at a time; live frames wait behind it."""
         session.ready = False
-        session.pending = []
-        self.store.inbox(user.decode()).addCallback(self._flush, session, user)
+        session.flush = _Flush()
+        self._next_page(session, user)
 
-    def congested(self, session: Session) -> None:
-        """The session's reader fell behind: hold what is for it in the store."""
-        session.congested = True
+    def _next_page(self, session: Session, user: bytes) -> None:
+        flush = session.flush
+        flush.asked_at = flush.offers
+        d = self.store.inbox(user.decode(), flush.cursor, FLUSH_PAGE)
+        d.addCallback(self._flush_page, session, user, flush)
 
-    def drained(self, session: Session) -> None:
-        """The reader caught up: send what was held for it meanwhile."""
-        if not session.congested:
-            return
-        session.congested = False
-        user = session.user
-        if user is not None and self.sessions.get(user) is session and session.ready:
-            self._start_flush(session, user)
-
-    def _flush(self, items, session: Session, user: bytes) -> None:
-        """Send what was held, in order, then what arrived meanwhile."""
-        if self.sessions.get(user) is not session or session.pending is None:
+    def _flush_page(self, items, session: Session, user: bytes, flush: _Flush) -> None:
+        if session.flush is not flush or self.sessions.get(user) is not session:
             return
         frames = []
         reached = []
-        sent = set()
         notices = []
         for item in items:
             if item.code == HELD_MESSAGE:
                 frames.append(
                     wire.message(item.src.encode(), item.dst.encode(), wire.timestamp(item.ts), item.text)
                 )
-                sent.add(item.msg_id)
                 reached.append(item.msg_id)
             else:
                 frames.append(self._notice_frame(item.code, item.src, item.dst, item.ts))
                 notices.append(item.seq)
-        for frame, msg_id, _ in session.pending:
-            if msg_id is not None:
-                if msg_id in sent:
-                    continue
-                reached.append(msg_id)
-            frames.append(frame)
-        session.pending = None
-        session.ready = True
-        if frames:
+        if items:
+            flush.cursor = items[-1].seq
+            flush.sent += len(items)
             session.emit(b"".join(frames))
-            self.log.info("flushed {count} held frames to {user}", count=len(frames), user=user.decode())
         if notices:
             self.store.drop(user.decode(), notices)
         if reached and not session.secret_session:
             self.store.mark_delivered(user.decode(), reached).addCallback(self._completed)
+        if len(items) == FLUSH_PAGE or flush.offers != flush.asked_at:
+            # More may be held (a full page, or a message held since we asked).
+            if session.paused:
+                flush.waiting = True
+            else:
+                self._next_page(session, user)
+            return
+        session.flush = None
+        session.ready = True
+        if flush.frames:
+            session.emit(b"".join(frame for frame, _ in flush.frames))
+        if flush.sent:
+            self.log.info("flushed {count} held frames to {user}", count=flush.sent, user=user.decode())
+
+    def congested(self, session: Session) -> None:
+        """The session's reader fell behind: hold what is for it in the store."""
+        session.congested = True
+
+    def drained(self, session: Session) -> None:
+        """The reader caught up: go on with its flush, or send what was held meanwhile."""
+        user = session.user
+        if user is None or self.sessions.get(user) is not session:
+            return
+        flush = session.flush
+        if flush is not None:
+            session.congested = False
+            if flush.waiting:
+                flush.waiting = False
+                self._next_page(session, user)
+        elif session.congested:
+            session.congested = False
+            self._start_flush(session, user)
 
     def _notice_frame(self, code: int, src: str, dst: str, ts: int) -> bytes:
         when = wire.timestamp(ts)
@@ -217,23 +255,25 @@ class Hub:
 
     def _abandon(self, session: Session) -> None:
         """Hold the notices a session was waiting to be sent: they must not be lost."""
-        pending, session.pending = session.pending, None
+        flush, session.flush = session.flush, None
         session.ready = False
         if session.user is not None and self.sessions.get(session.user) is session:
             del self.sessions[session.user]
-        for _, _, notice in pending or ():
+        for _, notice in flush.frames if flush else ():
             if notice is not None:
                 self.store.hold(session.user.decode(), *notice)
 
     def _notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
         """A 07, 09 or 11 for ``user``: now if online, else at their next login."""
         session = self.sessions.get(user)
-        if session is None or session.congested:
+        if session is None:
             self.store.hold(user.decode(), code, src, dst, ts)
-        elif session.ready:
-            session.emit(frame)
+        elif session.flush is not None:
+            session.flush.frames.append((frame, (code, src, dst, ts)))
+        elif session.congested:
+            self.store.hold(user.decode(), code, src, dst, ts)
         else:
-            session.pending.append((frame, None, (code, src, dst, ts)))
+            session.emit(frame)
 
     # -- messages --------------------------------------------------------
 
@@ -277,14 +317,15 @@ class Hub:
         msg_id = recorded.msg_id
         missed = []
         for user, target in now:
-            if target.ready and self.sessions.get(user) is target:
+            if self.sessions.get(user) is target and target.ready and not target.congested:
                 target.emit(frame)
             else:
                 missed.append(user)
         for user in held:
             self._offer(user, frame, msg_id)
         for user in missed:
-            # It went away between our decision and the commit: hold it again.
+            # Between our decision and the commit it went away, fell behind
+            # or began a flush: hold it again, the flush or next login sends it.
             self.store.requeue(user.decode(), msg_id).addCallback(
                 lambda _, user=user: self._offer(user, frame, msg_id)
             )
@@ -294,10 +335,12 @@ class Hub:
     def _offer(self, user: bytes, frame: bytes, msg_id: int) -> None:
         """A held message, committed: send it now if its recipient is online."""
         session = self.sessions.get(user)
-        if session is None or session.congested:
+        if session is None:
             return
-        if not session.ready:
-            session.pending.append((frame, msg_id, None))
+        if session.flush is not None:
+            session.flush.offers += 1  # its flush will fetch it from the store
+            return
+        if session.congested:
             return
         session.emit(frame)
         if not session.secret_session:

@@ -28,8 +28,9 @@ class Limits:
     max_connections: int = 20000
     #: Seconds a connection may stay without logging in (03 or 15).
     login_timeout: float = 60.0
-    #: Bytes written to a reader that has stopped reading before it is dropped.
-    max_buffer: int = 1 << 20
+    #: Unread bytes past which a reader is dropped; past half of it, what is
+    #: for that reader waits in the store instead of in memory.
+    max_buffer: int = 4 << 20
 
 
 @implementer(IPushProducer)
@@ -47,9 +48,10 @@ class ChatProtocol(Protocol):
         self.secret_session = False
         self.ready = False
         self.congested = False
-        self.pending: list | None = None
+        self.flush = None
         self._buffer = b""
         self._closing = False
+        self.paused = False
         self._backlog = 0
         self._tokens = limits.frame_burst
         self._refilled = 0.0
@@ -58,13 +60,22 @@ class ChatProtocol(Protocol):
     # -- what the hub calls ----------------------------------------------
 
     def emit(self, frame: bytes) -> None:
-        if self.congested:
+        if self._closing:
+            return
+        if self.paused:
             self._backlog += len(frame)
-            if self._backlog > self.limits.max_buffer > 0:
-                self.log.warn("dropping {user}: {bytes} bytes unread", user=self._who(), bytes=self._backlog)
-                self._closing = True
-                self.transport.abortConnection()
-                return
+            cap = self.limits.max_buffer
+            if cap > 0 and self._backlog > cap // 2:
+                if self._backlog > cap:
+                    self.log.warn(
+                        "dropping {user}: {bytes} bytes unread", user=self._who(), bytes=self._backlog
+                    )
+                    self._closing = True
+                    self.transport.abortConnection()
+                    self.hub.logout(self)
+                    return
+                if not self.congested:
+                    self.hub.congested(self)
         self.transport.write(frame)
 
     def close_with(self, frame: bytes) -> None:
@@ -101,12 +112,15 @@ class ChatProtocol(Protocol):
             self._closing = True
             self.transport.loseConnection()
 
-    # IPushProducer: the transport's verdict on the reader.
+    # IPushProducer: the transport says when its reader falls behind. A short
+    # pause costs nothing; past half the cap of unread bytes, what is for
+    # this reader waits in the store; past the cap, the reader is dropped.
 
     def pauseProducing(self):
-        self.hub.congested(self)
+        self.paused = True
 
     def resumeProducing(self):
+        self.paused = False
         self._backlog = 0
         self.hub.drained(self)
 

@@ -94,8 +94,8 @@ class IChatStore(Interface):
     def hold(user_id, code, src, dst, ts):
         """Deferred[None]: keep a 07, 09 or 11 for user_id's next login."""
 
-    def inbox(user_id):
-        """Deferred[list[InboxItem]]: everything held for user_id, oldest first."""
+    def inbox(user_id, after=0, limit=None):
+        """Deferred[list[InboxItem]]: what is held for user_id after seq ``after``, oldest first."""
 
     def drop(user_id, seqs):
         """Deferred[None]: forget held 07/09/11 items once they were sent."""

@@ -120,8 +120,9 @@ class MemoryStore:
         self._put(user_id, code, src, dst, ts, None, None)
         return succeed(None)
 
-    def inbox(self, user_id):
-        return succeed(sorted(self._inboxes.get(user_id, {}).values()))
+    def inbox(self, user_id, after=0, limit=None):
+        items = sorted(item for item in self._inboxes.get(user_id, {}).values() if item.seq > after)
+        return succeed(items[:limit])
 
     def drop(self, user_id, seqs):
         inbox = self._inboxes.get(user_id, {})

@@ -34,6 +34,11 @@ from . import (
 
 SCHEMA_VERSION = 1
 
+#: Operations per transaction at most: enough to amortize a commit, few
+#: enough that one batch's deliveries to one reader stay well under the
+#: server's congestion threshold, and that latency stays in milliseconds.
+MAX_BATCH = 2000
+
 
 class DatabaseTooNew(Exception):
     """The database was written by a newer chatproto than this one."""
@@ -81,6 +86,8 @@ class SQLiteStore:
         self._reactor = reactor
         self._conn = connect(path)
         ensure_schema(self._conn)
+        (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        self._next_msg_id = last + 1
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-sqlite")
         self._pool.start()
         self._queue: list[tuple] = []
@@ -105,23 +112,38 @@ class SQLiteStore:
         self._scheduled = False
         if self._busy or not self._queue:
             return
-        batch, self._queue = self._queue, []
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         self._busy = True
         d = deferToThreadPool(self._reactor, self._pool, self._transaction, batch)
         d.addBoth(self._finished, batch)
 
     def _transaction(self, batch):
-        """Run on the database thread: the whole batch in one transaction."""
+        """Run on the database thread: the whole batch in one transaction.
+
+        A run of consecutive calls of a ``bulk`` operation (recording
+        messages) is handed over as one list, to go to the database as one
+        statement per table.
+        """
         started = time.perf_counter()
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         results = []
         try:
-            for fn, args, _ in batch:
+            at, end = 0, len(batch)
+            while at < end:
+                fn, args, _ = batch[at]
+                if getattr(fn, "bulk", False):
+                    stop = at + 1
+                    while stop < end and batch[stop][0] is fn:
+                        stop += 1
+                    results.extend((True, r) for r in fn(self, cur, [op[1] for op in batch[at:stop]]))
+                    at = stop
+                    continue
                 try:
                     results.append((True, fn(cur, *args)))
                 except sqlite3.IntegrityError as e:
                     results.append((False, e))
+                at += 1
             cur.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
@@ -163,7 +185,7 @@ class SQLiteStore:
         return self._submit(_add_group, group_id, ts, members, hold_for)
 
     def record_message(self, src, dst, ts, text, held, delivered):
-        return self._submit(_record_message, src, dst, ts, text, held, delivered)
+        return self._submit(_record_messages, src, dst, ts, text, held, delivered)
 
     def requeue(self, user_id, msg_id):
         return self._submit(_requeue, user_id, msg_id)
@@ -177,8 +199,8 @@ class SQLiteStore:
     def hold(self, user_id, code, src, dst, ts):
         return self._submit(_hold, user_id, code, src, dst, ts)
 
-    def inbox(self, user_id):
-        return self._submit(_inbox, user_id)
+    def inbox(self, user_id, after=0, limit=None):
+        return self._submit(_inbox, user_id, after, -1 if limit is None else limit)
 
     def drop(self, user_id, seqs):
         return self._submit(_drop, user_id, seqs)
@@ -250,31 +272,42 @@ def _add_group(cur, group_id, ts, members, hold_for):
     )
 
 
-def _record_message(cur, src, dst, ts, text, held, delivered):
-    row = cur.execute(
-        "SELECT id, remaining FROM messages WHERE src = ? AND dst = ? AND ts = ? AND body = ?",
-        (src, dst, ts, text),
-    ).fetchone()
-    if row is not None:
-        msg_id, remaining = row
-        status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
-        return Recorded(msg_id, status, remaining == 0)
-    cur.execute(
-        "INSERT INTO messages (src, dst, ts, body, remaining) VALUES (?, ?, ?, ?, ?)",
-        (src, dst, ts, text, len(held)),
+def _record_messages(store, cur, items):
+    """Record a run of messages: one INSERT for all, per-item work only for resends.
+
+    Ids come from the store's counter, so the new rows need no read-back; a
+    row the unique index refuses is a resend, looked up on its own.
+    """
+    first = store._next_msg_id
+    store._next_msg_id += len(items)
+    cur.executemany(
+        "INSERT OR IGNORE INTO messages (id, src, dst, ts, body, remaining) VALUES (?, ?, ?, ?, ?, ?)",
+        [(first + i, src, dst, ts, text, len(held)) for i, (src, dst, ts, text, held, _) in enumerate(items)],
     )
-    msg_id = cur.lastrowid
-    if len(held) == 1:
-        cur.execute(
-            "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)",
-            (held[0], HELD_MESSAGE, msg_id, src, dst, ts),
-        )
-    elif held:
+    all_new = cur.rowcount == len(items)
+    results = []
+    inbox = []
+    for i, (src, dst, ts, text, held, _) in enumerate(items):
+        msg_id = first + i
+        if not all_new:
+            known_id, remaining = cur.execute(
+                "SELECT id, remaining FROM messages WHERE src = ? AND dst = ? AND ts = ? AND body = ?",
+                (src, dst, ts, text),
+            ).fetchone()
+            if known_id != msg_id:
+                status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
+                results.append(Recorded(known_id, status, remaining == 0))
+                continue
+        inbox.extend((user_id, HELD_MESSAGE, msg_id, src, dst, ts) for user_id in held)
+        results.append(Recorded(msg_id, NEW, not held))
+    if inbox:
         cur.executemany(
-            "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)",
-            [(user_id, HELD_MESSAGE, msg_id, src, dst, ts) for user_id in held],
+            "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)", inbox
         )
-    return Recorded(msg_id, NEW, not held)
+    return results
+
+
+_record_messages.bulk = True
 
 
 def _requeue(cur, user_id, msg_id):
@@ -308,8 +341,7 @@ def _acknowledge(cur, user_id, src, dst, ts):
     ids = [
         msg_id
         for (msg_id,) in cur.execute(
-            "SELECT msg_id FROM inbox WHERE user_id = ? AND src = ? AND dst = ? AND ts = ? AND code = ?",
-            (user_id, src, dst, ts, HELD_MESSAGE),
+            "SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", (src, dst, ts)
         ).fetchall()
     ]
     return _mark_delivered(cur, user_id, ids)
@@ -322,13 +354,14 @@ def _hold(cur, user_id, code, src, dst, ts):
     )
 
 
-def _inbox(cur, user_id):
+def _inbox(cur, user_id, after, limit):
     return [
         InboxItem(*row)
         for row in cur.execute(
             "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
-            "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? ORDER BY i.seq",
-            (user_id,),
+            "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? AND i.seq > ? "
+            "ORDER BY i.seq LIMIT ?",
+            (user_id, after, limit),
         )
     ]
 

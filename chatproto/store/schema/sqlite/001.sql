@@ -31,7 +31,8 @@ CREATE TABLE messages (
     body BLOB NOT NULL,          -- UTF-8 text without its NUL padding
     remaining INTEGER NOT NULL   -- recipients that have not got it yet
 );
-CREATE INDEX messages_identity ON messages (src, dst, ts);
+-- A message is identified by (src, dst, ts, body): a resend is refused here.
+CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body);
 CREATE INDEX messages_by_dst ON messages (dst, ts);
 
 -- Everything held for a user until it reaches them: messages (code 6) until
@@ -45,5 +46,5 @@ CREATE TABLE inbox (
     dst TEXT NOT NULL,
     ts INTEGER NOT NULL
 );
-CREATE INDEX inbox_by_user ON inbox (user_id, src, dst, ts);
+CREATE INDEX inbox_by_user ON inbox (user_id, seq);
 CREATE INDEX inbox_by_message ON inbox (msg_id);
