@@ -1,0 +1,1 @@
+"""The chatproto terminal client: urwid on the Twisted reactor, over chatproto.client."""
