@@ -104,6 +104,7 @@ class App:
             focus_part="footer",
         )
         self.root = urwid.WidgetPlaceholder(self.frame)
+        self.top = _KeyRoot(self)
         model.listeners.append(self._on_model_event)
         self.refresh()
 
@@ -114,7 +115,7 @@ class App:
         # Ctrl-C, Ctrl-Q and Ctrl-S reach the key table instead of becoming signals or flow control.
         screen.tty_signal_keys(intr="undefined", start="undefined", stop="undefined")
         self.loop = urwid.MainLoop(
-            _KeyRoot(self),
+            self.top,
             palette(self.theme),
             screen=screen,
             handle_mouse=False,
@@ -124,13 +125,18 @@ class App:
             reactor.callWhenRunning(self.client.start)
         self.loop.run()
 
+    def press(self, *keys: str, size=(80, 24)) -> None:
+        """Feed keys as the terminal would (tests use it; the loop calls the same path)."""
+        for key in keys:
+            self.top.keypress(size, key)
+
     def redraw(self) -> None:
         if self.loop is not None and self.loop.screen.started:
             self.loop.draw_screen()
 
     def render_text(self, size=(80, 24)) -> str:
         """What the screen shows at ``size``, as plain text (for tests and screenshots)."""
-        canvas = _KeyRoot(self).render(size, focus=True)
+        canvas = self.top.render(size, focus=True)
         return "\n".join(line.decode("utf-8") for line in canvas.text)
 
     # -- model events --------------------------------------------------------------

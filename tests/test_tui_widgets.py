@@ -1,0 +1,235 @@
+"""The terminal client's widgets, rendered to canvas text (urwid itself, not a mock)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import chatproto_tui  # noqa: F401
+except ImportError:  # running from a checkout without `pip install .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients"))
+
+import urwid
+from chatproto_tui.__main__ import parse_args
+from chatproto_tui.keys import CONTEXT_TITLES, KEYS, help_lines
+from chatproto_tui.theme import REQUIRED_STYLES, THEMES, TICKS
+from chatproto_tui.ui import App
+
+from chatproto import wire
+
+from .client_fakes import BOB, CAROL, GROUP, ME, T0, b, drop, make_model, online
+
+
+def incoming(src, dst, ts, text):
+    return wire.message(b(src), b(dst), wire.timestamp(ts), text.encode())
+
+
+@pytest.fixture
+def live(tmp_path):
+    """An App over a logged-in client on fake transports: (app, protocol, transport)."""
+    client, endpoint, transport = online(tmp_path)
+    app = App(client.model, client)
+    protocol, _ = endpoint.last
+    return app, protocol, transport
+
+
+def sent_texts(transport) -> list[str]:
+    found, _, _ = wire.split_frames(wire.CLIENT_FRAME_LEN, transport.value())
+    transport.clear()
+    return [wire.unpad_text(f[38:]).decode() for f in found if f[:2] == wire.SEND]
+
+
+# -- data: key table, themes, glyphs ------------------------------------------------
+
+
+def test_no_key_is_bound_twice_where_both_would_apply():
+    seen: dict[tuple[str, str], str] = {}
+    for name, command in KEYS.items():
+        contexts = list(CONTEXT_TITLES) if command.context == "global" else [command.context]
+        for key in command.keys:
+            for context in contexts:
+                assert (key, context) not in seen, f"{key!r} is bound to {seen[(key, context)]} and {name}"
+                seen[(key, context)] = name
+
+
+def test_every_theme_defines_every_style_and_every_state_has_a_tick():
+    for name, theme in THEMES.items():
+        assert set(REQUIRED_STYLES) <= set(theme), name
+    assert set(TICKS["unicode"]) == set(TICKS["ascii"])
+
+
+def test_the_help_screen_lists_every_command(live):
+    app, _, _ = live
+    app.press("f1")
+    screen = app.render_text((150, 60))
+    for command in KEYS.values():
+        assert command.help in screen
+    assert len(help_lines()) == len(KEYS)
+    app.press("esc")
+    assert "Help" not in app.render_text()
+
+
+# -- the screen -------------------------------------------------------------------------
+
+
+def test_status_line_shows_own_id_and_connection_state(live):
+    app, protocol, _ = live
+    assert f"you: {ME}" in app.render_text().splitlines()[0]
+    assert "connected" in app.render_text().splitlines()[0]
+    drop(protocol)
+    assert "reconnecting" in app.render_text().splitlines()[0]
+
+
+def test_conversation_list_has_unread_counts_and_newest_first(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.model.add_contact(CAROL, "Carol")
+    app.model.clock.advance(5)
+    protocol.dataReceived(incoming(BOB, ME, T0, "one") + incoming(BOB, ME, T0 + 1, "two"))
+    lines = app.render_text().splitlines()
+    assert lines[2].startswith("  Bob") and "(2)" in lines[2]
+    assert lines[3].startswith("  Carol")
+    app.press("meta down")
+    assert app.model.open_id == BOB
+    assert "(2)" not in app.render_text().splitlines()[2]
+
+
+def test_open_conversation_shows_time_sender_and_ticks_moving(live):
+    app, protocol, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    for ch in "hello":
+        app.press(ch)
+    app.press("enter")
+    assert sent_texts(transport) == ["hello"]
+    line = [x for x in app.render_text().splitlines() if "me: hello" in x][0]
+    assert line.rstrip().endswith("me: hello ✓")
+    protocol.dataReceived(wire.delivered(b(BOB), wire.timestamp(T0)))
+    assert "me: hello ✓✓" in app.render_text()
+    protocol.dataReceived(wire.seen_by(b(BOB), wire.timestamp(T0)))
+    assert "me: hello ✔✔" in app.render_text()
+    protocol.dataReceived(incoming(BOB, ME, T0 + 60, "hi back"))
+    assert "Bob: hi back" in app.render_text()
+
+
+def test_ascii_ticks_and_queued_while_offline(tmp_path):
+    model, clock = make_model(tmp_path)
+    app = App(model, None, ascii_only=True)
+    model.add_contact(BOB, "Bob")
+    app.press("meta down", "y", "o", "enter")
+    assert "me: yo (q)" in app.render_text()
+
+
+def test_group_conversation_shows_each_senders_name(live):
+    app, protocol, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.model.add_contact(CAROL, "Carol")
+    app.press("f3")
+    for ch in "Pals":
+        app.press(ch)
+    app.press("tab", " ", "down", " ", "enter")
+    found, _, _ = wire.split_frames(wire.CLIENT_FRAME_LEN, transport.value())
+    assert found == [wire.create_group(b(ME), wire.timestamp(T0), [b(BOB), b(CAROL)])]
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(ME), b(BOB), b(CAROL)]))
+    assert app.model.open_id == GROUP and "Pals" in app.render_text()
+    protocol.dataReceived(
+        incoming(BOB, GROUP, T0 + 1, "from bob") + incoming(CAROL, GROUP, T0 + 2, "from carol")
+    )
+    screen = app.render_text()
+    assert "Bob: from bob" in screen and "Carol: from carol" in screen
+
+
+def test_enter_sends_newline_keys_and_bracketed_paste_make_one_message(live):
+    app, _, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down", "a", "meta enter", "b", "ctrl n", "c", "enter")
+    assert sent_texts(transport) == ["a\nb\nc"]
+    app.press("begin paste", "x", "enter", "y", "enter", "end paste")
+    assert sent_texts(transport) == []
+    app.press("enter")
+    assert sent_texts(transport) == ["x\ny"]
+
+
+def test_question_mark_types_into_a_message_but_opens_help_on_an_empty_line(live):
+    app, _, _ = live
+    app.press("w", "h", "y", "?")
+    assert app.input.edit_text == "why?" and app.dialog is None
+    app.input.set_edit_text("")
+    app.press("?")
+    assert app.dialog is not None
+
+
+def test_bell_only_for_a_conversation_that_is_not_open(live, monkeypatch):
+    app, protocol, _ = live
+    rings = []
+    monkeypatch.setattr(app, "ring", lambda: rings.append(1))
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    protocol.dataReceived(incoming(BOB, ME, T0, "seen at once"))
+    assert rings == []
+    protocol.dataReceived(incoming(CAROL, ME, T0, "elsewhere"))
+    assert rings == [1]
+    app.bell = False
+    protocol.dataReceived(incoming(CAROL, ME, T0 + 1, "quiet"))
+    assert rings == [1]
+
+
+def test_server_errors_show_as_sentences(live):
+    app, protocol, _ = live
+    protocol.dataReceived(wire.error(wire.CREATE_GROUP, wire.UNKNOWN_USER))
+    assert "The group could not be created: there is no such user." in app.render_text()
+
+
+def test_add_contact_dialog(live):
+    app, _, _ = live
+    app.press("f2", *"0222", "enter")
+    assert "13 digits" not in app.render_text()
+    app.press(*"Bobby", "enter")
+    assert "An id is 13 digits" in app.render_text()
+    app.press("esc", "f2", *BOB, "enter", *"Bobby", "enter")
+    assert app.dialog is None and app.model.open_id == BOB
+    assert "Bobby" in app.render_text()
+
+
+def test_quit_asks_only_when_something_is_unsent(tmp_path):
+    model, clock = make_model(tmp_path)
+    app = App(model, None)
+    with pytest.raises(urwid.ExitMainLoop):
+        app.press("ctrl q")
+    model.add_contact(BOB, "Bob")
+    app.press("meta down", "x", "enter")
+    app.press("ctrl q")
+    assert "1 message has not reached the server yet" in app.render_text()
+    app.press("n")
+    assert app.dialog is None
+    app.press("f10")
+    with pytest.raises(urwid.ExitMainLoop):
+        app.press("y")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (40, 12), (200, 60), (20, 6)])
+def test_any_size_renders(live, size):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob with a rather long nickname indeed")
+    app.press("meta down", *"x" * 300, "enter")
+    protocol.dataReceived(incoming(BOB, ME, T0, "y" * 218))
+    lines = app.render_text(size).splitlines()
+    assert len(lines) == size[1]
+    app.press("f1")
+    assert len(app.render_text(size).splitlines()) == size[1]
+
+
+def test_options():
+    args = parse_args(
+        ["--server", "example.org:7000", "--profile", "work", "--no-bell", "--no-read-receipts"]
+    )
+    assert (args.server, args.profile, args.no_bell, args.no_read_receipts) == (
+        "example.org:7000",
+        "work",
+        True,
+        True,
+    )
+    assert parse_args([]).server == "tcp:localhost:7000"
