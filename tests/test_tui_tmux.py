@@ -1,0 +1,180 @@
+"""End to end in a real terminal: a real server, two terminal clients in tmux, a server restart.
+
+Every wait polls capture-pane against a deadline; nothing sleeps a fixed time
+hoping it is enough.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Server:
+    def __init__(self, port: int, db: Path, log: Path):
+        self.port, self.db, self.log = port, db, log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "twisted", "chat", "--port", f"tcp:{self.port}:interface=127.0.0.1"]
+                + ["--db", str(self.db)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for("the server to listen", self._listening)
+
+    def _listening(self) -> bool:
+        assert self.process.poll() is None, self.log.read_text()
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Tmux:
+    def __init__(self):
+        self.socket = f"chatproto-test-{uuid.uuid4().hex[:12]}"
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, "-f", "/dev/null", *args], check=True, capture_output=True, text=True
+        ).stdout
+
+    def start(self, name: str, command: str) -> None:
+        self.run("new-session", "-d", "-s", name, "-x", "80", "-y", "24", command)
+
+    def keys(self, name: str, *keys: str) -> None:
+        self.run("send-keys", "-t", name, *keys)
+
+    def type(self, name: str, text: str) -> None:
+        self.run("send-keys", "-t", name, "-l", text)
+
+    def screen(self, name: str) -> str:
+        return self.run("capture-pane", "-p", "-t", name)
+
+    def wait(self, name: str, pattern: str, timeout: float = 15.0) -> re.Match:
+        try:
+            return wait_for(pattern, lambda: re.search(pattern, self.screen(name)), timeout)
+        except AssertionError:
+            raise AssertionError(f"{pattern!r} never appeared on {name}:\n{self.screen(name)}") from None
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def world(tmp_path):
+    server = Server(free_port(), tmp_path / "server.sqlite3", tmp_path / "server.log")
+    tmux = Tmux()
+    try:
+        server.start()
+        yield server, tmux, tmp_path
+    finally:
+        tmux.kill()
+        server.stop()
+
+
+def client_command(server: Server, data_dir: Path, profile: str) -> str:
+    env = f"LANG=C.UTF-8 LC_ALL=C.UTF-8 PYTHONPATH={ROOT}:{ROOT / 'clients'}"
+    return (
+        f"env {env} {sys.executable} -m chatproto_tui --server 127.0.0.1:{server.port}"
+        f" --data-dir {data_dir} --profile {profile} --no-bell"
+    )
+
+
+def test_two_people_talk_ticks_tell_the_truth_and_a_server_restart_loses_nothing(world):
+    server, tmux, tmp = world
+    tmux.start("a", client_command(server, tmp, "alice"))
+    tmux.start("b", client_command(server, tmp, "bob"))
+    alice = tmux.wait("a", r"you: (\d{13})  ● connected").group(1)
+    bob = tmux.wait("b", r"you: (\d{13})  ● connected").group(1)
+    assert alice != bob
+    assert (tmp / "alice" / "identity.json").stat().st_mode & 0o777 == 0o600
+
+    # Alice adds Bob and writes; Bob's list shows an unread conversation from her id.
+    tmux.keys("a", "F2")
+    tmux.type("a", bob)
+    tmux.keys("a", "Enter")
+    tmux.type("a", "Bob")
+    tmux.keys("a", "Enter")
+    tmux.wait("a", r"Bob  \(id " + bob)
+    tmux.type("a", "hello bob")
+    tmux.keys("a", "Enter")
+    tmux.wait("b", alice + r" +\(1\)")
+    # Delivered (Bob's client acknowledged it), not yet read.
+    tmux.wait("a", r"me: hello bob ✓✓")
+    assert "✔✔" not in tmux.screen("a")
+
+    # Bob opens the conversation: he sees the text, and Alice sees it read.
+    tmux.keys("b", "M-Down")
+    tmux.wait("b", alice + ": hello bob")
+    tmux.wait("a", r"me: hello bob ✔✔")
+
+    # The server restarts: both clients say so, reconnect by themselves, and messages still flow.
+    server.stop()
+    tmux.wait("a", r"● reconnecting")
+    tmux.type("a", "while you were away")
+    tmux.keys("a", "Enter")
+    tmux.wait("a", r"me: while you were away ◷")
+    server.start()
+    tmux.wait("a", r"● connected")
+    tmux.wait("b", r"● connected")
+    tmux.wait("b", alice + ": while you were away")
+    tmux.wait("a", r"me: while you were away ✔✔")
+
+    tmux.type("b", "back at you")
+    tmux.keys("b", "Enter")
+    tmux.wait("a", r"Bob: back at you")
+
+    # Quitting with nothing unsent asks nothing, and history survives a restart of the client.
+    tmux.keys("b", "C-q")
+    wait_for("bob's client to exit", lambda: "b" not in tmux.run("list-sessions", "-F", "#S").split())
+    tmux.start("b", client_command(server, tmp, "bob"))
+    tmux.wait("b", r"● connected")
+    tmux.keys("b", "M-Down")
+    tmux.wait("b", alice + ": while you were away")
+    tmux.wait("b", r"me: back at you ✔✔")
