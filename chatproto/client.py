@@ -657,7 +657,7 @@ class ChatClientProtocol(Protocol):
             self._dispatch(frame)
         if status < 0 and self.phase != "closed":
             self.log.warn("unframeable bytes from the server: {head!r}", head=self._buffer[:8])
-            self.model.on_error(b"??", b"??")
+            self.model._emit("error", text="The server sent data this client cannot read, so it reconnects.")
             self.close()
 
     def close(self) -> None:
@@ -763,7 +763,7 @@ class ChatClient:
 
     def start(self) -> None:
         self._stopped = False
-        self.model.set_status(RECONNECTING, "connecting")
+        self.model.set_status(RECONNECTING)
         self.service.startService()
 
     def stop(self) -> Deferred:
@@ -806,7 +806,7 @@ class ChatClient:
         if self.protocol is protocol:
             self.protocol = None
         if not self._stopped:
-            self.model.set_status(RECONNECTING, "the connection was lost; retrying")
+            self.model.set_status(RECONNECTING)
             return
         if self.model.status != OFFLINE:
             self.model.set_status(OFFLINE)

@@ -419,3 +419,17 @@ def test_stopping_closes_the_connection_and_stops_retrying(tmp_path, logged_in):
     assert done == [None] and not client.service.running
     clock.advance(60)
     assert len(endpoint.connections) == 1 and model.status == OFFLINE
+
+
+def test_unframeable_bytes_from_the_server_close_the_connection_and_say_so(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    errors = []
+    client.model.listeners.append(lambda event, **data: event == "error" and errors.append(data["text"]))
+    protocol.dataReceived(wire.delivered(b(BOB), wire.timestamp(T0)) + b"99junk")
+    assert transport.disconnecting and errors == [
+        "The server sent data this client cannot read, so it reconnects."
+    ]
+    drop(protocol)
+    client.clock.advance(1.5)
+    assert len(endpoint.connections) == 2

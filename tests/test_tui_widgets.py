@@ -147,10 +147,10 @@ def test_enter_sends_newline_keys_and_bracketed_paste_make_one_message(live):
     app.model.add_contact(BOB, "Bob")
     app.press("meta down", "a", "meta enter", "b", "ctrl n", "c", "enter")
     assert sent_texts(transport) == ["a\nb\nc"]
-    app.press("begin paste", "x", "enter", "y", "enter", "end paste")
+    app.press("begin paste", "?", "x", "enter", "tab", "y", "enter", "end paste")
     assert sent_texts(transport) == []
     app.press("enter")
-    assert sent_texts(transport) == ["x\ny"]
+    assert sent_texts(transport) == ["?x\n\ty"]
 
 
 def test_question_mark_types_into_a_message_but_opens_help_on_an_empty_line(live):

@@ -290,9 +290,15 @@ class App:
         if key == "end paste":
             self.pasting = False
             return True
-        if self.pasting and key == "enter" and self.dialog is None:
+        if self.pasting and self.dialog is None:
+            # Everything pasted is text for the message: no key inside a paste is a command.
             self._focus_input()
-            self.input.insert_text("\n")
+            if key == "enter":
+                self.input.insert_text("\n")
+            elif key == "tab":
+                self.input.insert_text("\t")
+            elif isinstance(key, str) and len(key) == 1:
+                self.input.insert_text(key)
             return True
         if self.dialog is not None:
             return False
