@@ -178,3 +178,43 @@ def test_two_people_talk_ticks_tell_the_truth_and_a_server_restart_loses_nothing
     tmux.keys("b", "M-Down")
     tmux.wait("b", alice + ": while you were away")
     tmux.wait("b", r"me: back at you ✔✔")
+
+
+def test_three_people_make_a_group_and_group_ticks_wait_for_everyone(world):
+    server, tmux, tmp = world
+    ids = {}
+    for name in ("a", "b", "c"):
+        tmux.start(name, client_command(server, tmp, name))
+    for name in ("a", "b", "c"):
+        ids[name] = tmux.wait(name, r"you: (\d{13})  ● connected").group(1)
+    for who, nick in (("b", "Bob"), ("c", "Carol")):
+        tmux.keys("a", "F2")
+        tmux.type("a", ids[who])
+        tmux.keys("a", "Enter")
+        tmux.type("a", nick)
+        tmux.keys("a", "Enter")
+        tmux.wait("a", rf"{nick}  \(id ")
+    tmux.keys("a", "F3")
+    tmux.wait("a", r"Members")
+    tmux.type("a", "Trio")
+    tmux.keys("a", "Tab", "Space", "Down", "Space", "Enter")
+    tmux.wait("a", r"Trio  \(group 1\d{12}\)")
+    tmux.type("a", "hi all")
+    tmux.keys("a", "Enter")
+    for name in ("b", "c"):
+        tmux.wait(name, r"group: .* \(1\)")
+    tmux.wait("a", r"me: hi all ✓✓")
+
+    tmux.keys("b", "M-Down")
+    tmux.wait("b", ids["a"] + ": hi all")
+    # Only one of two readers has opened it: not read yet.
+    time.sleep(0.3)
+    assert "me: hi all ✓✓" in tmux.screen("a") and "✔✔" not in tmux.screen("a")
+    tmux.keys("c", "M-Down")
+    tmux.wait("c", ids["a"] + ": hi all")
+    tmux.wait("a", r"me: hi all ✔✔")
+
+    tmux.type("c", "hey")
+    tmux.keys("c", "Enter")
+    tmux.wait("a", r"Carol: hey")
+    tmux.wait("b", ids["c"] + ": hey")
