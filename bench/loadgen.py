@@ -346,7 +346,7 @@ def self_talk(pairs: int, messages: int, frame_len: int = 256, timeout: float = 
     socks = []
     try:
         per = messages // pairs
-        block, repeat = block_of(lambda seq: b"05" + b"x" * (frame_len - 2), per)
+        block, repeat = block_of(lambda seq: b"05" + b"%0*d" % (frame_len - 2, seq), per, 1024)
         for _ in range(pairs):
             s = dial(port, 1)[0]
             r, _ = lst.accept()
