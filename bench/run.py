@@ -35,7 +35,7 @@ GEN_CORE = 1
 
 #: Messages per throughput run, by system: enough for a run of about a second or more.
 FULL = {
-    "throughput": {"chatproto": 60_000, "mosquitto": 300_000, "ngircd": 1_500_000, "relay": 6_000_000},
+    "throughput": {"chatproto": 100_000, "mosquitto": 300_000, "ngircd": 1_500_000, "relay": 6_000_000},
     "fanout": {"chatproto": 6_000, "mosquitto": 30_000, "ngircd": 60_000, "relay": 200_000},
     "pairs": [1, 10, 100],
     "rates": [2_000, 10_000],
@@ -401,7 +401,9 @@ def render(data: dict, names: list[str]) -> str:
         f"process, epoll) to core {GEN_CORE} (`taskset`). Each figure is the median of {cfg['repeats']} "
         "run(s), each against a freshly started server. Messages carry 218 bytes of text on every "
         "system (our 05/06 frame: 256 bytes). "
-        "chatproto records every message in its default SQLite store (WAL, group commit); mosquitto runs "
+        "chatproto (`python -m twisted chat --max-frame-rate 0`: its per-connection flood limit off, as "
+        "ngircd's penalties are) records every message in its default SQLite store (WAL, group commit) "
+        "on the root file system (ext4, not tmpfs); mosquitto runs "
         "without persistence, ngircd stores nothing, the relay neither parses nor stores."
     )
     out.append("")
