@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from loadgen import Stream, block_of, pump
-from systems import Chat
+from systems import Chat, export_tree
 
 BENCH = Path(__file__).resolve().parent
 
@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--messages", type=int, default=300_000)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--ref", default="HEAD", help="git ref of the chatproto code, or 'worktree'")
     ap.add_argument("--output", default=str(BENCH / "profile.txt"))
     args = ap.parse_args(argv)
     spy = shutil.which("py-spy")
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     os.sched_setaffinity(0, {1})
     with tempfile.TemporaryDirectory(prefix="chatprofile-") as tmp:
         work = Path(tmp)
+        Chat.source, code = export_tree(args.ref, work / "src")
         chat = Chat(work, 0)
         chat.start()
         try:
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
     header = (
         "chatproto under the throughput workload, profiled with py-spy "
         f"(`python bench/profile.py --pairs {args.pairs} --messages {args.messages}`).\n"
-        f"{args.pairs} pairs, {per * args.pairs:,} messages, {rate:,.0f} msg/s while sampled"
+        f"Server code: {code}. {args.pairs} pairs, {per * args.pairs:,} messages, "
+        f"{rate:,.0f} msg/s while sampled"
         f"{' (UNFINISHED)' if unfinished else ''}; "
         f"{args.rate} samples/s, idle samples left out. Under 'all threads', a thread waiting for\n"
         "the GIL is sampled where it waits; under 'GIL holder' only the thread running Python is.\n"

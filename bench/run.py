@@ -17,6 +17,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import loadgen
 from loadgen import BenchError, Stream, block_of, close_all, pump, settle
-from systems import LINES, SYSTEMS, System
+from systems import LINES, SYSTEMS, Chat, System, export_tree
 
 BENCH = Path(__file__).resolve().parent
 SERVER_CORE = 0
@@ -275,6 +276,11 @@ def main(argv=None) -> int:
         "--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ",".join(WORKLOADS)
     )
     ap.add_argument("--repeats", type=int, help="runs per figure (median); default 3, or 1 with --quick")
+    ap.add_argument(
+        "--ref",
+        default="HEAD",
+        help="git ref of the chatproto code to measure (exported to a temp dir), or 'worktree'",
+    )
     ap.add_argument("--output", default=str(BENCH / "results.md"))
     ap.add_argument("--json", default=str(BENCH / "results.json"))
     args = ap.parse_args(argv)
@@ -293,8 +299,11 @@ def main(argv=None) -> int:
     began = time.time()
     data: dict = {"machine": machine(), "config": cfg, "command": _command(argv), "results": {}}
     res = data["results"]
+    signal.signal(signal.SIGTERM, _terminate)
     with tempfile.TemporaryDirectory(prefix="chatbench-") as tmp:
         workroot = Path(tmp)
+        Chat.source, data["server_code"] = export_tree(args.ref, workroot / "src")
+        log(f"chatproto from {data['server_code']}")
         if "selftalk" in workloads:
             res["selftalk"] = {}
             for p in cfg["pairs"]:
@@ -326,6 +335,10 @@ def main(argv=None) -> int:
     Path(args.output).write_text(render(data, [c.name for c in systems]))
     log(f"wrote {args.output} in {data['seconds']:.0f} s")
     return 0
+
+
+def _terminate(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")
 
 
 def _selftalk_latency(cfg) -> dict:
@@ -395,6 +408,9 @@ def render(data: dict, names: list[str]) -> str:
         f"Machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}; Python {m['python']}, "
         f"Twisted {m['twisted']}; mosquitto {m['mosquitto']}, ngircd {m['ngircd']}."
     )
+    out.append("")
+    code = data.get("server_code", "?")
+    out.append(f"chatproto measured: {code} (exported, so edits made during the run do not count).")
     out.append("")
     out.append(
         f"Every server pinned to core {SERVER_CORE}, the load generator (`bench/loadgen.py`, one "

@@ -48,7 +48,7 @@ def text(i: int) -> bytes:
 class Server:
     """A server process pinned to ``core`` with taskset, its output in a log file."""
 
-    def __init__(self, argv, port, workdir: Path, core: int, env=None):
+    def __init__(self, argv, port, workdir: Path, core: int, env=None, cwd=REPO):
         self.port = port
         self.log_path = workdir / "server.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -56,7 +56,7 @@ class Server:
             ["taskset", "-c", str(core), *argv],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd,
             env=env,
         )
         self.pid = self.proc.pid
@@ -140,11 +140,33 @@ class System:
 # -- ours ------------------------------------------------------------------
 
 
+def export_tree(ref: str, into: Path) -> tuple[Path, str]:
+    """The server's code at git ``ref``, exported to ``into``: what we measure stays put.
+
+    Other people edit the working tree while a run goes on; a half-written file
+    must not become a figure. ``ref`` "worktree" measures the working tree as is.
+    Returns (source root, description).
+    """
+    if ref == "worktree":
+        return REPO, "the working tree"
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "chatproto", "twisted"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into, f"commit {commit}"
+
+
 class Chat(System):
     name = "chatproto"
     label = "chatproto (SQLite)"
     rx = 256
     ack = 25
+    #: Where the server's code is run from (see export_tree); set by run.py.
+    source = REPO
 
     def __init__(self, workdir, core, python=sys.executable, extra_env=None):
         super().__init__(workdir, core)
@@ -172,7 +194,7 @@ class Chat(System):
             "--max-frame-rate",
             "0",
         ]
-        return Server(argv, self.port, self.workdir, self.core, env=env)
+        return Server(argv, self.port, self.workdir, self.core, env=env, cwd=self.source)
 
     def register(self, n: int) -> list[bytes]:
         """n accounts over one connection (pipelined 01s), closed afterwards."""
