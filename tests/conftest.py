@@ -1,0 +1,52 @@
+"""Fixtures: a hub on fake transports over each store, and a guard against
+errors that Twisted would only log."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from .helpers import Net
+
+
+@pytest.fixture
+def no_logged_failures():
+    """An exception the server only logs is still a bug: fail the test that caused it."""
+    failures = []
+
+    def observer(event):
+        if "log_failure" in event:
+            failures.append(event["log_failure"])
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield
+        gc.collect()  # unhandled errors in Deferreds are logged when collected
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not failures, "logged failures:\n" + "\n".join(f.getTraceback() for f in failures)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def net(request, tmp_path):
+    """The server's hub over each store: MemoryStore, and SQLite with its thread driven by the test."""
+    n = Net(request.param, str(tmp_path / "chat.sqlite3"))
+    yield n
+    n.shutdown()
+
+
+@pytest.fixture
+def make_net(tmp_path):
+    """Build a Net with options (require_secrets, a store kind); shut down after the test."""
+    made = []
+
+    def make(kind="memory", **kwargs):
+        n = Net(kind, str(tmp_path / f"chat{len(made)}.sqlite3"), **kwargs)
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.shutdown()
