@@ -135,12 +135,15 @@ class Hub:
         self.log.info("registered {user}", user=user.decode())
 
     def login(self, session: Session, user: bytes, secret: bytes | None, code: bytes) -> None:
+        if secret is None and self.require_secrets:
+            session.error(code, wire.SECRET_REQUIRED)
+            return
         if user not in self.users:
             session.error(code, wire.UNKNOWN_USER)
             return
         stored = self.users[user]
         if secret is None:
-            refused = stored is not None or self.require_secrets
+            refused = stored is not None
         else:
             refused = stored is None or not hmac.compare_digest(hash_secret(secret), stored)
         if refused:
@@ -280,7 +283,7 @@ class Hub:
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src``; ``frame`` is the 06 to deliver."""
         if dst in self.users:
-            recipients = (dst,)
+            recipients = [dst]
         else:
             members = self.groups.get(dst)
             if members is None:
@@ -290,50 +293,29 @@ class Hub:
                 session.error(wire.SEND, wire.NOT_A_MEMBER)
                 return
             recipients = [m for m in members if m != src]
-        now = []
-        held = []
-        for user in recipients:
-            target = self.sessions.get(user)
-            if target is not None and target.ready and not (target.secret_session or target.congested):
-                now.append((user, target))
-            else:
-                held.append(user)
         d = self.store.record_message(
-            src.decode(),
-            dst.decode(),
-            int(ts),
-            text,
-            [u.decode() for u in held],
-            [u.decode() for u, _ in now],
+            src.decode(), dst.decode(), int(ts), text, [user.decode() for user in recipients]
         )
-        d.addCallback(self._recorded, src, dst, ts, frame, now, held)
+        d.addCallback(self._recorded, src, dst, ts, frame, recipients)
 
-    def _recorded(self, recorded, src, dst, ts, frame, now, held) -> None:
-        if recorded.status == DUPLICATE_DELIVERED:
-            self._notify(src, wire.delivered(dst, ts), HELD_DELIVERED, "", dst.decode(), int(ts))
-            return
+    def _recorded(self, recorded, src, dst, ts, frame, recipients) -> None:
+        """Committed: offer it to each recipient; each hold ends once it is written."""
         if recorded.status == DUPLICATE_PENDING:
             return
-        msg_id = recorded.msg_id
-        missed = []
-        for user, target in now:
-            if self.sessions.get(user) is target and target.ready and not target.congested:
-                target.emit(frame)
-            else:
-                missed.append(user)
-        for user in held:
-            self._offer(user, frame, msg_id)
-        for user in missed:
-            # Between our decision and the commit it went away, fell behind
-            # or began a flush: hold it again, the flush or next login sends it.
-            self.store.requeue(user.decode(), msg_id).addCallback(
-                lambda _, user=user: self._offer(user, frame, msg_id)
-            )
-        if recorded.complete and not missed:
+        if recorded.complete:
+            # Delivered before (a resend), or a group with no one else in it.
             self._notify(src, wire.delivered(dst, ts), HELD_DELIVERED, "", dst.decode(), int(ts))
+            if recorded.status == DUPLICATE_DELIVERED:
+                return
+        for user in recipients:
+            self._offer(user, frame, recorded.msg_id)
 
     def _offer(self, user: bytes, frame: bytes, msg_id: int) -> None:
-        """A held message, committed: send it now if its recipient is online."""
+        """A held message, committed: send it now if its recipient can take it.
+
+        For a 03 session the hold ends once it is written (the 07 follows that
+        commit); for a 15 session, when the 16 comes.
+        """
         session = self.sessions.get(user)
         if session is None:
             return

@@ -74,19 +74,21 @@ class IChatStore(Interface):
     def add_group(group_id, ts, members, hold_for):
         """Deferred[None]: a new group, with an 11 held for each of ``hold_for``."""
 
-    def record_message(src, dst, ts, text, held, delivered):
-        """Deferred[Recorded]: store a message unless it is already stored.
+    def record_message(src, dst, ts, text, recipients):
+        """Deferred[Recorded]: store a message, held for each recipient, unless stored already.
 
-        ``held`` are recipients it waits for (an inbox item each);
-        ``delivered`` are recipients it reached already. A message that
-        repeats a stored one (same src, dst, ts and text) changes nothing.
+        A message that repeats a stored one (same src, dst, ts and text)
+        changes nothing. A recipient's hold ends with mark_delivered or
+        acknowledge, so a message written to a connection just before a
+        crash is still held after it.
         """
 
-    def requeue(user_id, msg_id):
-        """Deferred[None]: a recipient counted as reached did not get it after all."""
-
     def mark_delivered(user_id, msg_ids):
-        """Deferred[list[Completed]]: these messages reached user_id."""
+        """Deferred[list[Completed]]: these messages reached user_id.
+
+        Each message's sender is owed a 07 once, when its last recipient is
+        marked; marking a message twice completes nothing.
+        """
 
     def acknowledge(user_id, src, dst, ts):
         """Deferred[list[Completed]]: user_id acknowledged (16) the message src→dst at ts."""

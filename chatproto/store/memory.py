@@ -73,24 +73,18 @@ class MemoryStore:
         seq = next(self._ids)
         self._inboxes.setdefault(user_id, {})[seq] = InboxItem(seq, code, src, dst, ts, text, msg_id)
 
-    def record_message(self, src, dst, ts, text, held, delivered):
+    def record_message(self, src, dst, ts, text, recipients):
         key = (src, dst, ts, text)
         known = self._by_key.get(key)
         if known is not None:
             status = DUPLICATE_DELIVERED if known.remaining == 0 else DUPLICATE_PENDING
             return succeed(Recorded(known.id, status, known.remaining == 0))
-        msg = _Message(next(self._ids), src, dst, ts, text, len(held))
+        msg = _Message(next(self._ids), src, dst, ts, text, len(recipients))
         self.messages[msg.id] = msg
         self._by_key[key] = msg
-        for user_id in held:
+        for user_id in recipients:
             self._put(user_id, HELD_MESSAGE, src, dst, ts, text, msg.id)
         return succeed(Recorded(msg.id, NEW, msg.remaining == 0))
-
-    def requeue(self, user_id, msg_id):
-        msg = self.messages[msg_id]
-        msg.remaining += 1
-        self._put(user_id, HELD_MESSAGE, msg.src, msg.dst, msg.ts, msg.text, msg.id)
-        return succeed(None)
 
     def _deliver(self, user_id, msg_ids):
         inbox = self._inboxes.get(user_id, {})

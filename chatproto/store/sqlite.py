@@ -44,6 +44,21 @@ class DatabaseTooNew(Exception):
     """The database was written by a newer chatproto than this one."""
 
 
+def _connection_setup(conn: sqlite3.Connection) -> None:
+    """The server's own connection counts deliveries down in SQL, not Python."""
+    conn.executescript(
+        """
+        CREATE TEMP TABLE completed (msg_id INTEGER NOT NULL);
+        CREATE TEMP TRIGGER delivered AFTER DELETE ON main.inbox WHEN old.code = 6
+        BEGIN
+            UPDATE messages SET remaining = remaining - 1 WHERE id = old.msg_id;
+            INSERT INTO completed (msg_id)
+                SELECT old.msg_id WHERE (SELECT remaining FROM messages WHERE id = old.msg_id) = 0;
+        END;
+        """
+    )
+
+
 def connect(path: str) -> sqlite3.Connection:
     """Open ``path`` with the settings every user of the database needs."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -86,6 +101,7 @@ class SQLiteStore:
         self._reactor = reactor
         self._conn = connect(path)
         ensure_schema(self._conn)
+        _connection_setup(self._conn)
         (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         self._next_msg_id = last + 1
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-sqlite")
@@ -184,11 +200,8 @@ class SQLiteStore:
     def add_group(self, group_id, ts, members, hold_for):
         return self._submit(_add_group, group_id, ts, members, hold_for)
 
-    def record_message(self, src, dst, ts, text, held, delivered):
-        return self._submit(_record_messages, src, dst, ts, text, held, delivered)
-
-    def requeue(self, user_id, msg_id):
-        return self._submit(_requeue, user_id, msg_id)
+    def record_message(self, src, dst, ts, text, recipients):
+        return self._submit(_record_messages, src, dst, ts, text, recipients)
 
     def mark_delivered(self, user_id, msg_ids):
         return self._submit(_mark_delivered, user_id, msg_ids)
@@ -282,12 +295,12 @@ def _record_messages(store, cur, items):
     store._next_msg_id += len(items)
     cur.executemany(
         "INSERT OR IGNORE INTO messages (id, src, dst, ts, body, remaining) VALUES (?, ?, ?, ?, ?, ?)",
-        [(first + i, src, dst, ts, text, len(held)) for i, (src, dst, ts, text, held, _) in enumerate(items)],
+        [(first + i, src, dst, ts, text, len(held)) for i, (src, dst, ts, text, held) in enumerate(items)],
     )
     all_new = cur.rowcount == len(items)
     results = []
     inbox = []
-    for i, (src, dst, ts, text, held, _) in enumerate(items):
+    for i, (src, dst, ts, text, held) in enumerate(items):
         msg_id = first + i
         if not all_new:
             known_id, remaining = cur.execute(
@@ -310,31 +323,27 @@ def _record_messages(store, cur, items):
 _record_messages.bulk = True
 
 
-def _requeue(cur, user_id, msg_id):
-    cur.execute("UPDATE messages SET remaining = remaining + 1 WHERE id = ?", (msg_id,))
-    cur.execute(
-        "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) "
-        "SELECT ?, ?, id, src, dst, ts FROM messages WHERE id = ?",
-        (user_id, HELD_MESSAGE, msg_id),
+def _mark_delivered(store, cur, items):
+    """End the holds of a run of (user, msg_ids): one DELETE for all.
+
+    The trigger made in ``_connection_setup`` counts each message's remaining
+    recipients down and notes the ones that reach zero, so a message marked
+    twice is completed once.
+    """
+    cur.executemany(
+        "DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6",
+        [(msg_id, user_id) for user_id, msg_ids in items for msg_id in msg_ids],
     )
+    done = [Completed(*row) for row in cur.execute(_TAKE_COMPLETED)]
+    cur.execute("DELETE FROM temp.completed")
+    return [done] + [[] for _ in items[1:]]
 
 
-def _mark_delivered(cur, user_id, msg_ids):
-    done = []
-    for msg_id in msg_ids:
-        cur.execute(
-            "DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = ?",
-            (msg_id, user_id, HELD_MESSAGE),
-        )
-        if cur.rowcount <= 0:
-            continue
-        row = cur.execute(
-            "UPDATE messages SET remaining = remaining - ? WHERE id = ? RETURNING src, dst, ts, remaining",
-            (cur.rowcount, msg_id),
-        ).fetchone()
-        if row[3] == 0:
-            done.append(Completed(row[0], row[1], row[2]))
-    return done
+_mark_delivered.bulk = True
+
+_TAKE_COMPLETED = (
+    "SELECT m.src, m.dst, m.ts FROM temp.completed c JOIN messages m ON m.id = c.msg_id ORDER BY c.rowid"
+)
 
 
 def _acknowledge(cur, user_id, src, dst, ts):
@@ -344,7 +353,7 @@ def _acknowledge(cur, user_id, src, dst, ts):
             "SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", (src, dst, ts)
         ).fetchall()
     ]
-    return _mark_delivered(cur, user_id, ids)
+    return _mark_delivered(None, cur, [(user_id, ids)])[0]
 
 
 def _hold(cur, user_id, code, src, dst, ts):
