@@ -339,3 +339,21 @@ class Conn:
         self.lost = True
         self.proto.connectionLost(Failure(ConnectionDone()))
         self.net.settle()
+
+
+def wait(reactor: ThreadedClock, d, limit: float = 10.0):
+    """The result of ``d``, running the fake reactor and the database thread until it fires."""
+    box = []
+    d.addBoth(box.append)
+    while not box:
+        reactor.advance(0)
+        if box:
+            break
+        try:
+            f, args, kwargs = reactor.from_threads.get(timeout=limit)
+        except queue.Empty:
+            raise AssertionError("the store never answered") from None
+        f(*args, **kwargs)
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]

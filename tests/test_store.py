@@ -1,0 +1,277 @@
+"""One set of store cases, run against every backend (MemoryStore, SQLiteStore).
+
+The SQLite store runs on its real database thread; a fake reactor hands its
+answers back to the test, so no real reactor and no sleeping is needed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from chatproto.store import (
+    DUPLICATE_DELIVERED,
+    DUPLICATE_PENDING,
+    HELD_ADDED,
+    HELD_DELIVERED,
+    HELD_MESSAGE,
+    HELD_SEEN,
+    NEW,
+    Completed,
+    IChatStore,
+)
+from chatproto.store.memory import MemoryStore
+from chatproto.store.sqlite import DatabaseTooNew, SQLiteStore
+
+from .helpers import ThreadedClock, wait
+
+pytestmark = pytest.mark.usefixtures("no_logged_failures")
+
+A, B, C = "0000000000001", "0000000000002", "0000000000003"
+G = "1000000000001"
+
+
+class Backend:
+    """A store and a way to get its answers; ``reopen`` is a restart for a file."""
+
+    def __init__(self, kind, path):
+        self.kind = kind
+        self.path = path
+        self.reactor = ThreadedClock()
+        self.store = self._open()
+
+    def _open(self):
+        return MemoryStore() if self.kind == "memory" else SQLiteStore(self.path, self.reactor)
+
+    def run(self, d):
+        return wait(self.reactor, d)
+
+    def __getattr__(self, name):
+        """``backend.inbox(B)`` calls the store and waits for the answer."""
+        method = getattr(self.store, name)
+        return lambda *args: self.run(method(*args))
+
+    def reopen(self):
+        self.close()
+        self.store = self._open()
+
+    def close(self):
+        if self.store is not None:
+            self.run(self.store.close())
+            self.store = None
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def backend(request, tmp_path):
+    b = Backend(request.param, str(tmp_path / "store.sqlite3"))
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def sqlite_backend(tmp_path):
+    b = Backend("sqlite", str(tmp_path / "store.sqlite3"))
+    yield b
+    b.close()
+
+
+def test_backend_provides_the_interface(backend):
+    assert verifyObject(IChatStore, backend.store)
+
+
+def test_users_are_loaded_with_their_secret_hash(backend):
+    backend.add_user(A, None)
+    backend.add_user(B, "ab" * 32)
+    assert backend.load().users == {A: None, B: "ab" * 32}
+
+
+def test_a_message_is_held_for_its_recipient_until_delivered(backend):
+    recorded = backend.record_message(A, B, 100, "héllo".encode(), [B])
+    assert recorded.status == NEW and not recorded.complete
+    (item,) = backend.inbox(B)
+    assert (item.code, item.src, item.dst, item.ts, item.text) == (HELD_MESSAGE, A, B, 100, "héllo".encode())
+    assert item.msg_id == recorded.msg_id
+    assert backend.inbox(A) == []
+    assert backend.mark_delivered(B, [recorded.msg_id]) == [Completed(A, B, 100)]
+    assert backend.inbox(B) == []
+
+
+def test_the_last_recipient_completes_a_message_once(backend):
+    recorded = backend.record_message(A, G, 100, b"all", [B, C])
+    assert backend.mark_delivered(B, [recorded.msg_id]) == []
+    assert backend.mark_delivered(C, [recorded.msg_id]) == [Completed(A, G, 100)]
+    assert backend.mark_delivered(C, [recorded.msg_id]) == [], "a second mark owes no second 07"
+    assert backend.mark_delivered(B, [recorded.msg_id]) == []
+
+
+def test_a_repeat_is_recognised_while_pending_and_once_delivered(backend):
+    first = backend.record_message(A, B, 100, b"hi", [B])
+    again = backend.record_message(A, B, 100, b"hi", [B])
+    assert (again.msg_id, again.status, again.complete) == (first.msg_id, DUPLICATE_PENDING, False)
+    assert len(backend.inbox(B)) == 1, "a repeat is not queued twice"
+    backend.mark_delivered(B, [first.msg_id])
+    late = backend.record_message(A, B, 100, b"hi", [B])
+    assert (late.status, late.complete) == (DUPLICATE_DELIVERED, True)
+    assert backend.inbox(B) == []
+
+
+def test_same_timestamp_with_other_text_is_a_new_message(backend):
+    first = backend.record_message(A, B, 100, b"one", [B])
+    second = backend.record_message(A, B, 100, b"two", [B])
+    assert second.status == NEW and second.msg_id != first.msg_id
+    assert [i.text for i in backend.inbox(B)] == [b"one", b"two"]
+
+
+def test_a_message_with_no_one_to_reach_is_complete_at_once(backend):
+    recorded = backend.record_message(A, G, 100, b"alone", [])
+    assert recorded.status == NEW and recorded.complete
+
+
+def test_acknowledge_names_the_message_by_src_dst_and_timestamp(backend):
+    backend.record_message(A, B, 100, b"one", [B])
+    backend.record_message(A, B, 200, b"two", [B])
+    assert backend.acknowledge(B, A, B, 300) == []
+    assert backend.acknowledge(C, A, B, 100) == [], "only the recipient can acknowledge"
+    assert backend.acknowledge(B, A, B, 100) == [Completed(A, B, 100)]
+    assert [i.ts for i in backend.inbox(B)] == [200]
+
+
+def test_the_inbox_keeps_the_order_things_were_queued_in(backend):
+    backend.record_message(A, B, 100, b"m1", [B])
+    backend.hold(B, HELD_DELIVERED, "", C, 90)
+    backend.hold(B, HELD_SEEN, C, "", 95)
+    backend.add_group(G, 110, [A, B], [B])
+    backend.record_message(A, B, 120, b"m2", [B])
+    items = backend.inbox(B)
+    assert [i.code for i in items] == [HELD_MESSAGE, HELD_DELIVERED, HELD_SEEN, HELD_ADDED, HELD_MESSAGE]
+    assert [(i.src, i.dst, i.ts) for i in items] == [
+        (A, B, 100),
+        ("", C, 90),
+        (C, "", 95),
+        ("", G, 110),
+        (A, B, 120),
+    ]
+    assert [i.seq for i in items] == sorted(i.seq for i in items)
+
+
+def test_drop_forgets_sent_notices_but_never_a_message(backend):
+    backend.record_message(A, B, 100, b"m1", [B])
+    backend.hold(B, HELD_DELIVERED, "", C, 90)
+    backend.hold(B, HELD_SEEN, C, "", 95)
+    backend.drop(B, [i.seq for i in backend.inbox(B)])
+    assert [i.code for i in backend.inbox(B)] == [HELD_MESSAGE]
+
+
+def test_drop_only_touches_its_own_users_inbox(backend):
+    backend.hold(B, HELD_SEEN, C, "", 95)
+    backend.hold(C, HELD_SEEN, B, "", 96)
+    backend.drop(C, [i.seq for i in backend.inbox(B)])
+    assert len(backend.inbox(B)) == 1
+
+
+def test_holds_belong_to_one_user(backend):
+    backend.record_message(A, B, 100, b"for b", [B])
+    backend.hold(C, HELD_SEEN, A, "", 5)
+    assert [i.text for i in backend.inbox(B)] == [b"for b"]
+    assert [i.code for i in backend.inbox(C)] == [HELD_SEEN]
+    assert backend.inbox(A) == []
+
+
+def test_groups_read_marks_and_low_marks_are_loaded(backend):
+    backend.add_group(G, 110, [C, A, B], [])
+    backend.set_read_mark(G, A, 300)
+    backend.set_read_mark(G, B, 200)
+    backend.set_low_mark(G, 150)
+    snapshot = backend.load()
+    assert snapshot.groups == {G: [C, A, B]}, "members keep their order, creator first"
+    assert snapshot.read_marks[G] == {A: 300, B: 200}
+    assert snapshot.low_marks == {G: 150}
+
+
+def test_group_messages_since_lists_later_messages_by_time(backend):
+    backend.add_group(G, 1, [A, B, C], [])
+    backend.record_message(B, G, 300, b"late", [A, C])
+    backend.record_message(A, G, 100, b"early", [B, C])
+    backend.record_message(C, G, 200, b"middle", [A, B])
+    backend.record_message(A, B, 250, b"not the group", [B])
+    assert backend.group_messages_since(G, 100) == [(C, 200), (B, 300)]
+    assert [tuple(r) for r in backend.group_messages_since(G, 0)] == [(A, 100), (C, 200), (B, 300)]
+
+
+def test_text_is_kept_byte_for_byte(backend):
+    text = ("é" * 108 + "ab").encode()
+    assert len(text) == 218
+    backend.record_message(A, B, 1, text, [B])
+    assert backend.inbox(B)[0].text == text
+
+
+def test_deliveries_submitted_together_each_answer_for_their_own_messages(backend):
+    """Group commit may batch calls, but each Deferred names only its own completions."""
+    m1 = backend.record_message(A, B, 1, b"to b", [B]).msg_id
+    m2 = backend.record_message(A, C, 2, b"to c", [C]).msg_id
+    first = backend.store.mark_delivered(B, [m1])
+    second = backend.store.mark_delivered(C, [m2])
+    assert backend.run(first) == [Completed(A, B, 1)]
+    assert backend.run(second) == [Completed(A, C, 2)]
+
+
+def test_operations_submitted_together_all_commit(backend):
+    ds = [backend.store.record_message(A, B, ts, b"burst", [B]) for ts in range(1, 51)]
+    ids = [backend.run(d).msg_id for d in ds]
+    assert len(set(ids)) == 50
+    assert [i.ts for i in backend.inbox(B)] == list(range(1, 51))
+
+
+# -- SQLite: a restart is a close and a reopen of the same file ---------------------------
+
+
+def test_restart_keeps_users_messages_notices_and_groups(sqlite_backend):
+    s = sqlite_backend
+    s.add_user(A, None)
+    s.add_user(B, "cd" * 32)
+    s.add_user(C, None)
+    pending = s.record_message(A, B, 100, b"queued", [B])
+    done = s.record_message(A, C, 101, b"delivered", [C])
+    s.mark_delivered(C, [done.msg_id])
+    s.hold(A, HELD_DELIVERED, "", C, 101)
+    s.add_group(G, 110, [A, B, C], [B])
+    s.set_read_mark(G, C, 100)
+    s.set_low_mark(G, 50)
+    s.reopen()
+    snapshot = s.load()
+    assert snapshot.users == {A: None, B: "cd" * 32, C: None}
+    assert snapshot.groups == {G: [A, B, C]}
+    assert snapshot.read_marks[G] == {C: 100}
+    assert snapshot.low_marks == {G: 50}
+    assert [(i.code, i.ts, i.text) for i in s.inbox(B)] == [
+        (HELD_MESSAGE, 100, b"queued"),
+        (HELD_ADDED, 110, None),
+    ]
+    assert [(i.code, i.dst, i.ts) for i in s.inbox(A)] == [(HELD_DELIVERED, C, 101)]
+    assert s.record_message(A, C, 101, b"delivered", [C]).status == DUPLICATE_DELIVERED
+    assert s.record_message(A, B, 100, b"queued", [B]).status == DUPLICATE_PENDING
+    newer = s.record_message(A, B, 102, b"after the restart", [B])
+    assert newer.status == NEW and newer.msg_id != pending.msg_id
+    assert s.mark_delivered(B, [pending.msg_id]) == [Completed(A, B, 100)]
+    assert [i.text for i in s.inbox(B) if i.code == HELD_MESSAGE] == [b"after the restart"]
+
+
+def test_a_database_from_a_newer_server_is_refused(sqlite_backend):
+    s = sqlite_backend
+    s.add_user(A, None)
+    s.close()
+    with sqlite3.connect(s.path) as conn:
+        conn.execute("UPDATE schema_version SET version = version + 1")
+    conn.close()
+    with pytest.raises(DatabaseTooNew):
+        SQLiteStore(s.path, ThreadedClock())
+
+
+def test_the_database_is_in_wal_mode(sqlite_backend):
+    """WAL with synchronous=NORMAL is what survives a kill -9 without an fsync per commit."""
+    sqlite_backend.add_user(A, None)
+    with sqlite3.connect(sqlite_backend.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
