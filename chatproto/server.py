@@ -13,7 +13,9 @@ from . import wire
 from .hub import Hub
 
 _MEMBER_AT = wire.GROUP_HEADER_LEN
-_NO_FRAME = b"00"  # REF of an error that answers no frame (a refused connection)
+_NO_FRAME = b"00"
+#: Store operations waiting past which clients are read no further for now.
+_STORE_BACKLOG = 4000  # REF of an error that answers no frame (a refused connection)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ChatProtocol(Protocol):
         self._buffer = b""
         self._closing = False
         self.paused = False
+        self._throttled = False
         self._backlog = 0
         self._tokens = limits.frame_burst
         self._refilled = 0.0
@@ -121,6 +124,7 @@ class ChatProtocol(Protocol):
 
     def resumeProducing(self):
         self.paused = False
+        self._throttled = False
         self._backlog = 0
         self.hub.drained(self)
 
@@ -150,11 +154,22 @@ class ChatProtocol(Protocol):
             handlers[frame[:2]](self, frame)
             if self._closing:
                 return
+        if self.hub.store.backlog() > _STORE_BACKLOG and not self._throttled:
+            # The store is behind: stop reading from this client until it
+            # catches up, rather than queue its frames without bound.
+            self._throttled = True
+            self.transport.pauseProducing()
+            self.hub.store.caught_up().addCallback(self._unthrottle)
         if status == -1:
             self._refuse(self._buffer[:2], wire.UNKNOWN_CODE)
         elif status == -2:
             # A 10 whose N is not two digits: its length is unknowable.
             self._refuse(wire.CREATE_GROUP, wire.MALFORMED)
+
+    def _unthrottle(self, _):
+        self._throttled = False
+        if not self._closing:
+            self.transport.resumeProducing()
 
     def _refuse(self, ref: bytes, reason: bytes) -> None:
         """The stream can no longer be framed: say why and close."""

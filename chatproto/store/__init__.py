@@ -111,5 +111,11 @@ class IChatStore(Interface):
     def group_messages_since(group_id, ts):
         """Deferred[list[tuple[str, int]]]: (src, ts) of the group's messages after ts, by ts."""
 
+    def backlog():
+        """int: operations submitted and not yet committed (for backpressure)."""
+
+    def caught_up():
+        """Deferred[None]: fires once the backlog is down to one transaction's worth."""
+
     def close():
         """Deferred[None]: finish what was submitted, then release the database."""

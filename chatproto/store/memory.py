@@ -138,6 +138,12 @@ class MemoryStore:
         rows = sorted((m.ts, m.id, m.src) for m in self.messages.values() if m.dst == group_id and m.ts > ts)
         return succeed([(src, when) for when, _, src in rows])
 
+    def backlog(self):
+        return 0
+
+    def caught_up(self):
+        return succeed(None)
+
     def close(self):
         self.closed = True
         return succeed(None)

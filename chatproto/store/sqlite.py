@@ -110,6 +110,7 @@ class SQLiteStore:
         self._busy = False
         self._scheduled = False
         self._closing: Deferred | None = None
+        self._waiting: list[Deferred] = []
         #: Figures for the benchmark and the logs: transactions and operations.
         self.transactions = 0
         self.operations = 0
@@ -183,6 +184,10 @@ class SQLiteStore:
                     d.callback(value)
                 else:
                     d.errback(value)
+        if self._waiting and len(self._queue) <= MAX_BATCH:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
         if self._queue:
             self._scheduled = True
             self._reactor.callLater(0, self._run)
@@ -226,6 +231,17 @@ class SQLiteStore:
 
     def group_messages_since(self, group_id, ts):
         return self._submit(_group_messages_since, group_id, ts)
+
+    def backlog(self):
+        return len(self._queue)
+
+    def caught_up(self):
+        d = Deferred()
+        if len(self._queue) <= MAX_BATCH:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
 
     def close(self):
         if self._closing is None:
