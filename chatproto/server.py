@@ -154,7 +154,7 @@ class ChatProtocol(Protocol):
             handlers[frame[:2]](self, frame)
             if self._closing:
                 return
-        if self.hub.store.backlog() > _STORE_BACKLOG and not self._throttled:
+        if self.hub.store.backlog > _STORE_BACKLOG and not self._throttled:
             # The store is behind: stop reading from this client until it
             # catches up, rather than queue its frames without bound.
             self._throttled = True

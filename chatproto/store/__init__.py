@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 # What record_message found.
 NEW = "new"
@@ -65,6 +65,8 @@ class Snapshot(NamedTuple):
 
 
 class IChatStore(Interface):
+    backlog = Attribute("int: operations submitted and not yet committed, for backpressure.")
+
     def load():
         """Deferred[Snapshot]: users (id → secret hash or None), groups and read marks."""
 
@@ -110,9 +112,6 @@ class IChatStore(Interface):
 
     def group_messages_since(group_id, ts):
         """Deferred[list[tuple[str, int]]]: (src, ts) of the group's messages after ts, by ts."""
-
-    def backlog():
-        """int: operations submitted and not yet committed (for backpressure)."""
 
     def caught_up():
         """Deferred[None]: fires once the backlog is down to one transaction's worth."""

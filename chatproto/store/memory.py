@@ -46,6 +46,7 @@ class MemoryStore:
         self._inboxes: dict[str, dict[int, InboxItem]] = {}
         self._ids = count(1)
         self.closed = False
+        self.backlog = 0
 
     def load(self):
         return succeed(
@@ -137,9 +138,6 @@ class MemoryStore:
     def group_messages_since(self, group_id, ts):
         rows = sorted((m.ts, m.id, m.src) for m in self.messages.values() if m.dst == group_id and m.ts > ts)
         return succeed([(src, when) for when, _, src in rows])
-
-    def backlog(self):
-        return 0
 
     def caught_up(self):
         return succeed(None)

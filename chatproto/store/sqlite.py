@@ -232,6 +232,7 @@ class SQLiteStore:
     def group_messages_since(self, group_id, ts):
         return self._submit(_group_messages_since, group_id, ts)
 
+    @property
     def backlog(self):
         return len(self._queue)
 
