@@ -351,15 +351,20 @@ def _mark_delivered(store, cur, items):
         "DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6",
         [(msg_id, user_id) for user_id, msg_ids in items for msg_id in msg_ids],
     )
-    done = [Completed(*row) for row in cur.execute(_TAKE_COMPLETED)]
+    # A message completes on its last recipient's delete: the last op naming it.
+    owner = {msg_id: at for at, (_, msg_ids) in enumerate(items) for msg_id in msg_ids}
+    results: list[list[Completed]] = [[] for _ in items]
+    for msg_id, src, dst, ts in cur.execute(_TAKE_COMPLETED):
+        results[owner[msg_id]].append(Completed(src, dst, ts))
     cur.execute("DELETE FROM temp.completed")
-    return [done] + [[] for _ in items[1:]]
+    return results
 
 
 _mark_delivered.bulk = True
 
 _TAKE_COMPLETED = (
-    "SELECT m.src, m.dst, m.ts FROM temp.completed c JOIN messages m ON m.id = c.msg_id ORDER BY c.rowid"
+    "SELECT m.id, m.src, m.dst, m.ts FROM temp.completed c JOIN messages m ON m.id = c.msg_id "
+    "ORDER BY c.rowid"
 )
 
 
