@@ -55,6 +55,8 @@ class ChatProtocol(Protocol):
         self._closing = False
         self.paused = False
         self._throttled = False
+        self._refused_frames = 0
+        self._limit_logged = 0.0
         self._backlog = 0
         self._tokens = limits.frame_burst
         self._refilled = 0.0
@@ -148,12 +150,20 @@ class ChatProtocol(Protocol):
         for frame in frames:
             if limited:
                 if self._tokens < 1:
-                    self.error(frame[:2], wire.RATE_LIMITED)
+                    self._refused_frames += 1
+                    self.transport.write(wire.error(frame[:2], wire.RATE_LIMITED))
                     continue
                 self._tokens -= 1
             handlers[frame[:2]](self, frame)
             if self._closing:
                 return
+        if self._refused_frames and self.clock.seconds() - self._limit_logged >= 1:
+            # One line a second at most: a flood must not become a log flood.
+            self.log.info(
+                "rate limit: refused {count} frames from {user}", count=self._refused_frames, user=self._who()
+            )
+            self._refused_frames = 0
+            self._limit_logged = self.clock.seconds()
         if self.hub.store.backlog > _STORE_BACKLOG and not self._throttled:
             # The store is behind: stop reading from this client until it
             # catches up, rather than queue its frames without bound.
