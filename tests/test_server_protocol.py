@@ -9,10 +9,13 @@ no sleeps.
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chatproto.service import Options
 
 from .helpers import (
+    Net,
     f_group,
     f_online,
     f_online_secret,
@@ -967,3 +970,118 @@ def test_default_options_listen_on_7000_with_a_file_database():
     assert options["port"] == "tcp:7000"
     assert options["db"] not in ("", ":memory:")
     assert not options["require-secrets"]
+
+
+# -- random traffic: nothing misaddressed, nothing lost, one 07 each --------------------
+
+_action = st.one_of(
+    st.tuples(st.just("online"), st.integers(0, 3)),
+    st.tuples(st.just("offline"), st.integers(0, 3)),
+    st.tuples(st.just("send"), st.integers(0, 3), st.integers(0, 5)),
+    st.tuples(st.just("send"), st.integers(0, 3), st.integers(0, 5)),
+    st.tuples(st.just("seen"), st.integers(0, 3), st.integers(0, 4)),
+    st.tuples(st.just("ack"), st.integers(0, 7)),
+    st.tuples(st.just("group"), st.integers(0, 3), st.lists(st.integers(0, 3), max_size=3)),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_action, max_size=25))
+def test_random_traffic_reaches_only_its_addressees_and_is_confirmed_once(no_logged_failures, actions):
+    """Users 0-2 use 03, user 3 uses 15; after everyone finally logs in, all is delivered."""
+    net = Net("memory")
+    try:
+        users = [net.register()[0] for _ in range(3)]
+        d, secret = net.register(with_secret=True)
+        users.append(d)
+        conns: dict[int, object] = {}
+        got: dict[bytes, list[bytes]] = {u: [] for u in users}
+        groups: dict[bytes, list[bytes]] = {}
+        sent = []  # (src, dst, ts, text)
+        seen_sent = set()  # (reader, peer, ts)
+        clock = iter(range(1, 10_000))
+
+        def collect():
+            for i, conn in list(conns.items()):
+                got[users[i]].extend(conn.take())
+
+        def login(i):
+            if i in conns:
+                collect()
+            conn = net.online(users[i], secret if i == 3 else None)
+            got[users[i]].extend([b"04" + users[i]] + conn.held)
+            conns[i] = conn
+
+        first = net.online(users[0])
+        first.send(f_group(users[0], ts(next(clock)), [users[1], d]))
+        (added,) = first.take()
+        groups[added[2:15]] = [users[0], users[1], d]
+        first.lose()
+        for i in range(4):
+            login(i)
+
+        for action in actions:
+            kind, i = action[0], action[1]
+            if kind == "online":
+                login(i)
+            elif kind == "offline" and i in conns:
+                collect()
+                conns.pop(i).lose()
+            elif kind == "send" and i in conns:
+                targets = users + list(groups)
+                dst = targets[action[2] % len(targets)]
+                msg = (users[i], dst, ts(next(clock)), b"m%d" % len(sent))
+                conns[i].send(f_send(*msg))
+                if dst in users or users[i] in groups[dst]:
+                    sent.append(msg)
+            elif kind == "seen" and i in conns:
+                peer = users[action[2] % 4]
+                when = ts(next(clock))
+                conns[i].send(f_seen(peer, when))
+                seen_sent.add((users[i], peer, when))
+            elif kind == "ack" and 3 in conns:
+                mine = [f for f in got[d] if f[:2] == b"06"]
+                if mine:
+                    f = mine[i % len(mine)]
+                    conns[3].send(f_received(f[2:15], f[15:28], f[28:38]))
+            elif kind == "group" and i in conns:
+                conns[i].send(f_group(users[i], ts(next(clock)), [users[m] for m in action[2]]))
+                answer = conns[i].take()
+                got[users[i]].extend(answer)
+                for added in [f for f in answer if f[:2] == b"11"]:
+                    groups[added[2:15]] = [added[27 + 13 * k : 40 + 13 * k] for k in range(int(added[25:27]))]
+            collect()
+        for i in range(4):
+            if i not in conns:
+                login(i)
+        for f in [f for f in got[d] if f[:2] == b"06"]:
+            conns[3].send(f_received(f[2:15], f[15:28], f[28:38]))
+        collect()
+
+        texts = {(s, t, w, x): (s, t) for s, t, w, x in sent}
+        for user, frames in got.items():
+            for f in frames:
+                code = f[:2]
+                if code == b"06":
+                    src, dst, when, text = f[2:15], f[15:28], f[28:38], f[38:].rstrip(b"\0")
+                    assert (src, dst, when, text) in texts, f"{user} got a message nobody sent"
+                    assert dst == user or (user in groups.get(dst, ()) and src != user)
+                elif code == b"07":
+                    assert any(s == user and t == f[2:15] and w == f[15:25] for s, t, w, _ in sent)
+                elif code == b"09":
+                    who, when = f[2:15], f[15:25]
+                    assert (who, user, when) in seen_sent or user in groups.get(who, ())
+                elif code == b"11":
+                    assert user in groups[f[2:15]]
+                else:
+                    assert code in (b"04", b"12"), f
+        for src, dst, when, text in sent:
+            recipients = [dst] if dst in users else [m for m in groups[dst] if m != src]
+            for r in recipients:
+                copies = got[r].count(s_message(src, dst, when, text))
+                assert copies >= 1, "a message was lost"
+                if r != d:
+                    assert copies == 1, "a 03 session got a message twice"
+            assert got[src].count(s_delivered(dst, when)) == 1, "one 07 per message, once all have it"
+    finally:
+        net.shutdown()
