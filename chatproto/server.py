@@ -53,6 +53,7 @@ class ChatProtocol(Protocol):
         self.flush = None
         self._buffer = b""
         self._closing = False
+        self._refused = False
         self.paused = False
         self._throttled = False
         self._refused_frames = 0
@@ -134,7 +135,7 @@ class ChatProtocol(Protocol):
         pass
 
     def dataReceived(self, data: bytes):
-        if self._closing:
+        if self._closing or self._refused:
             return
         if self._buffer:
             data = self._buffer + data
@@ -189,7 +190,11 @@ class ChatProtocol(Protocol):
             code=ref,
         )
         self._buffer = b""
-        self.close_with(wire.error(ref, reason))
+        self._refused = True
+        # Answers to the frames before this one (a 02 waits for its commit)
+        # go out first: everything submitted before the barrier is committed
+        # when it fires.
+        self.hub.store.barrier().addCallback(lambda _: self.close_with(wire.error(ref, reason)))
 
     def error(self, ref: bytes, reason: bytes) -> None:
         self.log.info(

@@ -280,6 +280,16 @@ def test_frames_before_an_unknown_code_are_answered_first(net):
     assert conn.closed
 
 
+def test_a_register_before_an_unknown_code_still_gets_its_02(net):
+    """The 02 waits for its commit; the close waits for the 02, so the id is not lost."""
+    conn = net.connect()
+    conn.send(b"01" + b"99")
+    answers = conn.take()
+    assert [a[:2] for a in answers] == [b"02", b"12"]
+    assert len(answers[0]) == 15 and answers[1] == s_error(b"99", b"02")
+    assert conn.closed
+
+
 def test_unknown_code_split_in_two_reads(net):
     conn = net.connect()
     conn.send(b"0")

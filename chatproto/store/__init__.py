@@ -113,6 +113,9 @@ class IChatStore(Interface):
     def group_messages_since(group_id, ts):
         """Deferred[list[tuple[str, int]]]: (src, ts) of the group's messages after ts, by ts."""
 
+    def barrier():
+        """Deferred[None]: fires once everything submitted before it is committed."""
+
     def caught_up():
         """Deferred[None]: fires once the backlog is down to one transaction's worth."""
 

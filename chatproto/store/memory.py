@@ -139,6 +139,9 @@ class MemoryStore:
         rows = sorted((m.ts, m.id, m.src) for m in self.messages.values() if m.dst == group_id and m.ts > ts)
         return succeed([(src, when) for when, _, src in rows])
 
+    def barrier(self):
+        return succeed(None)
+
     def caught_up(self):
         return succeed(None)
 

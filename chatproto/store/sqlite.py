@@ -242,6 +242,9 @@ class SQLiteStore:
     def backlog(self):
         return len(self._queue)
 
+    def barrier(self):
+        return self._submit(_nothing)
+
     def caught_up(self):
         d = Deferred()
         if len(self._queue) <= MAX_BATCH:
@@ -327,6 +330,10 @@ def _load(cur):
         if mark:
             read_marks[group_id][user_id] = mark
     return Snapshot(users, groups, read_marks, low_marks)
+
+
+def _nothing(cur):
+    pass
 
 
 def _add_user(cur, user_id, secret_hash):
