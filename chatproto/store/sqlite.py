@@ -33,16 +33,28 @@ from . import (
     Snapshot,
 )
 
-SCHEMA_VERSION = 1
+#: The schema this code writes. A fresh database is made from ``NNN.sql`` of
+#: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
+SCHEMA_VERSION = 2
 
 #: Operations per transaction at most: enough to amortize a commit, few
 #: enough that one batch's deliveries to one reader stay well under the
 #: server's congestion threshold, and that latency stays in milliseconds.
 MAX_BATCH = 2000
 
+_schema_log = Logger(namespace="chatproto.store.sqlite")
 
-class DatabaseTooNew(Exception):
+
+class SchemaError(Exception):
+    """The database's schema cannot be used: ``twist chat`` says why and exits."""
+
+
+class DatabaseTooNew(SchemaError):
     """The database was written by a newer chatproto than this one."""
+
+
+class UpgradeFailed(SchemaError):
+    """Upgrading an older database failed; it was left as it was."""
 
 
 def _connection_setup(conn: sqlite3.Connection) -> None:
@@ -73,24 +85,139 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def schema_sql(version: int) -> str:
+    """The whole schema at ``version``: what a fresh database is made from."""
     return resources.files(__package__).joinpath(f"schema/sqlite/{version:03d}.sql").read_text()
 
 
-def ensure_schema(conn: sqlite3.Connection) -> int:
-    """Create the schema in an empty database; refuse one newer than us."""
+def upgrade_sql(version: int) -> str:
+    """The step from ``version`` to the next one."""
+    name = f"schema/sqlite/upgrade_{version:03d}_to_{version + 1:03d}.sql"
+    return resources.files(__package__).joinpath(name).read_text()
+
+
+def database_path(conn: sqlite3.Connection) -> str:
+    """The file behind ``conn``'s main database; empty for ``:memory:``."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main":
+            return file or ""
+    return ""
+
+
+def backup_path(path: str, version: int) -> str:
+    """Where the copy taken before upgrading a database at ``version`` goes."""
+    return f"{path}.v{version}.bak"
+
+
+def schema_version(conn: sqlite3.Connection) -> int | None:
+    """The version the database records, or None for an empty database."""
     has_table = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
     ).fetchone()
     if not has_table:
-        conn.executescript("BEGIN;" + schema_sql(SCHEMA_VERSION) + "COMMIT;")
-        return SCHEMA_VERSION
+        return None
     (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
-    if version > SCHEMA_VERSION:
-        raise DatabaseTooNew(
-            f"the database has schema version {version}, newer than this server's "
-            f"{SCHEMA_VERSION}: upgrade chatproto"
-        )
     return version
+
+
+def too_new(conn: sqlite3.Connection, version: int) -> DatabaseTooNew:
+    """The refusal, naming where the copy taken before the newer chatproto's upgrade would be."""
+    path = database_path(conn)
+    return DatabaseTooNew(
+        f"the database {path} has schema version {version}, newer than this chatproto's "
+        f"{SCHEMA_VERSION}: run a newer chatproto, or restore the copy taken before the upgrade "
+        f"({backup_path(path, SCHEMA_VERSION)}, if it exists)"
+    )
+
+
+def ensure_schema(conn: sqlite3.Connection) -> int:
+    """Make the schema in an empty database, upgrade an older one, refuse a newer one.
+
+    An upgrade first copies the database to ``PATH.vN.bak`` with SQLite's
+    backup API, then runs every step and the version change in one
+    transaction, so a failure leaves the database as it was. The write lock
+    is held from the version check to the commit: two processes starting
+    at once upgrade once.
+    """
+    version = schema_version(conn)
+    if version == SCHEMA_VERSION:
+        return version
+    if version is not None and version > SCHEMA_VERSION:
+        raise too_new(conn, version)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = schema_version(conn)
+        if version is None:
+            for statement in _statements(schema_sql(SCHEMA_VERSION)):
+                conn.execute(statement)
+            _record(conn, SCHEMA_VERSION, None, None)
+        elif version > SCHEMA_VERSION:
+            raise too_new(conn, version)
+        elif version < SCHEMA_VERSION:
+            _upgrade(conn, version)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    return SCHEMA_VERSION
+
+
+def _upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """Run on the write transaction ``ensure_schema`` opened."""
+    path = database_path(conn)
+    backup = None
+    try:
+        if path:
+            # From a connection of its own: SQLite cannot back up through the
+            # connection holding the write lock, and a reader sees exactly the
+            # last commit, which that lock keeps the latest until we are done.
+            backup = backup_path(path, version)
+            source = sqlite3.connect(path)
+            copy = sqlite3.connect(backup)
+            try:
+                source.backup(copy)
+            finally:
+                copy.close()
+                source.close()
+        for step in range(version, SCHEMA_VERSION):
+            for statement in _statements(upgrade_sql(step)):
+                conn.execute(statement)
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        _record(conn, SCHEMA_VERSION, version, backup)
+    except (sqlite3.Error, OSError) as e:
+        raise UpgradeFailed(
+            f"upgrading the database from schema version {version} to {SCHEMA_VERSION} failed "
+            f"({e}); it was left at version {version}"
+        ) from e
+    _schema_log.info(
+        "upgraded {path} from schema version {old} to {new}; the copy taken before is {backup}",
+        path=path or ":memory:",
+        old=version,
+        new=SCHEMA_VERSION,
+        backup=backup,
+    )
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema script into statements, to run them inside a transaction
+    (``executescript`` would commit the one in flight)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    leftover = [line for line in pending.splitlines() if line.strip() and not line.lstrip().startswith("--")]
+    if leftover:
+        raise ValueError(f"an incomplete statement at the end of a schema script: {pending!r}")
+    return statements
+
+
+def _record(conn: sqlite3.Connection, version: int, previous: int | None, backup: str | None) -> None:
+    conn.execute(
+        "INSERT INTO schema_history (version, applied, previous, backup) VALUES (?, ?, ?, ?)",
+        (version, int(time.time()), previous, backup),
+    )
 
 
 @implementer(IChatStore)
