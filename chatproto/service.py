@@ -12,7 +12,7 @@ from twisted.python import usage
 
 from .hub import Hub
 from .server import ChatFactory, Limits
-from .store.sqlite import SQLiteStore
+from .store.sqlite import SchemaError, SQLiteStore
 
 DEFAULT_PORT = "tcp:7000"
 DEFAULT_DB = "chatproto.sqlite3"
@@ -130,7 +130,11 @@ def _tune_garbage_collector():
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    store = SQLiteStore(options["db"], reactor)
+    try:
+        store = SQLiteStore(options["db"], reactor)
+    except SchemaError as e:
+        # Said in one line, not a traceback: the operator has a decision to make.
+        raise SystemExit(f"chatproto: {e}") from None
     hub = Hub(store, require_secrets=bool(options["require-secrets"]))
     endpoint = serverFromString(reactor, options["port"])
     limits = Limits(
