@@ -263,8 +263,11 @@ class Peer:
     def new_message(self) -> None:
         soak = self.soak
         rng = soak.rng
-        targets = [p.user for p in soak.peers if p is not self] + soak.groups_of[self.user]
-        dst = rng.choice(targets)
+        groups = soak.groups_of[self.user]
+        if groups and rng.random() < 0.3:
+            dst = rng.choice(groups)
+        else:
+            dst = rng.choice([p.user for p in soak.peers if p is not self])
         ts = max(int(time.time()), self.last_ts.get(dst, 0) + 1)  # the contract's rule
         self.last_ts[dst] = ts
         self.seq += 1
@@ -719,6 +722,11 @@ def soak(argv=None) -> tuple[dict, list[str]]:
     try:
         s.run()
     finally:
+        now = time.monotonic()
+        for p in s.peers:  # the clients leave, then the server stops cleanly
+            p.drop(now, counted=False)
+        for z in s.fuzzers:
+            z.close(now)
         if s.server.proc is not None and s.server.proc.poll() is None:
             s.server.stop()
     counts = s.verdict()

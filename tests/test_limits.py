@@ -259,7 +259,9 @@ def test_many_clients_crossing_messages_each_06_reaches_only_its_addressee(tmp_p
 def test_require_secrets_refuses_01_and_03_and_secrets_are_stored_hashed(server, tmp_path):
     db = str(tmp_path / "chat.sqlite3")
     srv = server(db=db)
-    old = srv.client().register()  # made with 01 before secrets were required
+    setup = srv.client()
+    old = setup.register()  # made with 01 before secrets were required
+    setup.close()
     assert srv.stop() in (0, -signal.SIGTERM)
     srv = server("--require-secrets", db=db)
     conn = srv.client()
@@ -274,6 +276,7 @@ def test_require_secrets_refuses_01_and_03_and_secrets_are_stored_hashed(server,
     assert conn.read(1) == [s_error(b"15", b"08")]
     conn.send(f_online_secret(user, secret))
     assert conn.read(1) == [b"04" + user]
+    conn.close()
     assert srv.stop() in (0, -signal.SIGTERM)
     stored = b"".join(p.read_bytes() for p in Path(tmp_path).glob("chat.sqlite3*"))
     assert secret not in stored
