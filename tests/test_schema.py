@@ -1,0 +1,201 @@
+"""Schema versions: a database made by the first schema is upgraded in place,
+after a copy, into exactly what a fresh database is; a newer one is refused,
+by the store and by ``twist chat`` at start-up, in one clear line."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from chatproto.store.sqlite import (
+    SCHEMA_VERSION,
+    DatabaseTooNew,
+    UpgradeFailed,
+    backup_path,
+    connect,
+    ensure_schema,
+    schema_sql,
+    schema_version,
+)
+
+from .helpers import Net, s_added, s_message, ts
+from .test_e2e_server import REPO
+
+A, B, C = b"0000000000001", b"0000000000002", b"0000000000003"
+GROUP = b"1000000000001"
+V1_TABLES = ("users", "groups", "members", "messages", "inbox")
+
+
+def make_v1(path: str) -> None:
+    """A version 1 database holding what a v1 server would have written.
+
+    A and B are offline with things held for them: two messages from C to B
+    (one also in the group), the 11 of the group for A and B, and a 07 for C.
+    """
+    a, b, c, g = A.decode(), B.decode(), C.decode(), GROUP.decode()
+    conn = connect(path)
+    conn.executescript("BEGIN;" + schema_sql(1) + "COMMIT;")
+    with conn:
+        conn.execute("BEGIN")
+        rows = [(a, None, 1700000000), (b, None, 1700000001), (c, "ab" * 32, 1700000002)]
+        conn.executemany("INSERT INTO users VALUES (?, ?, ?)", rows)
+        conn.execute("INSERT INTO groups VALUES (?, 1700000100, 1700000100, 0)", (g,))
+        conn.executemany("INSERT INTO members VALUES (?, ?, ?, 0)", [(g, c, 0), (g, a, 1), (g, b, 2)])
+        rows = [
+            (1, c, b, 1700000200, b"hello B", 1),
+            (2, c, g, 1700000300, b"hello group", 2),
+            (3, a, c, 1700000050, b"delivered", 0),
+        ]
+        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+        rows = [
+            (a, 11, None, "", g, 1700000100),
+            (b, 11, None, "", g, 1700000100),
+            (b, 6, 1, c, b, 1700000200),
+            (a, 6, 2, c, g, 1700000300),
+            (b, 6, 2, c, g, 1700000300),
+            (c, 7, None, "", a, 1700000050),
+        ]
+        conn.executemany(
+            "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)", rows
+        )
+    conn.close()
+
+
+def dump(path: str, tables=V1_TABLES) -> dict[str, list[tuple]]:
+    conn = sqlite3.connect(path)
+    try:
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+    finally:
+        conn.close()
+
+
+def shape(path: str) -> dict:
+    """Everything about a schema but its spelling: objects, columns, indexes, table kinds."""
+    conn = sqlite3.connect(path)
+    try:
+        objects = sorted(
+            conn.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        )
+        tables = [name for kind, name, _ in objects if kind == "table"]
+        return {
+            "objects": objects,
+            "columns": {t: conn.execute(f"PRAGMA table_info({t})").fetchall() for t in tables},
+            "kinds": {t: conn.execute(f"PRAGMA table_list({t})").fetchall() for t in tables},
+            "indexes": {
+                t: sorted(
+                    (name, unique, origin, partial, conn.execute(f"PRAGMA index_xinfo({name})").fetchall())
+                    for _, name, unique, origin, partial in conn.execute(f"PRAGMA index_list({t})")
+                    if not name.startswith("sqlite_autoindex")
+                )
+                for t in tables
+            },
+            "version": schema_version(conn),
+        }
+    finally:
+        conn.close()
+
+
+def test_an_upgraded_first_schema_database_is_a_fresh_one_with_its_data(tmp_path):
+    old, fresh = str(tmp_path / "old.sqlite3"), str(tmp_path / "fresh.sqlite3")
+    make_v1(old)
+    before = dump(old)
+
+    conn = connect(old)
+    assert ensure_schema(conn) == SCHEMA_VERSION
+    conn.close()
+    conn = connect(fresh)
+    ensure_schema(conn)
+    conn.close()
+
+    assert shape(old) == shape(fresh)
+    assert shape(old)["version"] == SCHEMA_VERSION
+    assert dump(old) == before
+    # The copy taken first is the version 1 database, whole.
+    copy = backup_path(old, 1)
+    assert shape(copy)["version"] == 1
+    assert dump(copy) == before
+    history = sqlite3.connect(old).execute("SELECT version, previous, backup FROM schema_history").fetchall()
+    assert history == [(SCHEMA_VERSION, 1, copy)]
+    fresh_history = sqlite3.connect(fresh).execute("SELECT version, previous, backup FROM schema_history")
+    assert fresh_history.fetchall() == [(SCHEMA_VERSION, None, None)]
+
+
+def test_the_server_upgrades_on_load_and_delivers_what_was_held(tmp_path):
+    """The real store and hub on a version 1 file: B gets the 11 and both messages."""
+    path = str(tmp_path / "old.sqlite3")
+    make_v1(path)
+    net = Net("sqlite", path)
+    try:
+        b = net.online(B)
+        assert b.held == [
+            s_added(GROUP, ts(1700000100), [C, A, B]),
+            s_message(C, B, ts(1700000200), b"hello B"),
+            s_message(C, GROUP, ts(1700000300), b"hello group"),
+        ]
+    finally:
+        net.shutdown()
+    assert schema_version(sqlite3.connect(path)) == SCHEMA_VERSION
+    # Opening it again is no upgrade: one history row, one copy.
+    conn = connect(path)
+    ensure_schema(conn)
+    assert conn.execute("SELECT count(*) FROM schema_history").fetchone() == (1,)
+    assert not (tmp_path / f"old.sqlite3.v{SCHEMA_VERSION}.bak").exists()
+
+
+def test_a_failed_upgrade_leaves_the_database_as_it_was(tmp_path):
+    path = str(tmp_path / "old.sqlite3")
+    make_v1(path)
+    sqlite3.connect(path, isolation_level=None).execute("CREATE TABLE schema_history (x)")
+    before = dump(path)
+    conn = connect(path)
+    with pytest.raises(UpgradeFailed, match="from schema version 1 to .* it was left at version 1"):
+        ensure_schema(conn)
+    assert not conn.in_transaction
+    conn.close()
+    assert shape(path)["version"] == 1
+    assert dump(path) == before
+
+
+def make_too_new(path: str) -> None:
+    conn = connect(path)
+    ensure_schema(conn)
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    conn.close()
+
+
+def test_a_newer_database_is_refused_and_left_alone(tmp_path):
+    path = str(tmp_path / "new.sqlite3")
+    make_too_new(path)
+    conn = connect(path)
+    with pytest.raises(DatabaseTooNew) as refused:
+        ensure_schema(conn)
+    assert str(refused.value) == (
+        f"the database {path} has schema version {SCHEMA_VERSION + 1}, newer than this chatproto's "
+        f"{SCHEMA_VERSION}: run a newer chatproto, or restore the copy taken before the upgrade "
+        f"({path}.v{SCHEMA_VERSION}.bak, if it exists)"
+    )
+    assert not conn.in_transaction
+    conn.close()
+    assert schema_version(sqlite3.connect(path)) == SCHEMA_VERSION + 1
+
+
+def test_twist_chat_refuses_a_newer_database_in_one_line(tmp_path):
+    path = str(tmp_path / "new.sqlite3")
+    make_too_new(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "twisted", "chat", "--port", "tcp:0:interface=127.0.0.1", "--db", path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.strip().splitlines() == [
+        f"chatproto: the database {path} has schema version {SCHEMA_VERSION + 1}, newer than this "
+        f"chatproto's {SCHEMA_VERSION}: run a newer chatproto, or restore the copy taken before the "
+        f"upgrade ({path}.v{SCHEMA_VERSION}.bak, if it exists)"
+    ]
