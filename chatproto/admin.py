@@ -317,7 +317,12 @@ def _sync_directory(directory: str) -> None:
 
 def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
     """SQLite's integrity check, the schema version, and chatproto's own invariants."""
-    problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+    except sqlite3.DatabaseError as e:
+        # Damage bad enough that the check itself stops: that is its verdict.
+        data = {"ok": False, "integrity": [str(e)], "chatproto_schema_version": SCHEMA_VERSION}
+        raise CheckFailed(data, ["integrity:        FAILED", f"  {e}"]) from e
     integrity_ok = problems == ["ok"]
     with _Transaction(conn):
         version = schema_version(conn)
