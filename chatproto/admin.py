@@ -487,10 +487,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _show(args, data: dict, lines: list[str]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=None, sort_keys=True))
-    else:
-        print("\n".join(lines))
+    try:
+        if args.json:
+            print(json.dumps(data, indent=None, sort_keys=True))
+        else:
+            print("\n".join(lines))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Piped into `head`: the reader has what it wanted. Quiet the exit's own flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _fail(message: str) -> int:
