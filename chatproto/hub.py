@@ -73,6 +73,9 @@ class Session(Protocol):
 
     def emit(self, frame: bytes) -> None: ...
 
+    def emit_many(self, frames: list[bytes]) -> None:
+        """The frames in one write: a flush page is one syscall, not a thousand."""
+
     def error(self, ref: bytes, reason: bytes) -> None: ...
 
     def close_with(self, frame: bytes) -> None: ...
@@ -200,7 +203,7 @@ class Hub:
         if items:
             flush.cursor = items[-1].seq
             flush.sent += len(items)
-            session.emit(b"".join(frames))
+            session.emit_many(frames)
         if notices:
             self.store.drop(user.decode(), notices)
         if reached and not session.secret_session:
@@ -215,7 +218,7 @@ class Hub:
         session.flush = None
         session.ready = True
         if flush.frames:
-            session.emit(b"".join(frame for frame, _ in flush.frames))
+            session.emit_many([frame for frame, _ in flush.frames])
         if flush.sent:
             self.log.info("flushed {count} held frames to {user}", count=flush.sent, user=user.decode())
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+from collections import Counter
 from dataclasses import dataclass
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -16,6 +20,8 @@ _MEMBER_AT = wire.GROUP_HEADER_LEN
 _NO_FRAME = b"00"
 #: Store operations waiting past which clients are read no further for now.
 _STORE_BACKLOG = 4000  # REF of an error that answers no frame (a refused connection)
+#: Seconds between two looks at the connections a shutdown waits to close.
+LINGER_POLL = 0.01
 
 
 @dataclass
@@ -35,17 +41,44 @@ class Limits:
     max_buffer: int = 4 << 20
 
 
-@implementer(IPushProducer)
+class Stats:
+    """What the server counts for its metrics, as plain ints in dicts.
+
+    Each frame costs one dict increment here; turning these into Prometheus
+    samples happens at scrape time (chatproto.metrics), not per frame.
+    Every known code and reason starts at 0, so a series exists before its
+    first event and an increment never needs a default.
+    """
+
+    __slots__ = ("received", "sent", "errors")
+
+    def __init__(self):
+        #: Frames read from clients, by code (including those refused by the rate limit).
+        self.received: Counter[bytes] = Counter(dict.fromkeys(wire.CLIENT_FRAME_LEN, 0))
+        #: Frames handed to a transport, by code: each frame of a flush page counts.
+        self.sent: Counter[bytes] = Counter(dict.fromkeys(wire.SERVER_FRAME_LEN, 0))
+        #: 12 frames sent, by reason.
+        self.errors: Counter[bytes] = Counter(dict.fromkeys(wire.REASON_TEXT, 0))
+
+    def error(self, reason: bytes) -> None:
+        self.errors[reason] += 1
+        self.sent[wire.ERROR] += 1
+
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class ChatProtocol(Protocol):
     """One connection. It registers itself with its transport as a producer,
     so the transport tells it when the reader falls behind."""
 
     log = Logger()
 
-    def __init__(self, hub: Hub, clock, limits: Limits):
+    def __init__(self, hub: Hub, clock, limits: Limits, stats: Stats | None = None):
         self.hub = hub
         self.clock = clock
         self.limits = limits
+        self.stats = stats if stats is not None else Stats()
+        self._received = self.stats.received
+        self._sent = self.stats.sent
         self.user: bytes | None = None
         self.secret_session = False
         self.ready = False
@@ -68,26 +101,86 @@ class ChatProtocol(Protocol):
     def emit(self, frame: bytes) -> None:
         if self._closing:
             return
-        if self.paused:
-            self._backlog += len(frame)
-            cap = self.limits.max_buffer
-            if cap > 0 and self._backlog > cap // 2:
-                if self._backlog > cap:
-                    self.log.warn(
-                        "dropping {user}: {bytes} bytes unread", user=self._who(), bytes=self._backlog
-                    )
-                    self._closing = True
-                    self.transport.abortConnection()
-                    self.hub.logout(self)
-                    return
-                if not self.congested:
-                    self.hub.congested(self)
+        if self.paused and self._overflowed(len(frame)):
+            return
+        self._sent[frame[:2]] += 1
         self.transport.write(frame)
 
+    def emit_many(self, frames: list[bytes]) -> None:
+        """Several frames in one write (a flush page); each counts by its code."""
+        if self._closing:
+            return
+        data = b"".join(frames)
+        if self.paused and self._overflowed(len(data)):
+            return
+        sent = self._sent
+        for frame in frames:
+            sent[frame[:2]] += 1
+        self.transport.write(data)
+
+    def _overflowed(self, size: int) -> bool:
+        """The reader is behind by ``size`` more bytes: past half the cap, hold
+        what is for it in the store; past the cap, drop it (True)."""
+        self._backlog += size
+        cap = self.limits.max_buffer
+        if cap > 0 and self._backlog > cap // 2:
+            if self._backlog > cap:
+                self.log.warn("dropping {user}: {bytes} bytes unread", user=self._who(), bytes=self._backlog)
+                self._closing = True
+                self.transport.abortConnection()
+                self.hub.logout(self)
+                return True
+            if not self.congested:
+                self.hub.congested(self)
+        return False
+
     def close_with(self, frame: bytes) -> None:
+        if frame[:2] == wire.ERROR:
+            self.stats.errors[frame[4:6]] += 1
+        self._sent[frame[:2]] += 1
         self.transport.write(frame)
         self._closing = True
         self.transport.loseConnection()
+
+    def stop_reading(self) -> None:
+        """The server is stopping: read nothing more, answer what was read."""
+        self._refused = True
+        self._cancel_login_timer()
+        self.transport.pauseProducing()
+
+    def finish(self) -> None:
+        """Close once everything written is sent.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which throws away what it still had to send: our last frames. So
+        shut only our side, read and drop what the client still sends, and
+        let the client's close (or the shutdown's deadline) end it.
+        """
+        self._closing = True
+        self._refused = True
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        self.transport.resumeProducing()
+        half_close()
+
+    def writeConnectionLost(self):
+        """Our side is shut (``finish``): what we wrote is with the kernel now."""
+        if self.factory is not None:
+            self.factory.linger(self)
+        else:
+            self.transport.loseConnection()
+
+    def readConnectionLost(self):
+        """The client shut its side: close ours once what we wrote is sent."""
+        self._closing = True
+        self.transport.loseConnection()
+
+    @property
+    def unread(self) -> int:
+        """Bytes written since the transport said its reader fell behind."""
+        return self._backlog
 
     # -- transport events ------------------------------------------------
 
@@ -100,7 +193,7 @@ class ChatProtocol(Protocol):
 
     def connectionLost(self, reason):
         if self.factory is not None:
-            self.factory.connections -= 1
+            self.factory.lost(self)
         self._closing = True
         self._cancel_login_timer()
         self.hub.logout(self)
@@ -148,14 +241,18 @@ class ChatProtocol(Protocol):
                 self.limits.frame_burst, self._tokens + (now - self._refilled) * self.limits.frame_rate
             )
             self._refilled = now
+        received = self._received
         for frame in frames:
+            code = frame[:2]
+            received[code] += 1
             if limited:
                 if self._tokens < 1:
                     self._refused_frames += 1
-                    self.transport.write(wire.error(frame[:2], wire.RATE_LIMITED))
+                    self.stats.error(wire.RATE_LIMITED)
+                    self.transport.write(wire.error(code, wire.RATE_LIMITED))
                     continue
                 self._tokens -= 1
-            handlers[frame[:2]](self, frame)
+            handlers[code](self, frame)
             if self._closing:
                 return
         if self._refused_frames and self.clock.seconds() - self._limit_logged >= 1:
@@ -179,7 +276,7 @@ class ChatProtocol(Protocol):
 
     def _unthrottle(self, _):
         self._throttled = False
-        if not self._closing:
+        if not self._closing and not self._refused:
             self.transport.resumeProducing()
 
     def _refuse(self, ref: bytes, reason: bytes) -> None:
@@ -203,6 +300,7 @@ class ChatProtocol(Protocol):
             ref=ref.decode("latin-1"),
             user=self._who(),
         )
+        self.stats.error(reason)
         self.transport.write(wire.error(ref, reason))
 
     def _who(self) -> str:
@@ -286,7 +384,11 @@ class ChatProtocol(Protocol):
 class _Refused(Protocol):
     """Answers a connection over the cap with 12 00 11 and hangs up."""
 
+    def __init__(self, stats: Stats):
+        self.stats = stats
+
     def connectionMade(self):
+        self.stats.error(wire.BUSY)
         self.transport.write(wire.error(_NO_FRAME, wire.BUSY))
         self.transport.loseConnection()
 
@@ -300,17 +402,91 @@ class ChatFactory(Factory):
         self.clock = clock
         self.limits = limits or Limits()
         self.connections = 0
+        self.stats = Stats()
+        #: Every open ChatProtocol, logged in or not: what a shutdown must close.
+        self.protocols: set[ChatProtocol] = set()
+        self._all_lost: list[Deferred] = []
+        self._lingering: set[ChatProtocol] = set()
+        self._linger_loop = LoopingCall(self._linger_tick)
+        self._linger_loop.clock = clock
 
     def buildProtocol(self, addr):
         if 0 < self.limits.max_connections <= self.connections:
             self.log.warn(
                 "refusing {peer}: {count} connections open", peer=_describe(addr), count=self.connections
             )
-            return _Refused()
+            return _Refused(self.stats)
         self.connections += 1
-        protocol = ChatProtocol(self.hub, self.clock, self.limits)
+        protocol = ChatProtocol(self.hub, self.clock, self.limits, self.stats)
         protocol.factory = self
+        self.protocols.add(protocol)
         return protocol
+
+    def lost(self, protocol: ChatProtocol) -> None:
+        self.connections -= 1
+        self.protocols.discard(protocol)
+        self._lingering.discard(protocol)
+        if not self.protocols and self._all_lost:
+            waiting, self._all_lost = self._all_lost, []
+            for d in waiting:
+                d.callback(None)
+
+    # -- shutdown ----------------------------------------------------------
+
+    def stop_reading(self) -> None:
+        for protocol in list(self.protocols):
+            protocol.stop_reading()
+
+    def close_all(self) -> Deferred:
+        """Close every connection once what was written to it is sent; the
+        Deferred fires when the last one is gone."""
+        d = Deferred()
+        if not self.protocols:
+            d.callback(None)
+            return d
+        self._all_lost.append(d)
+        for protocol in list(self.protocols):
+            protocol.finish()
+        return d
+
+    def linger(self, protocol: ChatProtocol) -> None:
+        """Close ``protocol`` once the kernel has sent all we wrote to it.
+
+        Past that, closing with unread input (the kernel then resets the
+        connection) costs the client nothing: its kernel holds our frames.
+        """
+        self._lingering.add(protocol)
+        if not self._linger_loop.running:
+            self._linger_loop.start(LINGER_POLL, now=True)
+
+    def _linger_tick(self) -> None:
+        for protocol in list(self._lingering):
+            if _unsent(protocol.transport) == 0:
+                self._lingering.discard(protocol)
+                protocol.transport.loseConnection()
+        if not self._lingering and self._linger_loop.running:
+            self._linger_loop.stop()
+
+    def abort_all(self) -> int:
+        """Drop every connection now, written or not; how many there were."""
+        remaining = list(self.protocols)
+        for protocol in remaining:
+            protocol._closing = True
+            protocol.transport.abortConnection()
+        return len(remaining)
+
+
+def _unsent(transport) -> int:
+    """Bytes the kernel has yet to get acknowledged by the peer (SIOCOUTQ);
+    0 where that cannot be asked, so the connection is closed at once."""
+    try:
+        import fcntl
+        import termios
+
+        fd = transport.getHandle().fileno()
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return 0
 
 
 def _describe(address) -> str:

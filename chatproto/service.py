@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import time
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .hub import Hub
 from .server import ChatFactory, Limits
@@ -17,6 +19,8 @@ from .store.sqlite import SchemaError, SQLiteStore
 DEFAULT_PORT = "tcp:7000"
 DEFAULT_DB = "chatproto.sqlite3"
 GC_THRESHOLD = 100_000
+#: Seconds a SIGTERM waits for clients to read what was written to them.
+SHUTDOWN_TIMEOUT = 10.0
 
 
 def endpoint_description(value: str) -> str:
@@ -25,7 +29,7 @@ def endpoint_description(value: str) -> str:
 
 
 class Options(usage.Options):
-    synopsis = "[--port ENDPOINT] [--db PATH] [--require-secrets]"
+    synopsis = "[--port ENDPOINT] [--db PATH] [--metrics ENDPOINT] [--require-secrets]"
     longdesc = (
         "Run the chatproto server. ENDPOINT is a Twisted endpoint string "
         "(tcp:7000, tcp:7000:interface=127.0.0.1, ssl:7443:privateKey=key.pem:certKey=cert.pem, "
@@ -38,6 +42,20 @@ class Options(usage.Options):
             "d",
             DEFAULT_DB,
             "SQLite database file, created if missing; ':memory:' keeps nothing after exit.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics here (an endpoint string, e.g. "
+            "tcp:9100:interface=127.0.0.1, or a bare port); off by default.",
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            SHUTDOWN_TIMEOUT,
+            "Seconds a stop waits for clients to read their last frames before dropping them.",
+            float,
         ],
         [
             "max-frame-rate",
@@ -73,6 +91,8 @@ class Options(usage.Options):
 
     def postOptions(self):
         self["port"] = endpoint_description(self["port"])
+        if self["metrics"]:
+            self["metrics"] = endpoint_description(self["metrics"])
 
 
 class ChatService(Service):
@@ -80,13 +100,23 @@ class ChatService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, endpoint, store, hub, limits):
+    def __init__(
+        self, reactor, endpoint, store, hub, limits, metrics_endpoint=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+    ):
         self._reactor = reactor
         self._endpoint = endpoint
         self.store = store
         self.hub = hub
         self.factory = ChatFactory(hub, reactor, limits)
         self.port = None
+        self.shutdown_timeout = shutdown_timeout
+        self._metrics_endpoint = metrics_endpoint
+        self.metrics = None
+        self.metrics_port = None
+        if metrics_endpoint is not None:
+            from .metrics import Metrics  # only with --metrics: it needs prometheus_client
+
+            self.metrics = Metrics(self.factory, hub, store)
 
     def startService(self):
         super().startService()
@@ -95,6 +125,9 @@ class ChatService(Service):
         d.addCallback(lambda _: _tune_garbage_collector())
         d.addCallback(lambda _: self._endpoint.listen(self.factory))
         d.addCallback(self._listening)
+        if self.metrics is not None:
+            d.addCallback(lambda _: self._metrics_endpoint.listen(self.metrics.site()))
+            d.addCallback(self._serving_metrics)
         d.addErrback(self._failed)
         return d
 
@@ -102,19 +135,80 @@ class ChatService(Service):
         self.port = port
         self.log.info("chatproto listening on {address}", address=port.getHost())
 
+    def _serving_metrics(self, port):
+        self.metrics_port = port
+        self.log.info("metrics at http://{address.host}:{address.port}/metrics", address=port.getHost())
+
     def _failed(self, failure):
         self.log.failure("chatproto could not start", failure)
         self._reactor.stop()
 
     def stopService(self):
+        """Stop in an order that loses nothing a client was told.
+
+        Accept no connection and read no frame more; let the store commit
+        everything submitted, and what those commits set off (a 07 after a
+        delivery), so every answer is written; log everyone out, which holds
+        the notices still waiting behind a flush; close the store; then close
+        each connection once its written bytes are sent. Clients that do not
+        read are dropped after ``shutdown_timeout`` seconds: nothing is lost
+        by that, as a message stays held until its delivery is committed.
+        """
         super().stopService()
-        closing = [maybeDeferred(self.port.stopListening)] if self.port else []
-        for session in list(self.hub.sessions.values()):
-            session.transport.loseConnection()
-        d = DeferredList(closing)
+        started = time.monotonic()
+        self.log.info(
+            "chatproto stopping: {count} connections, {ops} store operations pending",
+            count=self.factory.connections,
+            ops=self.store.backlog,
+        )
+        ports = [p for p in (self.port, self.metrics_port) if p is not None]
+        d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        self.factory.stop_reading()
+        self._deadline = self._reactor.callLater(self.shutdown_timeout, self._out_of_time)
+        self._aborted = 0
+        d.addCallback(lambda _: self._drain())
+        d.addCallback(lambda _: self._log_out_everyone())
         d.addCallback(lambda _: self.store.close())
-        d.addCallback(lambda _: self.log.info("chatproto stopped; the store is closed"))
+        d.addCallback(lambda _: self.factory.close_all())
+        d.addBoth(self._stopped, started)
         return d
+
+    def _drain(self) -> Deferred:
+        """Fires once the store is idle: nothing queued, nothing running.
+
+        A barrier fires after everything before it; what its batch's answers
+        submitted comes after it, so wait again until a barrier finds nothing.
+        """
+        d = self.store.barrier()
+        d.addCallback(lambda _: self._drain() if self.store.backlog else None)
+        return d
+
+    def _log_out_everyone(self) -> None:
+        for session in list(self.hub.sessions.values()):
+            self.hub.logout(session)
+
+    def _out_of_time(self) -> None:
+        self._aborted = self.factory.abort_all()
+        self.log.warn(
+            "stopping took over {seconds:g} s: dropped {count} connections that did not read",
+            seconds=self.shutdown_timeout,
+            count=self._aborted,
+        )
+
+    def _stopped(self, result, started: float):
+        if self._deadline.active():
+            self._deadline.cancel()
+        if self.metrics is not None:
+            self.metrics.close()
+        ms = round((time.monotonic() - started) * 1000)
+        if isinstance(result, Failure):
+            self.log.failure("chatproto stopped in {ms} ms, with an error", result, ms=ms)
+        else:
+            self.log.info(
+                "chatproto stopped in {ms} ms; the store is closed ({aborted} connections dropped)",
+                ms=ms,
+                aborted=self._aborted,
+            )
 
 
 def _tune_garbage_collector():
@@ -144,4 +238,13 @@ def makeService(options, reactor=None):
         login_timeout=options["login-timeout"],
         max_buffer=options["max-buffer"],
     )
-    return ChatService(reactor, endpoint, store, hub, limits)
+    metrics = serverFromString(reactor, options["metrics"]) if options["metrics"] else None
+    return ChatService(
+        reactor,
+        endpoint,
+        store,
+        hub,
+        limits,
+        metrics_endpoint=metrics,
+        shutdown_timeout=options["shutdown-timeout"],
+    )

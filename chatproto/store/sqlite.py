@@ -223,6 +223,9 @@ def _record(conn: sqlite3.Connection, version: int, previous: int | None, backup
 @implementer(IChatStore)
 class SQLiteStore:
     log = Logger()
+    #: Called on the reactor thread after each commit with (operations, seconds
+    #: the transaction took): the service's metrics set it, the store needs none.
+    on_commit = None
 
     def __init__(self, path: str, reactor):
         self.path = path
@@ -312,6 +315,8 @@ class SQLiteStore:
             self.transactions += 1
             self.operations += len(batch)
             self.log.debug("committed {count} operations in {ms:.2f} ms", count=len(batch), ms=seconds * 1000)
+            if self.on_commit is not None:
+                self.on_commit(len(batch), seconds)
             for (ok, value), (_, _, d) in zip(results, batch, strict=True):
                 if ok:
                     d.callback(value)
