@@ -8,6 +8,7 @@ Deferred fires after that commit, on the reactor thread.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from importlib import resources
@@ -241,7 +242,7 @@ class SQLiteStore:
         self._pool.start()
         self._checkpointer = None
         if path != ":memory:":
-            self._checkpointer = _Checkpointer(path, reactor)
+            self._checkpointer = _Checkpointer(self, path, reactor)
         self._queue: list[tuple] = []
         self._busy = False
         self._scheduled = False
@@ -408,27 +409,36 @@ class _Checkpointer:
 
     SQLite's automatic checkpoint runs inside a commit, and its fsyncs made
     every batch behind it wait (the p99 latency in bench/results.md). Here
-    the writer never checkpoints; this connection does, once a second, with
-    PASSIVE, which never blocks the writer.
+    the writer never checkpoints; this connection does, with PASSIVE (which
+    never blocks the writer), when the writer has been idle for a second or
+    when the WAL has grown past WAL_LIMIT bytes under sustained load.
     """
 
     INTERVAL = 1.0
+    WAL_LIMIT = 64 << 20
 
-    def __init__(self, path, reactor):
+    def __init__(self, store, path, reactor):
+        self._store = store
+        self._wal = path + "-wal"
         self._reactor = reactor
         self._conn = connect(path)
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-checkpoint")
         self._pool.start()
         self._running = None
+        self._seen = -1
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._loop.start(self.INTERVAL, now=False)
 
     def _tick(self):
-        if self._running is None:
-            self._running = deferToThreadPool(self._reactor, self._pool, self._checkpoint)
-            self._running.addErrback(lambda f: SQLiteStore.log.failure("checkpoint failed", f))
-            self._running.addBoth(self._done)
+        committed, self._seen = self._seen, self._store.transactions
+        if self._running is not None:
+            return
+        if committed != self._seen and _size(self._wal) < self.WAL_LIMIT:
+            return  # busy, and the WAL is still small: wait for a quiet second
+        self._running = deferToThreadPool(self._reactor, self._pool, self._checkpoint)
+        self._running.addErrback(lambda f: SQLiteStore.log.failure("checkpoint failed", f))
+        self._running.addBoth(self._done)
 
     def _checkpoint(self):
         return self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -462,6 +472,13 @@ def _load(cur):
         if mark:
             read_marks[group_id][user_id] = mark
     return Snapshot(users, groups, read_marks, low_marks)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _nothing(cur):
