@@ -71,9 +71,10 @@ class Session(Protocol):
     #: Its transport asked us to stop writing for now.
     paused: bool
 
-    def emit(self, frame: bytes) -> None: ...
+    def emit(self, frame: bytes) -> bool:
+        """Write a frame; False when it was not written (the reader was dropped)."""
 
-    def emit_many(self, frames: list[bytes]) -> None:
+    def emit_many(self, frames: list[bytes]) -> bool:
         """The frames in one write: a flush page is one syscall, not a thousand."""
 
     def error(self, ref: bytes, reason: bytes) -> None: ...
@@ -203,7 +204,8 @@ class Hub:
         if items:
             flush.cursor = items[-1].seq
             flush.sent += len(items)
-            session.emit_many(frames)
+            if not session.emit_many(frames):
+                return  # dropped as a slow reader: all of it stays held
         if notices:
             self.store.drop(user.decode(), notices)
         if reached and not session.secret_session:
@@ -327,8 +329,7 @@ class Hub:
             return
         if session.congested:
             return
-        session.emit(frame)
-        if not session.secret_session:
+        if session.emit(frame) and not session.secret_session:
             self.store.mark_delivered(user.decode(), [msg_id]).addCallback(self._completed)
 
     def _completed(self, completed: list[Completed]) -> None:

@@ -98,25 +98,27 @@ class ChatProtocol(Protocol):
 
     # -- what the hub calls ----------------------------------------------
 
-    def emit(self, frame: bytes) -> None:
+    def emit(self, frame: bytes) -> bool:
         if self._closing:
-            return
+            return False
         if self.paused and self._overflowed(len(frame)):
-            return
+            return False
         self._sent[frame[:2]] += 1
         self.transport.write(frame)
+        return True
 
-    def emit_many(self, frames: list[bytes]) -> None:
+    def emit_many(self, frames: list[bytes]) -> bool:
         """Several frames in one write (a flush page); each counts by its code."""
         if self._closing:
-            return
+            return False
         data = b"".join(frames)
         if self.paused and self._overflowed(len(data)):
-            return
+            return False
         sent = self._sent
         for frame in frames:
             sent[frame[:2]] += 1
         self.transport.write(data)
+        return True
 
     def _overflowed(self, size: int) -> bool:
         """The reader is behind by ``size`` more bytes: past half the cap, hold

@@ -1095,3 +1095,20 @@ def test_random_traffic_reaches_only_its_addressees_and_is_confirmed_once(no_log
             assert got[src].count(s_delivered(dst, when)) == 1, "one 07 per message, once all have it"
     finally:
         net.shutdown()
+
+
+def test_a_reader_dropped_for_its_backlog_earns_its_sender_no_07(net):
+    """Past --max-buffer the 06 is not written, so it stays held and no 07 lies about it."""
+    from chatproto.server import Limits
+
+    net.factory.limits = Limits(max_buffer=200)  # less than one 06
+    a, b, ca, cb = two_online(net)
+    cb.proto.pauseProducing()  # b's transport says: stop, the reader is behind
+    ca.send(f_send(a, b, ts(1), b"one"), f_send(a, b, ts(2), b"two"))
+    assert ca.take() == [], "b was dropped instead of being written to"
+    assert cb.closed
+    assert cb.take() == []
+    cb.lose()
+    cb = net.online(b)
+    assert cb.held == [s_message(a, b, ts(1), b"one"), s_message(a, b, ts(2), b"two")]
+    assert ca.take() == [s_delivered(b, ts(1)), s_delivered(b, ts(2))]
