@@ -97,9 +97,14 @@ def _new_id(first: bytes, taken) -> bytes:
 class Hub:
     log = Logger()
 
-    def __init__(self, store, require_secrets: bool = False):
+    def __init__(self, store, require_secrets: bool = False, max_held: int = 0):
         self.store = store
         self.require_secrets = require_secrets
+        #: Messages that may wait for one offline user (0: no cap).
+        self.max_held = max_held
+        #: user id → messages held for them while offline (an estimate: it
+        #: starts from the store's count and counts what arrives meanwhile).
+        self.held_offline: dict[bytes, int] = {}
         #: user id → secret hash (str) or None for an account made with 01.
         self.users: dict[bytes, str | None] = {}
         #: group id → members, creator first.
@@ -116,6 +121,7 @@ class Hub:
             for g, marks in snapshot.read_marks.items()
         }
         self.low_marks = {g.encode(): ts for g, ts in snapshot.low_marks.items()}
+        self.held_offline = {u.encode(): count for u, count in snapshot.held.items()}
         self.log.info(
             "loaded {users} users and {groups} groups", users=len(self.users), groups=len(self.groups)
         )
@@ -170,6 +176,7 @@ class Hub:
         session.user = user
         session.secret_session = secret is not None
         self.sessions[user] = session
+        self.held_offline.pop(user, None)
         session.emit(wire.online_ok(user))
         self.log.info("{user} online", user=user.decode())
         self._start_flush(session, user)
@@ -298,10 +305,35 @@ class Hub:
                 session.error(wire.SEND, wire.NOT_A_MEMBER)
                 return
             recipients = [m for m in members if m != src]
+        if self.max_held:
+            recipients = self._within_cap(session, dst, recipients)
+            if not recipients and dst in self.users:
+                return
         d = self.store.record_message(
             src.decode(), dst.decode(), int(ts), text, [user.decode() for user in recipients]
         )
         d.addCallback(self._recorded, src, dst, ts, frame, recipients)
+
+    def _within_cap(self, session: Session, dst: bytes, recipients: list[bytes]) -> list[bytes]:
+        """Count what waits for offline recipients; refuse what would pass the cap.
+
+        A direct message to a full inbox gets 12 05 11 (the sender's outbox
+        tries again later); a group message goes to the other members.
+        """
+        held = self.held_offline
+        sessions = self.sessions
+        kept = []
+        for user in recipients:
+            if user not in sessions:
+                count = held.get(user, 0)
+                if count >= self.max_held:
+                    self.log.warn("held data cap reached for {user}", user=user.decode())
+                    if dst == user:
+                        session.error(wire.SEND, wire.BUSY)
+                    continue
+                held[user] = count + 1
+            kept.append(user)
+        return kept
 
     def _recorded(self, recorded, src, dst, ts, frame, recipients) -> None:
         """Committed: offer it to each recipient; each hold ends once it is written."""

@@ -18,6 +18,8 @@ from .store.sqlite import SchemaError, SQLiteStore
 
 DEFAULT_PORT = "tcp:7000"
 DEFAULT_DB = "chatproto.sqlite3"
+#: About 50 MB of text for one user: far past any conversation, short of a disk.
+DEFAULT_MAX_HELD = 200_000
 GC_THRESHOLD = 100_000
 #: Seconds a SIGTERM waits for clients to read what was written to them.
 SHUTDOWN_TIMEOUT = 10.0
@@ -66,6 +68,13 @@ class Options(usage.Options):
         ],
         ["frame-burst", None, Limits.frame_burst, "Frames one connection may send in a burst.", float],
         ["max-connections", None, Limits.max_connections, "Open connections at most (0: no limit).", int],
+        [
+            "max-held",
+            None,
+            DEFAULT_MAX_HELD,
+            "Messages that may wait for one offline user; past it a sender is told 12 05 11 (0: no cap).",
+            int,
+        ],
         [
             "login-timeout",
             None,
@@ -229,7 +238,7 @@ def makeService(options, reactor=None):
     except SchemaError as e:
         # Said in one line, not a traceback: the operator has a decision to make.
         raise SystemExit(f"chatproto: {e}") from None
-    hub = Hub(store, require_secrets=bool(options["require-secrets"]))
+    hub = Hub(store, require_secrets=bool(options["require-secrets"]), max_held=options["max-held"])
     endpoint = serverFromString(reactor, options["port"])
     limits = Limits(
         frame_rate=options["max-frame-rate"],

@@ -1112,3 +1112,37 @@ def test_a_reader_dropped_for_its_backlog_earns_its_sender_no_07(net):
     cb = net.online(b)
     assert cb.held == [s_message(a, b, ts(1), b"one"), s_message(a, b, ts(2), b"two")]
     assert ca.take() == [s_delivered(b, ts(1)), s_delivered(b, ts(2))]
+
+
+def test_held_data_for_an_offline_user_is_capped(net):
+    """Past the cap a direct message is refused as busy, a group message skips that member."""
+    net.hub.max_held = 2
+    a, b, ca, cb = two_online(net)
+    c, _ = net.register()
+    cc = net.online(c)
+    group = make_group(ca, a, ts(1), [b, c])
+    cb.take(), cc.take()
+    cb.lose()
+    ca.send(f_send(a, b, ts(2), b"one"), f_send(a, b, ts(3), b"two"))
+    assert ca.take() == []
+    ca.send(f_send(a, b, ts(4), b"three"))
+    assert ca.take() == [s_error(b"05", b"11")]
+    ca.send(f_send(a, group, ts(5), b"to the group"))
+    assert cc.take() == [s_message(a, group, ts(5), b"to the group")]
+    assert ca.take() == [s_delivered(group, ts(5))], "c had it; b's inbox was full"
+    cb = net.online(b)
+    assert cb.held == [s_message(a, b, ts(2), b"one"), s_message(a, b, ts(3), b"two")]
+    ca.send(f_send(a, b, ts(4), b"three"))  # the outbox tries again: b is back
+    assert cb.take() == [s_message(a, b, ts(4), b"three")]
+
+
+def test_the_held_data_cap_counts_what_was_held_before_a_restart(net):
+    a, b, ca, cb = two_online(net)
+    cb.lose()
+    ca.send(f_send(a, b, ts(2), b"one"), f_send(a, b, ts(3), b"two"))
+    ca.take()
+    net.restart()
+    net.hub.max_held = 2
+    ca = net.online(a)
+    ca.send(f_send(a, b, ts(4), b"three"))
+    assert ca.take() == [s_error(b"05", b"11")]

@@ -62,6 +62,8 @@ class Snapshot(NamedTuple):
     groups: dict[str, list[str]]
     read_marks: dict[str, dict[str, int]]
     low_marks: dict[str, int]
+    #: user id → messages held for them (for the cap on held data).
+    held: dict[str, int] = {}
 
 
 class IChatStore(Interface):

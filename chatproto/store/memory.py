@@ -55,6 +55,11 @@ class MemoryStore:
                 {g: list(m) for g, m in self.groups.items()},
                 {g: dict(m) for g, m in self.read_marks.items()},
                 dict(self.low_marks),
+                {
+                    user: count
+                    for user, inbox in self._inboxes.items()
+                    if (count := sum(item.code == HELD_MESSAGE for item in inbox.values()))
+                },
             )
         )
 

@@ -471,7 +471,8 @@ def _load(cur):
         groups[group_id].append(user_id)
         if mark:
             read_marks[group_id][user_id] = mark
-    return Snapshot(users, groups, read_marks, low_marks)
+    held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id"))
+    return Snapshot(users, groups, read_marks, low_marks, held)
 
 
 def _size(path: str) -> int:
