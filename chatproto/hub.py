@@ -344,25 +344,25 @@ class Hub:
             self._notify(src, wire.delivered(dst, ts), HELD_DELIVERED, "", dst.decode(), int(ts))
             if recorded.status == DUPLICATE_DELIVERED:
                 return
-        for user in recipients:
-            self._offer(user, frame, recorded.msg_id)
+        reached = [user.decode() for user in recipients if self._offer(user, frame)]
+        if reached:
+            self.store.mark_reached(recorded.msg_id, reached).addCallback(self._completed)
 
-    def _offer(self, user: bytes, frame: bytes, msg_id: int) -> None:
+    def _offer(self, user: bytes, frame: bytes) -> bool:
         """A held message, committed: send it now if its recipient can take it.
 
-        For a 03 session the hold ends once it is written (the 07 follows that
-        commit); for a 15 session, when the 16 comes.
+        True when it was written to a 03 session, whose hold ends there (the
+        07 follows that commit); a 15 session's ends when the 16 comes.
         """
         session = self.sessions.get(user)
         if session is None:
-            return
+            return False
         if session.flush is not None:
             session.flush.offers += 1  # its flush will fetch it from the store
-            return
+            return False
         if session.congested:
-            return
-        if session.emit(frame) and not session.secret_session:
-            self.store.mark_delivered(user.decode(), [msg_id]).addCallback(self._completed)
+            return False
+        return session.emit(frame) and not session.secret_session
 
     def _completed(self, completed: list[Completed]) -> None:
         for src, dst, ts in completed:

@@ -94,6 +94,9 @@ class IChatStore(Interface):
         marked; marking a message twice completes nothing.
         """
 
+    def mark_reached(msg_id, user_ids):
+        """Deferred[list[Completed]]: one message reached these users (a group's fan-out in one go)."""
+
     def acknowledge(user_id, src, dst, ts):
         """Deferred[list[Completed]]: user_id acknowledged (16) the message src→dst at ts."""
 

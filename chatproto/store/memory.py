@@ -108,6 +108,9 @@ class MemoryStore:
     def mark_delivered(self, user_id, msg_ids):
         return succeed(self._deliver(user_id, msg_ids))
 
+    def mark_reached(self, msg_id, user_ids):
+        return succeed([done for user_id in user_ids for done in self._deliver(user_id, [msg_id])])
+
     def acknowledge(self, user_id, src, dst, ts):
         ids = [
             item.msg_id

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 from importlib import resources
+from itertools import chain
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -350,6 +351,9 @@ class SQLiteStore:
     def mark_delivered(self, user_id, msg_ids):
         return self._submit(_mark_delivered, user_id, msg_ids)
 
+    def mark_reached(self, msg_id, user_ids):
+        return self._submit(_mark_reached, msg_id, user_ids)
+
     def acknowledge(self, user_id, src, dst, ts):
         return self._submit(_acknowledge, user_id, src, dst, ts)
 
@@ -546,27 +550,33 @@ def _record_messages(store, cur, items):
 _record_messages.bulk = True
 
 
-def _mark_delivered(store, cur, items):
-    """End the holds of a run of (user, msg_ids): one DELETE for all.
+def _end_holds(cur, ops):
+    """End the holds named by each op's (msg_id, user_id) pairs: one DELETE for all.
 
     The trigger made in ``_connection_setup`` counts each message's remaining
     recipients down and notes the ones that reach zero, so a message marked
-    twice is completed once.
+    twice is completed once; it completes on its last recipient's delete,
+    which the last op naming it made.
     """
-    cur.executemany(
-        "DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6",
-        [(msg_id, user_id) for user_id, msg_ids in items for msg_id in msg_ids],
-    )
-    # A message completes on its last recipient's delete: the last op naming it.
-    owner = {msg_id: at for at, (_, msg_ids) in enumerate(items) for msg_id in msg_ids}
-    results: list[list[Completed]] = [[] for _ in items]
+    cur.executemany("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", chain(*ops))
+    owner = {msg_id: at for at, pairs in enumerate(ops) for msg_id, _ in pairs}
+    results: list[list[Completed]] = [[] for _ in ops]
     for msg_id, src, dst, ts in cur.execute(_TAKE_COMPLETED):
         results[owner[msg_id]].append(Completed(src, dst, ts))
     cur.execute("DELETE FROM temp.completed")
     return results
 
 
+def _mark_delivered(store, cur, items):
+    return _end_holds(cur, [[(msg_id, user_id) for msg_id in msg_ids] for user_id, msg_ids in items])
+
+
+def _mark_reached(store, cur, items):
+    return _end_holds(cur, [[(msg_id, user_id) for user_id in user_ids] for msg_id, user_ids in items])
+
+
 _mark_delivered.bulk = True
+_mark_reached.bulk = True
 
 _TAKE_COMPLETED = (
     "SELECT m.id, m.src, m.dst, m.ts FROM temp.completed c JOIN messages m ON m.id = c.msg_id "
