@@ -8,14 +8,12 @@ Deferred fires after that commit, on the reactor thread.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from importlib import resources
 from itertools import chain
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -235,15 +233,11 @@ class SQLiteStore:
         self._conn = connect(path)
         ensure_schema(self._conn)
         _connection_setup(self._conn)
-        if path != ":memory:":
-            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
         (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         self._next_msg_id = last + 1
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-sqlite")
         self._pool.start()
-        self._checkpointer = None
-        if path != ":memory:":
-            self._checkpointer = _Checkpointer(self, path, reactor)
+
         self._queue: list[tuple] = []
         self._busy = False
         self._scheduled = False
@@ -401,60 +395,11 @@ class SQLiteStore:
 
     def _shut(self):
         self._pool.stop()
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
+        if self.path != ":memory:":
+            # Leave a compact database behind: the WAL folded in and emptied.
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
         self._closing.callback(None)
-
-
-class _Checkpointer:
-    """Copies the WAL back into the database from a thread of its own.
-
-    SQLite's automatic checkpoint runs inside a commit, and its fsyncs made
-    every batch behind it wait (the p99 latency in bench/results.md). Here
-    the writer never checkpoints; this connection does, with PASSIVE (which
-    never blocks the writer), when the writer has been idle for a second or
-    when the WAL has grown past WAL_LIMIT bytes under sustained load.
-    """
-
-    INTERVAL = 1.0
-    WAL_LIMIT = 64 << 20
-
-    def __init__(self, store, path, reactor):
-        self._store = store
-        self._wal = path + "-wal"
-        self._reactor = reactor
-        self._conn = connect(path)
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-checkpoint")
-        self._pool.start()
-        self._running = None
-        self._seen = -1
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = reactor
-        self._loop.start(self.INTERVAL, now=False)
-
-    def _tick(self):
-        committed, self._seen = self._seen, self._store.transactions
-        if self._running is not None:
-            return
-        if committed != self._seen and _size(self._wal) < self.WAL_LIMIT:
-            return  # busy, and the WAL is still small: wait for a quiet second
-        self._running = deferToThreadPool(self._reactor, self._pool, self._checkpoint)
-        self._running.addErrback(lambda f: SQLiteStore.log.failure("checkpoint failed", f))
-        self._running.addBoth(self._done)
-
-    def _checkpoint(self):
-        return self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-
-    def _done(self, _):
-        self._running = None
-
-    def stop(self):
-        if self._loop.running:
-            self._loop.stop()
-        self._pool.stop()
-        self._conn.close()
 
 
 # Each operation runs on the database thread inside the batch's transaction.
@@ -477,13 +422,6 @@ def _load(cur):
             read_marks[group_id][user_id] = mark
     held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id"))
     return Snapshot(users, groups, read_marks, low_marks, held)
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def _nothing(cur):
