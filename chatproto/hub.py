@@ -226,8 +226,8 @@ class Hub:
             return
         session.flush = None
         session.ready = True
-        if flush.frames:
-            session.emit_many([frame for frame, _ in flush.frames])
+        if flush.frames and not session.emit_many([frame for frame, _ in flush.frames]):
+            self._hold_notices(user, flush.frames)
         if flush.sent:
             self.log.info("flushed {count} held frames to {user}", count=flush.sent, user=user.decode())
 
@@ -274,9 +274,13 @@ class Hub:
         session.ready = False
         if session.user is not None and self.sessions.get(session.user) is session:
             del self.sessions[session.user]
-        for _, notice in flush.frames if flush else ():
+        if flush is not None:
+            self._hold_notices(session.user, flush.frames)
+
+    def _hold_notices(self, user: bytes, frames) -> None:
+        for _, notice in frames:
             if notice is not None:
-                self.store.hold(session.user.decode(), *notice)
+                self.store.hold(user.decode(), *notice)
 
     def _notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
         """A 07, 09 or 11 for ``user``: now if online, else at their next login."""
@@ -285,10 +289,8 @@ class Hub:
             self.store.hold(user.decode(), code, src, dst, ts)
         elif session.flush is not None:
             session.flush.frames.append((frame, (code, src, dst, ts)))
-        elif session.congested:
+        elif session.congested or not session.emit(frame):
             self.store.hold(user.decode(), code, src, dst, ts)
-        else:
-            session.emit(frame)
 
     # -- messages --------------------------------------------------------
 

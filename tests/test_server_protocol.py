@@ -1146,3 +1146,16 @@ def test_the_held_data_cap_counts_what_was_held_before_a_restart(net):
     ca = net.online(a)
     ca.send(f_send(a, b, ts(4), b"three"))
     assert ca.take() == [s_error(b"05", b"11")]
+
+
+def test_a_07_not_written_to_a_dropped_sender_waits_for_its_next_login(net):
+    from chatproto.server import Limits
+
+    net.factory.limits = Limits(max_buffer=20)  # less than one 07
+    a, b, ca, cb = two_online(net)
+    ca.proto.pauseProducing()
+    ca.send(f_send(a, b, ts(1), b"one"))
+    assert cb.take() == [s_message(a, b, ts(1), b"one")]
+    assert ca.take() == [] and ca.closed
+    ca.lose()
+    assert net.online(a).held == [s_delivered(b, ts(1))]
