@@ -17,9 +17,9 @@ from . import wire
 from .hub import Hub
 
 _MEMBER_AT = wire.GROUP_HEADER_LEN
-_NO_FRAME = b"00"
+_NO_FRAME = b"00"  # REF of an error that answers no frame (a refused connection)
 #: Store operations waiting past which clients are read no further for now.
-_STORE_BACKLOG = 4000  # REF of an error that answers no frame (a refused connection)
+_STORE_BACKLOG = 4000
 #: Seconds between two looks at the connections a shutdown waits to close.
 LINGER_POLL = 0.01
 
@@ -222,7 +222,6 @@ class ChatProtocol(Protocol):
 
     def resumeProducing(self):
         self.paused = False
-        self._throttled = False
         self._backlog = 0
         self.hub.drained(self)
 
