@@ -87,14 +87,20 @@ class Tmux:
     def start(self, name: str, command: str) -> None:
         self.run("new-session", "-d", "-s", name, "-x", "80", "-y", "24", command)
 
+    @staticmethod
+    def pane(name: str) -> str:
+        """The exact session ``name``: a bare "b" may name a window or pane of
+        another session, and then keys and screens come from the wrong client."""
+        return f"={name}:"
+
     def keys(self, name: str, *keys: str) -> None:
-        self.run("send-keys", "-t", name, *keys)
+        self.run("send-keys", "-t", self.pane(name), *keys)
 
     def type(self, name: str, text: str) -> None:
-        self.run("send-keys", "-t", name, "-l", text)
+        self.run("send-keys", "-t", self.pane(name), "-l", text)
 
     def screen(self, name: str) -> str:
-        return self.run("capture-pane", "-p", "-t", name)
+        return self.run("capture-pane", "-p", "-t", self.pane(name))
 
     def wait(self, name: str, pattern: str, timeout: float = 15.0) -> re.Match:
         try:
@@ -126,6 +132,20 @@ def client_command(server: Server, data_dir: Path, profile: str) -> str:
     )
 
 
+def add_contact(tmux: Tmux, name: str, user: str, nick: str) -> None:
+    """F2, then each field once the screen shows the one before: keys typed
+    ahead of the dialog they are meant for would land elsewhere."""
+    tmux.keys(name, "F2")
+    tmux.wait(name, r"Add a contact")
+    tmux.type(name, user)
+    tmux.wait(name, r"Id: *" + user)
+    tmux.keys(name, "Enter")
+    tmux.type(name, nick)
+    tmux.wait(name, r"Nickname: *" + nick)
+    tmux.keys(name, "Enter")
+    tmux.wait(name, rf"{nick}  \(id {user}")
+
+
 def test_two_people_talk_ticks_tell_the_truth_and_a_server_restart_loses_nothing(world):
     server, tmux, tmp = world
     tmux.start("a", client_command(server, tmp, "alice"))
@@ -136,12 +156,7 @@ def test_two_people_talk_ticks_tell_the_truth_and_a_server_restart_loses_nothing
     assert (tmp / "alice" / "identity.json").stat().st_mode & 0o777 == 0o600
 
     # Alice adds Bob and writes; Bob's list shows an unread conversation from her id.
-    tmux.keys("a", "F2")
-    tmux.type("a", bob)
-    tmux.keys("a", "Enter")
-    tmux.type("a", "Bob")
-    tmux.keys("a", "Enter")
-    tmux.wait("a", r"Bob  \(id " + bob)
+    add_contact(tmux, "a", bob, "Bob")
     tmux.type("a", "hello bob")
     tmux.keys("a", "Enter")
     tmux.wait("b", alice + r" +\(1\)")
@@ -188,14 +203,10 @@ def test_three_people_make_a_group_and_group_ticks_wait_for_everyone(world):
     for name in ("a", "b", "c"):
         ids[name] = tmux.wait(name, r"you: (\d{13})  ● connected").group(1)
     for who, nick in (("b", "Bob"), ("c", "Carol")):
-        tmux.keys("a", "F2")
-        tmux.type("a", ids[who])
-        tmux.keys("a", "Enter")
-        tmux.type("a", nick)
-        tmux.keys("a", "Enter")
-        tmux.wait("a", rf"{nick}  \(id ")
+        add_contact(tmux, "a", ids[who], nick)
     tmux.keys("a", "F3")
     tmux.wait("a", r"Members")
+    tmux.wait("a", rf"Bob \({ids['b']}\)[\s\S]*Carol \({ids['c']}\)")
     tmux.type("a", "Trio")
     tmux.keys("a", "Tab", "Space", "Down", "Space", "Enter")
     tmux.wait("a", r"Trio  \(group 1\d{12}\)")
