@@ -243,6 +243,9 @@ class SQLiteStore:
         self._scheduled = False
         self._closing: Deferred | None = None
         self._waiting: list[Deferred] = []
+        #: Figures for the benchmark and the logs: transactions and operations.
+        self.transactions = 0
+        self.operations = 0
 
     # -- group commit ----------------------------------------------------
 
@@ -305,6 +308,8 @@ class SQLiteStore:
                 d.errback(outcome)
         else:
             results, seconds = outcome
+            self.transactions += 1
+            self.operations += len(batch)
             self.log.debug("committed {count} operations in {ms:.2f} ms", count=len(batch), ms=seconds * 1000)
             if self.on_commit is not None:
                 self.on_commit(len(batch), seconds)
