@@ -4,11 +4,13 @@ errors that Twisted would only log."""
 from __future__ import annotations
 
 import gc
+import signal
 
 import pytest
 from twisted.logger import globalLogPublisher
 
 from .helpers import Net
+from .test_e2e_server import Server
 
 
 @pytest.fixture
@@ -27,6 +29,23 @@ def no_logged_failures():
     finally:
         globalLogPublisher.removeObserver(observer)
     assert not failures, "logged failures:\n" + "\n".join(f.getTraceback() for f in failures)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Start real servers on demand, ``server(*options, db=PATH)``; each still
+    running at the end is killed (its log stays in tmp_path)."""
+    started = []
+
+    def start(*extra, db=None):
+        s = Server(db or str(tmp_path / "chat.sqlite3"), tmp_path / f"server{len(started)}.log", *extra)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.stop(signal.SIGKILL)
 
 
 @pytest.fixture(params=["memory", "sqlite"])

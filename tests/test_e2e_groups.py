@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 from .helpers import f_group, f_seen, f_send, s_added, s_delivered, s_message, s_seen_by, ts
-from .test_e2e_server import server  # noqa: F401 - the fixture
 
 MEMBERS = 99
 
@@ -21,7 +20,7 @@ def read_until(conn, wanted: bytes, resendable: set[bytes]) -> None:
     raise AssertionError(f"never got {wanted!r}")
 
 
-def test_a_group_of_99_with_half_offline_survives_kill_9(server):  # noqa: F811
+def test_a_group_of_99_with_half_offline_survives_kill_9(server):
     srv = server()
     setup = srv.client()
     users = [setup.register() for _ in range(MEMBERS)]

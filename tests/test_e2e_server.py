@@ -161,22 +161,6 @@ class Client:
         self.sock.close()
 
 
-@pytest.fixture
-def server(tmp_path):
-    """Start servers on demand; each is stopped (and its log kept) at the end."""
-    started = []
-
-    def start(db=None, *extra):
-        s = Server(db or str(tmp_path / "chat.sqlite3"), tmp_path / f"server{len(started)}.log", *extra)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.stop(signal.SIGKILL)
-
-
 def test_two_users_register_talk_and_see_07_and_09(server):
     srv = server()
     setup = srv.client()
@@ -251,7 +235,7 @@ def test_garbage_closes_only_its_own_connection(server):
 
 def test_memory_database_works_and_leaves_no_file(server, tmp_path):
     before = set(REPO.iterdir())
-    srv = server(":memory:")
+    srv = server(db=":memory:")
     conn = srv.client()
     a = conn.register()
     conn.login(a)

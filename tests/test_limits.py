@@ -16,30 +16,12 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from .helpers import f_online, f_online_secret, f_received, f_send, s_delivered, s_error, s_message, ts
-from .test_e2e_server import DEADLINE, REPO, Client, Server
+from .test_e2e_server import DEADLINE, REPO, Client
 
 _spec = importlib.util.spec_from_file_location("soak", REPO / "bench" / "soak.py")
 soak = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(soak)
-
-
-@pytest.fixture
-def server(tmp_path):
-    """Start servers on demand with extra options; each is killed at the end if still running."""
-    started = []
-
-    def start(*extra, db=None):
-        s = Server(db or str(tmp_path / "chat.sqlite3"), tmp_path / f"server{len(started)}.log", *extra)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.stop(signal.SIGKILL)
 
 
 def pause(seconds: float) -> None:

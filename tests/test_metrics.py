@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chatproto.metrics import Metrics, QueuedMessages
 
 from .helpers import f_online, f_send, s_delivered, s_error, s_message, ts
-from .test_e2e_server import DEADLINE, free_port, server  # noqa: F401 - the fixture
+from .test_e2e_server import DEADLINE, free_port
 
 # -- the collector, in process ---------------------------------------------
 
@@ -149,7 +149,7 @@ def wait_for(port: int, name: str, expected: float, **labels) -> dict:
 
 def test_the_endpoint_moves_with_two_clients_chatting(server):  # noqa: F811 - the fixture
     mport = free_port()
-    srv = server(None, "--metrics", f"tcp:{mport}:interface=127.0.0.1")
+    srv = server("--metrics", f"tcp:{mport}:interface=127.0.0.1")
     setup = srv.client()
     a, b = setup.register(), setup.register()
     setup.close()
@@ -202,7 +202,7 @@ def test_the_endpoint_moves_with_two_clients_chatting(server):  # noqa: F811 - t
 
 def test_the_endpoint_counts_messages_queued_for_an_offline_user(server):  # noqa: F811
     mport = free_port()
-    srv = server(None, "--metrics", str(mport))  # a bare port: every interface
+    srv = server("--metrics", str(mport))  # a bare port: every interface
     conn = srv.client()
     a, b = conn.register(), conn.register()
     conn.login(a)

@@ -18,7 +18,7 @@ import time
 from twisted.logger import eventFromJSON, formatEvent
 
 from .helpers import SERVER_FRAME_LEN, f_online_secret, f_send, s_delivered, s_message, ts
-from .test_e2e_server import DEADLINE, Client, free_port, server  # noqa: F401 - the fixture
+from .test_e2e_server import DEADLINE, Client, free_port
 from .test_metrics import scrape, value
 
 T0 = 1700001000
@@ -97,7 +97,7 @@ def test_sigterm_with_traffic_in_flight_loses_nothing(server):  # noqa: F811 - t
     one 07 for each of them and for nothing else. A graceful stop writes the
     answers to everything it committed, so nothing is delivered twice either.
     """
-    srv = server(None, "--max-frame-rate", "0")
+    srv = server("--max-frame-rate", "0")
     setup = srv.client()
     a, b = setup.register(), setup.register()
     setup.close()
@@ -174,7 +174,6 @@ def test_a_client_that_does_not_read_is_dropped_at_the_deadline(server):  # noqa
     """
     mport = free_port()
     srv = server(
-        None,
         "--shutdown-timeout",
         "1",
         "--max-frame-rate",
