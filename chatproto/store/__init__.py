@@ -66,6 +66,49 @@ class Snapshot(NamedTuple):
     held: dict[str, int] = {}
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached now: the server answers 12 XX 11 (busy)."""
+
+
+# What a clustered store's listener hands the hub, one event per notification.
+
+
+class Held(NamedTuple):
+    """``item`` was committed to ``user``'s inbox (on any node)."""
+
+    user: str
+    item: InboxItem
+
+
+class UserAdded(NamedTuple):
+    user: str
+    secret_hash: str | None
+
+
+class GroupAdded(NamedTuple):
+    group: str
+    members: list[str]
+
+
+class Takeover(NamedTuple):
+    """``node`` must close its session of ``user``: it logged in on ``by``."""
+
+    user: str
+    node: str
+    by: str
+
+
+class Released(NamedTuple):
+    """``node`` no longer writes to ``user``, and what it did is committed."""
+
+    user: str
+    node: str
+
+
+class Reconnected(NamedTuple):
+    """The listener lost its connection and has it back: events may be missing."""
+
+
 class IChatStore(Interface):
     backlog = Attribute("int: operations submitted and not yet committed, for backpressure.")
 
@@ -126,3 +169,39 @@ class IChatStore(Interface):
 
     def close():
         """Deferred[None]: finish what was submitted, then release the database."""
+
+
+class IClusterStore(IChatStore):
+    """A store several nodes share: every inbox row, user and group it commits
+    is announced to every node's listener, in commit order.
+
+    A message that completes (its last hold ends, a resend of a delivered
+    one, a group with no one else) gets its sender's 07 held in the same
+    transaction, so a 07 is never lost between two transactions.
+    """
+
+    node = Attribute("str: this node's id, unique per process")
+
+    def listen(handler):
+        """Deferred[None]: start the listener; ``handler(event)`` runs on the reactor for each event."""
+
+    def sync():
+        """Deferred[None]: fires once the listener has seen every event committed before this call."""
+
+    def lookup(ids):
+        """Deferred[tuple[dict[str, str | None], dict[str, list[str]]]]: the users and groups among ids."""
+
+    def read_group(group_id, user_id, ts):
+        """Deferred[int | None]: raise user_id's read mark; the group's new low mark if it moved.
+
+        A moved low mark holds a 09 (src = the group, ts = the low mark) for every member.
+        """
+
+    def claim_session(user_id):
+        """Deferred[str | None]: make this node the user's; the live node that must release first.
+
+        That node is sent a Takeover in the same transaction.
+        """
+
+    def release_session(user_id):
+        """Deferred[None]: this node gave up the user's session; announces Released."""
