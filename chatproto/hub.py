@@ -30,6 +30,7 @@ from .store import (
     HELD_SEEN,
     Completed,
     Snapshot,
+    StoreUnavailable,
 )
 
 #: Held items sent per store round trip when a user comes online.
@@ -40,9 +41,9 @@ class _Flush:
     """Where a user's flush of held items is: a cursor into their inbox, and
     the live frames that must wait until everything held has been sent."""
 
-    __slots__ = ("cursor", "offers", "asked_at", "waiting", "sent", "frames")
+    __slots__ = ("cursor", "offers", "asked_at", "waiting", "sent", "frames", "seqs", "live")
 
-    def __init__(self):
+    def __init__(self, tracked: bool = False):
         self.cursor = 0
         #: Messages held for the user since the flush began: while this moves,
         #: the inbox may hold more than the last page showed.
@@ -53,6 +54,10 @@ class _Flush:
         self.sent = 0
         #: (frame, notice to hold if the connection is lost, or None)
         self.frames: list[tuple[bytes, tuple | None]] = []
+        #: Seqs of the items sent, and items that arrived live meanwhile: for
+        #: a hub whose live items may also be in a page (several nodes).
+        self.seqs: set[int] | None = set() if tracked else None
+        self.live: list = []
 
 
 class Session(Protocol):
@@ -77,6 +82,9 @@ class Session(Protocol):
     def emit_many(self, frames: list[bytes]) -> bool:
         """The frames in one write: a flush page is one syscall, not a thousand."""
 
+    def stall(self, d) -> None:
+        """Handle none of the connection's frames until ``d`` fires: they must stay in order."""
+
     def error(self, ref: bytes, reason: bytes) -> None: ...
 
     def close_with(self, frame: bytes) -> None: ...
@@ -96,6 +104,8 @@ def _new_id(first: bytes, taken) -> bytes:
 
 class Hub:
     log = Logger()
+    #: Whether a flush remembers the seqs it sent (see _Flush).
+    track_flushes = False
 
     def __init__(self, store, require_secrets: bool = False, max_held: int = 0):
         self.store = store
@@ -142,6 +152,7 @@ class Hub:
             d.addCallback(lambda _: session.emit(wire.registered_secret(user, secret)))
         else:
             d.addCallback(lambda _: session.emit(wire.registered(user)))
+        d.addErrback(self._not_registered, session, code, user)
         self.log.info("registered {user}", user=user.decode())
 
     def login(self, session: Session, user: bytes, secret: bytes | None, code: bytes) -> None:
@@ -177,6 +188,9 @@ class Hub:
         session.secret_session = secret is not None
         self.sessions[user] = session
         self.held_offline.pop(user, None)
+        self._came_online(session, user)
+
+    def _came_online(self, session: Session, user: bytes) -> None:
         session.emit(wire.online_ok(user))
         self.log.info("{user} online", user=user.decode())
         self._start_flush(session, user)
@@ -184,7 +198,7 @@ class Hub:
     def _start_flush(self, session: Session, user: bytes) -> None:
         """Send everything held, a page at a time; live frames wait behind it."""
         session.ready = False
-        session.flush = _Flush()
+        session.flush = _Flush(self.track_flushes)
         self._next_page(session, user)
 
     def _next_page(self, session: Session, user: bytes) -> None:
@@ -192,10 +206,13 @@ class Hub:
         flush.asked_at = flush.offers
         d = self.store.inbox(user.decode(), flush.cursor, FLUSH_PAGE)
         d.addCallback(self._flush_page, session, user, flush)
+        d.addErrback(self._flush_failed, session, user, flush)
 
-    def _flush_page(self, items, session: Session, user: bytes, flush: _Flush) -> None:
-        if session.flush is not flush or self.sessions.get(user) is not session:
-            return
+    def _send_items(self, session: Session, user: bytes, items) -> bool:
+        """Write held items; a 03 session's holds end here, a 15's on its 16s.
+
+        False when the reader was dropped as too slow: all of it stays held.
+        """
         frames = []
         reached = []
         notices = []
@@ -208,15 +225,24 @@ class Hub:
             else:
                 frames.append(self._notice_frame(item.code, item.src, item.dst, item.ts))
                 notices.append(item.seq)
-        if items:
-            flush.cursor = items[-1].seq
-            flush.sent += len(items)
-            if not session.emit_many(frames):
-                return  # dropped as a slow reader: all of it stays held
+        if not session.emit_many(frames):
+            return False
         if notices:
             self.store.drop(user.decode(), notices)
         if reached and not session.secret_session:
-            self.store.mark_delivered(user.decode(), reached).addCallback(self._completed)
+            self.store.mark_delivered(user.decode(), reached).addCallbacks(self._completed, self._kept)
+        return True
+
+    def _flush_page(self, items, session: Session, user: bytes, flush: _Flush) -> None:
+        if session.flush is not flush or self.sessions.get(user) is not session:
+            return
+        if items:
+            flush.cursor = items[-1].seq
+            flush.sent += len(items)
+            if flush.seqs is not None:
+                flush.seqs.update(item.seq for item in items)
+            if not self._send_items(session, user, items):
+                return
         if len(items) == FLUSH_PAGE or flush.offers != flush.asked_at:
             # More may be held (a full page, or a message held since we asked).
             if session.paused:
@@ -224,12 +250,38 @@ class Hub:
             else:
                 self._next_page(session, user)
             return
+        self._flushed(session, user, flush)
+
+    def _flushed(self, session: Session, user: bytes, flush: _Flush) -> None:
+        """Everything held was sent: live frames go straight out from now on."""
         session.flush = None
         session.ready = True
         if flush.frames and not session.emit_many([frame for frame, _ in flush.frames]):
             self._hold_notices(user, flush.frames)
         if flush.sent:
             self.log.info("flushed {count} held frames to {user}", count=flush.sent, user=user.decode())
+
+    def _flush_failed(self, failure, session: Session, user: bytes, flush: _Flush) -> None:
+        """The store could not be read: the user is told to come back (everything stays held)."""
+        failure.trap(StoreUnavailable)
+        if session.flush is flush and self.sessions.get(user) is session:
+            self.log.warn("could not flush to {user}: the store is unavailable", user=user.decode())
+            session.close_with(wire.error(wire.ONLINE, wire.BUSY))
+
+    def _busy(self, failure, session: Session, code: bytes) -> None:
+        """A change the store could not commit: the client is told to try again."""
+        failure.trap(StoreUnavailable)
+        session.error(code, wire.BUSY)
+
+    def _kept(self, failure) -> None:
+        """A hold that could not be ended stays: the item is sent again, never lost."""
+        failure.trap(StoreUnavailable)
+        self.log.warn("the store is unavailable: a delivery stays held and will be sent again")
+
+    def _not_registered(self, failure, session: Session, code: bytes, user: bytes) -> None:
+        failure.trap(StoreUnavailable)
+        self.users.pop(user, None)
+        session.error(code, wire.BUSY)
 
     def congested(self, session: Session) -> None:
         """The session's reader fell behind: hold what is for it in the store."""
@@ -314,7 +366,12 @@ class Hub:
         d = self.store.record_message(
             src.decode(), dst.decode(), int(ts), text, [user.decode() for user in recipients]
         )
-        d.addCallback(self._recorded, src, dst, ts, frame, recipients)
+        d.addCallbacks(
+            self._recorded,
+            self._busy,
+            callbackArgs=(src, dst, ts, frame, recipients),
+            errbackArgs=(session, wire.SEND),
+        )
 
     def _within_cap(self, session: Session, dst: bytes, recipients: list[bytes]) -> list[bytes]:
         """Count what waits for offline recipients; refuse what would pass the cap.
@@ -348,7 +405,7 @@ class Hub:
                 return
         reached = [user.decode() for user in recipients if self._offer(user, frame)]
         if reached:
-            self.store.mark_reached(recorded.msg_id, reached).addCallback(self._completed)
+            self.store.mark_reached(recorded.msg_id, reached).addCallbacks(self._completed, self._kept)
 
     def _offer(self, user: bytes, frame: bytes) -> bool:
         """A held message, committed: send it now if its recipient can take it.
@@ -377,7 +434,7 @@ class Hub:
         if not session.secret_session:
             return
         d = self.store.acknowledge(session.user.decode(), src.decode(), dst.decode(), int(ts))
-        d.addCallback(self._completed)
+        d.addCallbacks(self._completed, self._kept)
 
     # -- receipts --------------------------------------------------------
 
