@@ -487,18 +487,25 @@ class Hub:
 
     # -- groups ----------------------------------------------------------
 
-    def create_group(self, session: Session, ts: bytes, listed: list[bytes]) -> None:
-        creator = session.user
-        members = [creator]
+    def _group_members(self, session: Session, listed: list[bytes]) -> list[bytes] | None:
+        """The creator first, then the listed once each; None (with the error sent) if refused."""
+        members = [session.user]
         for member in listed:
             if member not in members:
                 members.append(member)
         if len(members) > wire.MAX_MEMBERS:
             session.error(wire.CREATE_GROUP, wire.MALFORMED)
-            return
+            return None
         if any(member not in self.users for member in members):
             session.error(wire.CREATE_GROUP, wire.UNKNOWN_USER)
+            return None
+        return members
+
+    def create_group(self, session: Session, ts: bytes, listed: list[bytes]) -> None:
+        members = self._group_members(session, listed)
+        if members is None:
             return
+        creator = session.user
         group = _new_id(b"1", self.groups)
         self.groups[group] = members
         self.read_marks[group] = {}

@@ -89,6 +89,8 @@ class ChatProtocol(Protocol):
         self._refused = False
         self.paused = False
         self._throttled = False
+        #: Stalls not yet over (see stall): frames wait while any is.
+        self._stalled = 0
         self._refused_frames = 0
         self._limit_logged = 0.0
         self._backlog = 0
@@ -149,6 +151,26 @@ class ChatProtocol(Protocol):
         self._refused = True
         self._cancel_login_timer()
         self.transport.pauseProducing()
+
+    def stall(self, d) -> None:
+        if d.called:
+            return
+        self._stalled += 1
+        self.transport.pauseProducing()
+        d.addBoth(self._unstall)
+
+    def _unstall(self, result):
+        self._stalled -= 1
+        if self._stalled:
+            return result
+        if self.user is not None:
+            self._cancel_login_timer()
+        if not self._closing and not self._refused:
+            if not self._throttled:
+                self.transport.resumeProducing()
+            if self._buffer:
+                self.dataReceived(b"")
+        return result
 
     def finish(self) -> None:
         """Close once everything written is sent.
@@ -231,6 +253,9 @@ class ChatProtocol(Protocol):
     def dataReceived(self, data: bytes):
         if self._closing or self._refused:
             return
+        if self._stalled:
+            self._buffer += data
+            return
         if self._buffer:
             data = self._buffer + data
         frames, self._buffer, status = wire.split_frames(wire.CLIENT_FRAME_LEN, data)
@@ -243,7 +268,7 @@ class ChatProtocol(Protocol):
             )
             self._refilled = now
         received = self._received
-        for frame in frames:
+        for at, frame in enumerate(frames):
             code = frame[:2]
             received[code] += 1
             if limited:
@@ -255,6 +280,10 @@ class ChatProtocol(Protocol):
                 self._tokens -= 1
             handlers[code](self, frame)
             if self._closing:
+                return
+            if self._stalled:
+                # The rest waits, unframed again, for the stall to end.
+                self._buffer = b"".join(frames[at + 1 :]) + self._buffer
                 return
         if self._refused_frames and self.clock.seconds() - self._limit_logged >= 1:
             # One line a second at most: a flood must not become a log flood.

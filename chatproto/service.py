@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from .cluster import ClusterHub
 from .hub import Hub
 from .server import ChatFactory, Limits
 from .store.sqlite import SchemaError, SQLiteStore
@@ -43,7 +44,8 @@ class Options(usage.Options):
             "db",
             "d",
             DEFAULT_DB,
-            "SQLite database file, created if missing; ':memory:' keeps nothing after exit.",
+            "SQLite database file, created if missing; ':memory:' keeps nothing after exit; "
+            "or a postgresql://USER@HOST/DBNAME URL, which several nodes may share.",
         ],
         [
             "metrics",
@@ -129,8 +131,11 @@ class ChatService(Service):
 
     def startService(self):
         super().startService()
-        d = self.store.load()
-        d.addCallback(self.hub.load)
+        if isinstance(self.hub, ClusterHub):
+            d = self.hub.start()
+        else:
+            d = self.store.load()
+            d.addCallback(self.hub.load)
         d.addCallback(lambda _: _tune_garbage_collector())
         d.addCallback(lambda _: self._endpoint.listen(self.factory))
         d.addCallback(self._listening)
@@ -230,15 +235,34 @@ def _tune_garbage_collector():
     gc.set_threshold(GC_THRESHOLD, 50, 100)
 
 
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def _postgres_store(url: str, reactor):
+    try:
+        from .store.postgres import PostgresStore
+    except ImportError as e:
+        raise SystemExit(
+            f"chatproto: --db {url} needs psycopg: pip install 'chatproto[postgres]' ({e})"
+        ) from None
+    return PostgresStore(url, reactor)
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    db = options["db"]
     try:
-        store = SQLiteStore(options["db"], reactor)
+        if is_postgres_url(db):
+            store = _postgres_store(db, reactor)
+            hub = ClusterHub(store, reactor, require_secrets=bool(options["require-secrets"]))
+        else:
+            store = SQLiteStore(db, reactor)
+            hub = Hub(store, require_secrets=bool(options["require-secrets"]), max_held=options["max-held"])
     except SchemaError as e:
         # Said in one line, not a traceback: the operator has a decision to make.
         raise SystemExit(f"chatproto: {e}") from None
-    hub = Hub(store, require_secrets=bool(options["require-secrets"]), max_held=options["max-held"])
     endpoint = serverFromString(reactor, options["port"])
     limits = Limits(
         frame_rate=options["max-frame-rate"],
