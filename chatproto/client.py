@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from . import wire
 
@@ -695,7 +697,11 @@ class ChatClientProtocol(Protocol):
             self.model.on_group(frame[2:15].decode(), int(frame[15:25]), members)
 
     def _error(self, ref: bytes, reason: bytes) -> None:
-        if ref in (wire.REGISTER_SECRET, wire.ONLINE_SECRET) and self.phase in ("register", "login"):
+        if reason == wire.BUSY and self.phase in ("register", "login"):
+            # The server cannot reach its database now: come back after the backoff.
+            self.log.info("server busy during {phase}: reconnecting later", phase=self.phase)
+            self.close()
+        elif ref in (wire.REGISTER_SECRET, wire.ONLINE_SECRET) and self.phase in ("register", "login"):
             self._refused(error_sentence(ref, reason))
         elif reason == wire.LOGGED_IN_ELSEWHERE:
             self._refused("This profile logged in from somewhere else, so this client went offline.")
@@ -735,6 +741,34 @@ class _Factory(Factory):
         return protocol
 
 
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """Several servers (nodes of one cluster): each connection tries them in
+    turn, starting with the one that worked last, so a node that died is skipped."""
+
+    def __init__(self, endpoints: list):
+        self._endpoints = endpoints
+        self._first = 0
+
+    def connect(self, factory) -> Deferred:
+        return self._try(factory, self._first, len(self._endpoints))
+
+    def _try(self, factory, at: int, left: int) -> Deferred:
+        d = self._endpoints[at].connect(factory)
+
+        def connected(protocol):
+            self._first = at
+            return protocol
+
+        def next_one(failure):
+            if left == 1:
+                return failure
+            return self._try(factory, (at + 1) % len(self._endpoints), left - 1)
+
+        d.addCallbacks(connected, next_one)
+        return d
+
+
 class ChatClient:
     """Keeps one logged-in connection alive: ClientService with backoff, login and resend on each.
 
@@ -745,11 +779,14 @@ class ChatClient:
 
     log = Logger()
 
-    def __init__(self, reactor, server: str | object, model: ClientModel, retry_policy=None):
+    def __init__(self, reactor, server: str | list[str] | object, model: ClientModel, retry_policy=None):
         self.clock = reactor
         self.model = model
         if isinstance(server, str):
-            server = clientFromString(reactor, endpoint_description(server))
+            server = [server]
+        if isinstance(server, list):
+            endpoints = [clientFromString(reactor, endpoint_description(s)) for s in server]
+            server = endpoints[0] if len(endpoints) == 1 else FailoverEndpoint(endpoints)
         self.service = ClientService(
             server,
             _Factory(self),
@@ -829,6 +866,7 @@ __all__ = [
     "ChatClientProtocol",
     "ClientModel",
     "Conversation",
+    "FailoverEndpoint",
     "Identity",
     "LocalStore",
     "Message",

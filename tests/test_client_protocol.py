@@ -18,6 +18,7 @@ from chatproto.client import (
     RECONNECTING,
     SENT,
     ChatClient,
+    FailoverEndpoint,
     Identity,
     LocalStore,
     ProfileError,
@@ -88,6 +89,60 @@ def test_refused_login_goes_offline_and_stops_retrying(tmp_path):
     clock.advance(60)
     assert len(endpoint.connections) == 1
     assert model.status == OFFLINE and "secret" in model.status_detail
+
+
+def test_a_busy_server_at_login_is_retried_not_given_up(tmp_path):
+    """12 15 11: the server could not reach its database; the same login works later."""
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    ChatClient(clock, endpoint, model, retry_policy=lambda n: 1.0).start()
+    protocol, transport = endpoint.last
+    protocol.dataReceived(wire.error(wire.ONLINE_SECRET, wire.BUSY))
+    assert transport.disconnecting
+    drop(protocol)
+    assert model.status == RECONNECTING
+    clock.advance(1.5)
+    protocol, _ = endpoint.last
+    assert len(endpoint.connections) == 2
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert model.status == CONNECTED
+
+
+class _Down:
+    """A node that is not there: every connection is refused."""
+
+    def __init__(self):
+        self.tries = 0
+
+    def connect(self, factory):
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError
+
+        self.tries += 1
+        return fail(ConnectionRefusedError())
+
+
+def test_with_several_servers_a_dead_one_is_skipped_and_the_live_one_kept(tmp_path):
+    model, clock = make_model(tmp_path)
+    dead, live = _Down(), FakeEndpoint()
+    client = ChatClient(clock, FailoverEndpoint([dead, live]), model, retry_policy=lambda n: 1.0)
+    client.start()
+    protocol, _ = live.last
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert model.status == CONNECTED and dead.tries == 1
+    drop(protocol)
+    clock.advance(1.5)
+    # The next attempt starts with the server that worked last.
+    assert len(live.connections) == 2 and dead.tries == 1
+
+
+def test_when_every_server_is_down_the_client_keeps_retrying(tmp_path):
+    model, clock = make_model(tmp_path)
+    first, second = _Down(), _Down()
+    ChatClient(clock, FailoverEndpoint([first, second]), model, retry_policy=lambda n: 1.0).start()
+    clock.advance(1.5)
+    assert (first.tries, second.tries) == (2, 2)
+    assert model.status == RECONNECTING
 
 
 def test_login_that_never_answers_is_dropped_and_retried(tmp_path):

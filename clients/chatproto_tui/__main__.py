@@ -19,9 +19,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--server",
-        default="tcp:localhost:7000",
+        action="append",
         help="a Twisted client endpoint string (tcp:HOST:PORT, tls:HOST:PORT, unix:PATH) "
-        "or HOST:PORT as shorthand (default: %(default)s)",
+        "or HOST:PORT as shorthand (default: tcp:localhost:7000); give it again for each node "
+        "of a cluster: a reconnection tries them in turn",
     )
     p.add_argument("--profile", default="default", help="which identity to use (default: %(default)s)")
     p.add_argument(
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         return 2
     from .ui import App
 
-    client = ChatClient(reactor, args.server, model)
+    client = ChatClient(reactor, args.server or ["tcp:localhost:7000"], model)
     app = App(
         model,
         client,
