@@ -8,7 +8,10 @@ padding); the store knows nothing of frames.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from itertools import groupby
+from operator import itemgetter
+from typing import NamedTuple, TypeVar
 
 from zope.interface import Attribute, Interface
 
@@ -68,6 +71,43 @@ class Snapshot(NamedTuple):
 
 class StoreUnavailable(Exception):
     """The database cannot be reached now: the server answers 12 XX 11 (busy)."""
+
+
+class SchemaError(Exception):
+    """The database's schema cannot be used: ``twist chat`` says why and exits."""
+
+
+class DatabaseTooNew(SchemaError):
+    """The database was written by a newer chatproto than this one."""
+
+
+class UpgradeFailed(SchemaError):
+    """Upgrading an older database failed; it was left as it was."""
+
+
+Id = TypeVar("Id")
+
+
+def next_low_mark(
+    low: int, rows: Iterable[tuple[Id, int]], members: Iterable[Id], marks: Mapping[Id, int]
+) -> int | None:
+    """The group's new low mark, or None if it stays at ``low``.
+
+    ``rows`` are the group's (sender, ts) after ``low``, by ts; ``marks`` the
+    members' read marks. A message counts as read when every member but its
+    sender has a read mark at or past it; messages sharing a timestamp move
+    the mark together. Written once, for the hub and the clustered store.
+    """
+    members = list(members)
+    new_low = low
+    for when, same_time in groupby(rows, key=itemgetter(1)):
+        if when <= low:
+            continue
+        senders = {src for src, _ in same_time}
+        if not all(marks.get(m, 0) >= when for sender in senders for m in members if m != sender):
+            break
+        new_low = when
+    return new_low if new_low > low else None
 
 
 # What a clustered store's listener hands the hub, one event per notification.

@@ -1,10 +1,4 @@
-"""The default store: SQLite in WAL mode, with group commit.
-
-Every operation submitted during one reactor turn (and while the previous
-transaction is running) goes into one transaction on a single database
-thread, so a burst of messages costs one commit, and each operation's
-Deferred fires after that commit, on the reactor thread.
-"""
+"""The default store: SQLite in WAL mode, with group commit (``batching``)."""
 
 from __future__ import annotations
 
@@ -13,11 +7,7 @@ import time
 from importlib import resources
 from itertools import chain
 
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from . import (
@@ -27,34 +17,24 @@ from . import (
     HELD_MESSAGE,
     NEW,
     Completed,
+    DatabaseTooNew,
     IChatStore,
     InboxItem,
     Recorded,
+    SchemaError,
     Snapshot,
+    UpgradeFailed,
 )
+from .batching import BatchingStore
 
 #: The schema this code writes. A fresh database is made from ``NNN.sql`` of
 #: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
 SCHEMA_VERSION = 2
 
-#: Operations per transaction at most: enough to amortize a commit, few
-#: enough that one batch's deliveries to one reader stay well under the
-#: server's congestion threshold, and that latency stays in milliseconds.
-MAX_BATCH = 2000
+# The schema errors are shared with the PostgreSQL store now; the service still imports them from here.
+__all__ = ["SchemaError", "DatabaseTooNew", "UpgradeFailed", "SQLiteStore"]
 
 _schema_log = Logger(namespace="chatproto.store.sqlite")
-
-
-class SchemaError(Exception):
-    """The database's schema cannot be used: ``twist chat`` says why and exits."""
-
-
-class DatabaseTooNew(SchemaError):
-    """The database was written by a newer chatproto than this one."""
-
-
-class UpgradeFailed(SchemaError):
-    """Upgrading an older database failed; it was left as it was."""
 
 
 def _connection_setup(conn: sqlite3.Connection) -> None:
@@ -221,78 +201,22 @@ def _record(conn: sqlite3.Connection, version: int, previous: int | None, backup
 
 
 @implementer(IChatStore)
-class SQLiteStore:
-    log = Logger()
-    #: Called on the reactor thread after each commit with (operations, seconds
-    #: the transaction took): the service's metrics set it, the store needs none.
-    on_commit = None
-
+class SQLiteStore(BatchingStore):
     def __init__(self, path: str, reactor):
         self.path = path
-        self._reactor = reactor
         self._conn = connect(path)
         ensure_schema(self._conn)
         _connection_setup(self._conn)
         (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         self._next_msg_id = last + 1
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-sqlite")
-        self._pool.start()
-
-        self._queue: list[tuple] = []
-        self._busy = False
-        self._scheduled = False
-        self._closing: Deferred | None = None
-        self._waiting: list[Deferred] = []
-        #: Figures for the benchmark and the logs: transactions and operations.
-        self.transactions = 0
-        self.operations = 0
-
-    # -- group commit ----------------------------------------------------
-
-    def _submit(self, fn, *args) -> Deferred:
-        d = Deferred()
-        self._queue.append((fn, args, d))
-        if not self._busy and not self._scheduled:
-            self._scheduled = True
-            self._reactor.callLater(0, self._run)
-        return d
-
-    def _run(self):
-        self._scheduled = False
-        if self._busy or not self._queue:
-            return
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        self._busy = True
-        d = deferToThreadPool(self._reactor, self._pool, self._transaction, batch)
-        d.addBoth(self._finished, batch)
+        super().__init__(reactor, "chatproto-sqlite")
 
     def _transaction(self, batch):
-        """Run on the database thread: the whole batch in one transaction.
-
-        A run of consecutive calls of a ``bulk`` operation (recording
-        messages) is handed over as one list, to go to the database as one
-        statement per table.
-        """
         started = time.perf_counter()
         cur = self._conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
-        results = []
         try:
-            at, end = 0, len(batch)
-            while at < end:
-                fn, args, _ = batch[at]
-                if getattr(fn, "bulk", False):
-                    stop = at + 1
-                    while stop < end and batch[stop][0] is fn:
-                        stop += 1
-                    results.extend((True, r) for r in fn(self, cur, [op[1] for op in batch[at:stop]]))
-                    at = stop
-                    continue
-                try:
-                    results.append((True, fn(cur, *args)))
-                except sqlite3.IntegrityError as e:
-                    results.append((False, e))
-                at += 1
+            results = self._apply(cur, batch)
             cur.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
@@ -300,33 +224,11 @@ class SQLiteStore:
             raise
         return results, time.perf_counter() - started
 
-    def _finished(self, outcome, batch):
-        self._busy = False
-        if isinstance(outcome, Failure):
-            self.log.failure("store transaction failed", outcome)
-            for _, _, d in batch:
-                d.errback(outcome)
-        else:
-            results, seconds = outcome
-            self.transactions += 1
-            self.operations += len(batch)
-            self.log.debug("committed {count} operations in {ms:.2f} ms", count=len(batch), ms=seconds * 1000)
-            if self.on_commit is not None:
-                self.on_commit(len(batch), seconds)
-            for (ok, value), (_, _, d) in zip(results, batch, strict=True):
-                if ok:
-                    d.callback(value)
-                else:
-                    d.errback(value)
-        if self._waiting and len(self._queue) <= MAX_BATCH:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(None)
-        if self._queue:
-            self._scheduled = True
-            self._reactor.callLater(0, self._run)
-        elif self._closing is not None:
-            self._shut()
+    def _call(self, fn, cur, args):
+        try:
+            return True, fn(cur, *args)
+        except sqlite3.IntegrityError as e:
+            return False, e
 
     # -- operations --------------------------------------------------------
 
@@ -369,37 +271,11 @@ class SQLiteStore:
     def group_messages_since(self, group_id, ts):
         return self._submit(_group_messages_since, group_id, ts)
 
-    @property
-    def backlog(self):
-        return len(self._queue)
-
-    def barrier(self):
-        return self._submit(_nothing)
-
-    def caught_up(self):
-        d = Deferred()
-        if len(self._queue) <= MAX_BATCH:
-            d.callback(None)
-        else:
-            self._waiting.append(d)
-        return d
-
-    def close(self):
-        if self._closing is None:
-            self._closing = Deferred()
-            if not self._busy and not self._queue:
-                self._shut()
-        d = Deferred()
-        self._closing.addBoth(lambda r: (d.callback(None), r)[1])
-        return d
-
-    def _shut(self):
-        self._pool.stop()
+    def _release(self):
         if self.path != ":memory:":
             # Leave a compact database behind: the WAL folded in and emptied.
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._conn.close()
-        self._closing.callback(None)
 
 
 # Each operation runs on the database thread inside the batch's transaction.
@@ -422,10 +298,6 @@ def _load(cur):
             read_marks[group_id][user_id] = mark
     held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id"))
     return Snapshot(users, groups, read_marks, low_marks, held)
-
-
-def _nothing(cur):
-    pass
 
 
 def _add_user(cur, user_id, secret_hash):

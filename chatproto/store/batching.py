@@ -1,0 +1,160 @@
+"""Group commit, shared by the SQL stores.
+
+Every operation submitted during one reactor turn (and while the previous
+transaction is running) goes into one transaction on a single database
+thread, so a burst of messages costs one commit, and each operation's
+Deferred fires after that commit, on the reactor thread.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from . import StoreUnavailable
+
+#: Operations per transaction at most: enough to amortize a commit, few
+#: enough that one batch's deliveries to one reader stay well under the
+#: server's congestion threshold, and that latency stays in milliseconds.
+MAX_BATCH = 2000
+
+
+def nothing(cur):
+    """The operation behind ``barrier``: its commit is the point."""
+
+
+class BatchingStore:
+    """The queue, the database thread and the answers; a subclass runs the transaction.
+
+    An operation is ``fn(cur, *args)``, or, when ``fn.bulk`` is set,
+    ``fn(store, cur, [args, ...])`` for a run of consecutive calls, so that
+    a burst goes to the database as one statement per table.
+    """
+
+    log = Logger()
+    #: Called on the reactor thread after each commit with (operations, seconds
+    #: the transaction took): the service's metrics set it, the store needs none.
+    on_commit = None
+
+    def __init__(self, reactor, thread_name: str):
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=thread_name)
+        self._pool.start()
+        self._queue: list[tuple] = []
+        self._busy = False
+        self._scheduled = False
+        self._closing: Deferred | None = None
+        self._waiting: list[Deferred] = []
+        #: Figures for the benchmark and the logs: transactions and operations.
+        self.transactions = 0
+        self.operations = 0
+
+    def _transaction(self, batch) -> tuple[list[tuple[bool, object]], float]:
+        """Run on the database thread: the batch in one transaction, with
+        ``_apply``; returns its results and the seconds it took."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Let go of the database, once the last transaction is done."""
+        raise NotImplementedError
+
+    def _call(self, fn, cur, args) -> tuple[bool, object]:
+        """One operation; a subclass catches the errors that fail it alone."""
+        return True, fn(cur, *args)
+
+    def _submit(self, fn, *args) -> Deferred:
+        d = Deferred()
+        self._queue.append((fn, args, d))
+        if not self._busy and not self._scheduled:
+            self._scheduled = True
+            self._reactor.callLater(0, self._run)
+        return d
+
+    def _run(self):
+        self._scheduled = False
+        if self._busy or not self._queue:
+            return
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        self._busy = True
+        d = deferToThreadPool(self._reactor, self._pool, self._transaction, batch)
+        d.addBoth(self._finished, batch)
+
+    def _apply(self, cur, batch) -> list[tuple[bool, object]]:
+        """Every operation of the batch on ``cur``, a run of a bulk one as one call."""
+        results = []
+        at, end = 0, len(batch)
+        while at < end:
+            fn, args, _ = batch[at]
+            if getattr(fn, "bulk", False):
+                stop = at + 1
+                while stop < end and batch[stop][0] is fn:
+                    stop += 1
+                results.extend((True, r) for r in fn(self, cur, [op[1] for op in batch[at:stop]]))
+                at = stop
+                continue
+            results.append(self._call(fn, cur, args))
+            at += 1
+        return results
+
+    def _finished(self, outcome, batch):
+        self._busy = False
+        if isinstance(outcome, Failure):
+            if outcome.check(StoreUnavailable):
+                self.log.warn("store unavailable: {error}", error=outcome.value)
+            else:
+                self.log.failure("store transaction failed", outcome)
+            for _, _, d in batch:
+                d.errback(outcome)
+        else:
+            results, seconds = outcome
+            self.transactions += 1
+            self.operations += len(batch)
+            self.log.debug("committed {count} operations in {ms:.2f} ms", count=len(batch), ms=seconds * 1000)
+            if self.on_commit is not None:
+                self.on_commit(len(batch), seconds)
+            for (ok, value), (_, _, d) in zip(results, batch, strict=True):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+        if self._waiting and len(self._queue) <= MAX_BATCH:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+        if self._queue:
+            self._scheduled = True
+            self._reactor.callLater(0, self._run)
+        elif self._closing is not None:
+            self._shut()
+
+    @property
+    def backlog(self):
+        return len(self._queue)
+
+    def barrier(self):
+        return self._submit(nothing)
+
+    def caught_up(self):
+        d = Deferred()
+        if len(self._queue) <= MAX_BATCH:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def close(self):
+        if self._closing is None:
+            self._closing = Deferred()
+            if not self._busy and not self._queue:
+                self._shut()
+        d = Deferred()
+        self._closing.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def _shut(self):
+        self._pool.stop()
+        self._release()
+        self._closing.callback(None)
