@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from itertools import groupby
-from operator import itemgetter
 from typing import Protocol
 
 from twisted.logger import Logger
@@ -31,6 +29,7 @@ from .store import (
     Completed,
     Snapshot,
     StoreUnavailable,
+    next_low_mark,
 )
 
 #: Held items sent per store round trip when a user comes online.
@@ -461,28 +460,17 @@ class Hub:
         d.addCallback(self._advance_low_mark, peer)
 
     def _advance_low_mark(self, rows, group: bytes) -> None:
-        """Move the group's low mark past every message all its readers have read.
-
-        A message counts as read when every member but its sender has a read
-        mark at or past it; messages sharing a timestamp move the mark together.
-        """
-        members = self.groups[group]
-        marks = self.read_marks.get(group, {})
+        """Move the group's low mark past every message all its readers have read."""
         low = self.low_marks.get(group, 0)
-        new_low = low
-        for when, same_time in groupby(rows, key=itemgetter(1)):
-            if when <= low:
-                continue
-            senders = {src.encode() for src, _ in same_time}
-            if not all(marks.get(m, 0) >= when for sender in senders for m in members if m != sender):
-                break
-            new_low = when
-        if new_low <= low:
+        new_low = next_low_mark(
+            low, [(src.encode(), ts) for src, ts in rows], self.groups[group], self.read_marks.get(group, {})
+        )
+        if new_low is None:
             return
         self.low_marks[group] = new_low
         self.store.set_low_mark(group.decode(), new_low)
         frame = wire.seen_by(group, wire.timestamp(new_low))
-        for member in members:
+        for member in self.groups[group]:
             self._notify(member, frame, HELD_SEEN, group.decode(), "", new_low)
 
     # -- groups ----------------------------------------------------------
