@@ -10,6 +10,7 @@ import pytest
 from twisted.logger import globalLogPublisher
 
 from .helpers import Net
+from .postgres import postgres_cluster
 from .test_e2e_server import Server
 
 
@@ -69,3 +70,15 @@ def make_net(tmp_path):
     yield make
     for n in made:
         n.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster for the session (tests/postgres.py); skips without PostgreSQL."""
+    yield from postgres_cluster()
+
+
+@pytest.fixture
+def pg_dsn(postgres):
+    """A fresh empty database on the session's cluster, as a postgresql:// URL."""
+    return postgres.create_database()

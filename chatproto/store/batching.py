@@ -22,7 +22,7 @@ from . import StoreUnavailable
 MAX_BATCH = 2000
 
 
-def nothing(cur):
+def nothing(*_):
     """The operation behind ``barrier``: its commit is the point."""
 
 

@@ -1,0 +1,788 @@
+"""The clustered store: PostgreSQL, shared by several nodes.
+
+Group commit as in SQLite (``batching``). On top of it, every inbox row,
+user, group and session change is announced with NOTIFY in the transaction
+that makes it, so each node's listener sees every change, in commit order,
+and only once it is durable.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from importlib import resources
+from itertools import count
+
+import psycopg
+from psycopg import errors
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from . import (
+    DUPLICATE_DELIVERED,
+    DUPLICATE_PENDING,
+    HELD_ADDED,
+    HELD_DELIVERED,
+    HELD_MESSAGE,
+    HELD_SEEN,
+    NEW,
+    Completed,
+    DatabaseTooNew,
+    GroupAdded,
+    Held,
+    IClusterStore,
+    InboxItem,
+    Reconnected,
+    Recorded,
+    Released,
+    Snapshot,
+    StoreUnavailable,
+    Takeover,
+    UserAdded,
+    next_low_mark,
+)
+from .batching import BatchingStore
+
+#: The schema this code writes; a database at another version is refused
+#: (there is no older PostgreSQL schema to upgrade from yet).
+SCHEMA_VERSION = 1
+
+#: The one NOTIFY channel every node listens on.
+CHANNEL = "chatproto"
+
+#: Seconds to wait for a connection: an unreachable database fails a batch
+#: quickly (the server answers "busy") instead of stalling every client.
+CONNECT_TIMEOUT = 2
+
+#: Transactions tried per batch when PostgreSQL breaks a deadlock between
+#: nodes (or a serialization conflict) by aborting ours.
+ATTEMPTS = 4
+
+#: The listener's reconnection delays: doubled from the first up to the last.
+RECONNECT_FIRST = 0.5
+RECONNECT_MAX = 5.0
+
+# Advisory lock keys. Single bigint keys: the schema lock, and each node's
+# liveness lock (hashtextextended of its id); two-int keys, a separate key
+# space: one class for claims of a user's session.
+_SCHEMA_LOCK = 0x636861747072  # "chatpr"
+_CLAIM_LOCKS = 0x63686174  # "chat"
+
+
+def connect(dsn: str, autocommit: bool = True) -> psycopg.Connection:
+    """Open ``dsn`` with the settings every connection of the store needs.
+
+    Keepalives notice a database that vanished without closing the
+    connection (a partition), so the listener reconnects instead of waiting.
+    """
+    return psycopg.connect(
+        dsn,
+        autocommit=autocommit,
+        connect_timeout=CONNECT_TIMEOUT,
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+    )
+
+
+def schema_sql(version: int) -> str:
+    """The whole schema at ``version``: what a fresh database is made from."""
+    return resources.files(__package__).joinpath(f"schema/postgres/{version:03d}.sql").read_text()
+
+
+def schema_version(conn: psycopg.Connection) -> int | None:
+    """The version the database records, or None for an empty database."""
+    (table,) = conn.execute("SELECT to_regclass('schema_version')").fetchone()
+    if table is None:
+        return None
+    (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
+    return version
+
+
+def ensure_schema(conn: psycopg.Connection) -> int:
+    """Make the schema in an empty database; refuse one of another version.
+
+    Under a transaction-level advisory lock, so that nodes starting together
+    make it once; the DDL commits with the version, or not at all.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        version = schema_version(conn)
+        if version is None:
+            conn.execute(schema_sql(SCHEMA_VERSION))
+            conn.execute(
+                "INSERT INTO schema_history (version, applied) VALUES (%s, %s)",
+                (SCHEMA_VERSION, int(time.time())),
+            )
+        elif version != SCHEMA_VERSION:
+            where = f"{conn.info.dbname} on {conn.info.host}:{conn.info.port}"
+            if version > SCHEMA_VERSION:
+                raise DatabaseTooNew(
+                    f"the database {where} has schema version {version}, newer than this "
+                    f"chatproto's {SCHEMA_VERSION}: run a newer chatproto"
+                )
+            raise DatabaseTooNew(f"the database {where} has schema version {version}, unknown to chatproto")
+    return SCHEMA_VERSION
+
+
+# Notification payloads: compact JSON arrays, a kind letter first; message
+# text in base64 (it is bytes, and a payload must be text under 8000 bytes).
+
+
+def _dumps(*fields) -> str:
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def _held(user, seq, code, src, dst, ts, msg_id, text):
+    body = None if text is None else base64.b64decode(text)
+    return Held(user, InboxItem(seq, code, src, dst, ts, body, msg_id))
+
+
+_EVENTS = {
+    "h": _held,
+    "u": UserAdded,
+    "g": GroupAdded,
+    "t": Takeover,
+    "r": Released,
+}
+
+
+@implementer(IClusterStore)
+class PostgresStore(BatchingStore):
+    """``PostgresStore(dsn, reactor, node=None)``: a node's store; ``node`` names it to the others.
+
+    Connects (and makes the schema) at once, raising StoreUnavailable if the
+    database cannot be reached. Later, a lost connection fails the batch it
+    broke with StoreUnavailable and is made again for the next one.
+    """
+
+    log = Logger()
+    clustered = True
+
+    def __init__(self, dsn: str, reactor, node: str | None = None):
+        self.dsn = dsn
+        self.node = node or secrets.token_hex(4)
+        self._conn: psycopg.Connection | None = None
+        try:
+            ensure_schema(self._connection())
+        except BaseException:
+            self._disconnect()
+            raise
+        #: Payloads to NOTIFY at the end of the running transaction.
+        self._notes: list[str] = []
+        self._syncs: dict[int, Deferred] = {}
+        self._sync_ids = count(1)
+        self._handler = None
+        self._listener: _Listener | None = None
+        super().__init__(reactor, "chatproto-postgres")
+
+    # -- the connection and the transaction ----------------------------------
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None:
+            try:
+                self._conn = connect(self.dsn)
+            except psycopg.OperationalError as e:
+                raise StoreUnavailable(f"cannot connect to PostgreSQL: {e}") from e
+        return self._conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _transaction(self, batch):
+        """The batch in one transaction, then its notifications in one statement.
+
+        A deadlock is retried; a connection that died while idle (the database
+        restarted) is made again once. A failure on a fresh connection, or
+        during the commit (whose outcome is then unknown), fails the batch
+        with StoreUnavailable.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            fresh = self._conn is None
+            conn = self._connection()
+            started = time.perf_counter()
+            self._notes = []
+            committing = False
+            try:
+                with conn.transaction():
+                    with conn.cursor() as cur:
+                        results = self._apply(cur, batch)
+                        if self._notes:
+                            cur.execute(
+                                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, self._notes)
+                            )
+                    committing = True
+            except errors.TransactionRollback:
+                if attempt == ATTEMPTS:
+                    raise
+                self.log.info("the database aborted a transaction (deadlock), trying again ({n})", n=attempt)
+                continue
+            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+                self._disconnect()
+                if committing:
+                    raise StoreUnavailable(f"the connection to PostgreSQL failed during a commit: {e}") from e
+                if fresh or attempt == ATTEMPTS:
+                    raise StoreUnavailable(f"the connection to PostgreSQL failed: {e}") from e
+                continue
+            return results, time.perf_counter() - started
+
+    def _call(self, fn, cur, args):
+        """Every operation takes the store too; one that may be refused gets a savepoint."""
+        if not getattr(fn, "may_conflict", False):
+            return True, fn(self, cur, *args)
+        try:
+            with cur.connection.transaction():
+                return True, fn(self, cur, *args)
+        except psycopg.IntegrityError as e:
+            return False, e
+
+    def _release(self):
+        self._stop_listening()
+        self._disconnect()
+
+    # -- operations --------------------------------------------------------
+
+    def load(self):
+        return self._submit(_load)
+
+    def add_user(self, user_id, secret_hash):
+        return self._submit(_add_user, user_id, secret_hash)
+
+    def add_group(self, group_id, ts, members, hold_for):
+        return self._submit(_add_group, group_id, ts, list(members), list(hold_for))
+
+    def record_message(self, src, dst, ts, text, recipients):
+        return self._submit(_record_messages, src, dst, ts, text, recipients)
+
+    def mark_delivered(self, user_id, msg_ids):
+        return self._submit(_mark_delivered, user_id, msg_ids)
+
+    def mark_reached(self, msg_id, user_ids):
+        return self._submit(_mark_reached, msg_id, user_ids)
+
+    def acknowledge(self, user_id, src, dst, ts):
+        return self._submit(_acknowledge, user_id, src, dst, ts)
+
+    def hold(self, user_id, code, src, dst, ts):
+        return self._submit(_hold, user_id, code, src, dst, ts)
+
+    def inbox(self, user_id, after=0, limit=None):
+        return self._submit(_inbox, user_id, after, limit)
+
+    def drop(self, user_id, seqs):
+        return self._submit(_drop, user_id, list(seqs))
+
+    def set_read_mark(self, group_id, user_id, ts):
+        return self._submit(_set_read_mark, group_id, user_id, ts)
+
+    def set_low_mark(self, group_id, ts):
+        return self._submit(_set_low_mark, group_id, ts)
+
+    def group_messages_since(self, group_id, ts):
+        return self._submit(_group_messages_since, group_id, ts)
+
+    def lookup(self, ids):
+        return self._submit(_lookup, list(ids))
+
+    def read_group(self, group_id, user_id, ts):
+        return self._submit(_read_group, group_id, user_id, ts)
+
+    def claim_session(self, user_id):
+        return self._submit(_claim_session, user_id)
+
+    def release_session(self, user_id):
+        return self._submit(_release_session, user_id)
+
+    # -- the listener ------------------------------------------------------
+
+    def listen(self, handler):
+        """Start the listener: ``handler(event)`` is called on the reactor thread
+        for every event, in commit order, from this node's changes and every
+        other node's. If the listener's connection is lost it is made again
+        (after 0.5 s, doubling to 5 s between tries) and ``handler(Reconnected())``
+        says that events may have been missed meanwhile.
+
+        The listener's connection holds this node's liveness lock, so other
+        nodes see this one alive exactly while it listens.
+        """
+        self._handler = handler
+        self._listener = _Listener(self)
+        return self._listener.start()
+
+    def sync(self):
+        """Publish a token through the store; fires when the listener receives it.
+
+        Notifications arrive in commit order, so by then every event committed
+        before this call has been handed to the handler. Fails with
+        StoreUnavailable if the token cannot be committed, or if the listener
+        loses its connection meanwhile.
+        """
+        if self._listener is None:
+            return fail(RuntimeError("sync() needs listen() first"))
+        n = next(self._sync_ids)
+        d = self._syncs[n] = Deferred()
+
+        def unpublished(failure):
+            if self._syncs.pop(n, None) is not None:
+                d.errback(failure)
+
+        self._submit(_note, _dumps("s", self.node, n)).addErrback(unpublished)
+        return d
+
+    def _notified(self, payload: str) -> None:
+        """One notification, on the reactor thread: a sync token, or an event for the handler."""
+        kind, *fields = json.loads(payload)
+        if kind == "s":
+            node, n = fields
+            d = self._syncs.pop(n, None) if node == self.node else None
+            if d is not None:
+                d.callback(None)
+            return
+        make = _EVENTS.get(kind)
+        if make is None:
+            self.log.warn("ignored a notification of an unknown kind: {payload}", payload=payload)
+            return
+        self._event(make(*fields))
+
+    def _event(self, event) -> None:
+        """A failing handler is logged, not allowed to stop the listener."""
+        try:
+            self._handler(event)
+        except Exception:
+            self.log.failure("the listener's handler failed on {event}", event=event)
+
+    def _listener_lost(self) -> None:
+        """Tokens in flight may be gone with the connection: their syncs fail."""
+        syncs, self._syncs = self._syncs, {}
+        for d in syncs.values():
+            d.errback(StoreUnavailable("the listener lost its connection"))
+
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+            self._listener_lost()
+
+
+@implementer(IReadDescriptor)
+class _Listener:
+    """The node's LISTEN connection, read by the reactor when its socket is readable.
+
+    Connecting runs on a thread of its own (a connection may take up to
+    CONNECT_TIMEOUT); everything else runs on the reactor thread, through
+    libpq's non-blocking calls.
+    """
+
+    def __init__(self, store: PostgresStore):
+        self.store = store
+        self.reactor = store._reactor
+        self.conn: psycopg.Connection | None = None
+        self.delay = RECONNECT_FIRST
+        self.retry = None
+        self.stopped = False
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="chatproto-postgres-listener")
+        self.pool.start()
+
+    def start(self) -> Deferred:
+        return deferToThreadPool(self.reactor, self.pool, self._connect).addCallback(self._listening)
+
+    def _connect(self):
+        """On the listener's thread: connect, take the liveness lock, LISTEN.
+
+        Notifications that psycopg reads before the reactor watches the socket
+        are kept to be handled first.
+        """
+        conn = connect(self.store.dsn)
+        early = []
+        conn.add_notify_handler(early.append)
+        try:
+            (locked,) = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.store.node,)
+            ).fetchone()
+            if not locked:
+                raise StoreUnavailable(f"node {self.store.node}'s lock is held by another connection")
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn, early
+
+    def _listening(self, connected, reconnected=False) -> None:
+        conn, early = connected
+        if self.stopped:
+            conn.close()
+            return
+        self.conn = conn
+        self.reactor.addReader(self)
+        if reconnected:
+            self.store.log.info("the listener is connected again")
+            self.store._event(Reconnected())
+        for notify in early:
+            self.store._notified(notify.payload)
+        why = self.doRead()  # libpq may hold data already read from the socket
+        if why is not None:
+            self.reactor.removeReader(self)
+            self.connectionLost(why)
+
+    def fileno(self) -> int:
+        return self.conn.pgconn.socket if self.conn is not None else -1
+
+    def logPrefix(self) -> str:
+        return "chatproto-postgres-listener"
+
+    def doRead(self):
+        pgconn = self.conn.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.OperationalError as e:
+            return ConnectionLost(str(e))
+        while (notify := pgconn.notifies()) is not None:
+            self.store._notified(notify.extra.decode())
+            if self.conn is None:  # the handler closed the store
+                return None
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            return ConnectionLost("the listener's connection is closed")
+        return None
+
+    def connectionLost(self, reason) -> None:
+        self._close()
+        if self.stopped:
+            return
+        self.store.log.warn("the listener lost its connection: {reason}", reason=reason.getErrorMessage())
+        self.store._listener_lost()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        self.retry = self.reactor.callLater(self.delay, self._reconnect)
+        self.delay = min(self.delay * 2, RECONNECT_MAX)
+
+    def _reconnect(self) -> None:
+        self.retry = None
+        d = deferToThreadPool(self.reactor, self.pool, self._connect)
+        d.addCallbacks(self._reconnected, self._still_down)
+
+    def _reconnected(self, connected) -> None:
+        self.delay = RECONNECT_FIRST
+        self._listening(connected, reconnected=True)
+
+    def _still_down(self, failure) -> None:
+        if self.stopped:
+            return
+        self.store.log.warn("the listener cannot connect: {error}", error=failure.getErrorMessage())
+        self._schedule()
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def stop(self) -> None:
+        """Stop listening and release the liveness lock: other nodes now see this one gone."""
+        self.stopped = True
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        if self.conn is not None:
+            self.reactor.removeReader(self)
+            self._close()
+        self.pool.stop()
+
+
+# Each operation runs on the database thread inside the batch's transaction,
+# as ``fn(store, cur, *args)``, or ``fn(store, cur, [args, ...])`` when bulk.
+
+
+def _note(store, cur, payload):
+    store._notes.append(payload)
+
+
+def _columns(rows) -> list[list]:
+    """Rows as one list per column, for ``unnest``: a run of inserts in one statement."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _insert_holds(store, cur, rows, texts=None) -> None:
+    """Insert inbox rows (user, code, src, dst, ts, msg_id) in one statement, and announce each.
+
+    ``texts`` gives the text of held messages by id, for the announcement.
+    """
+    if not rows:
+        return
+    cur.execute(
+        "INSERT INTO inbox (user_id, code, src, dst, ts, msg_id) "
+        "SELECT * FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[], %s::bigint[], "
+        "%s::bigint[]) "
+        "RETURNING seq, user_id, code, src, dst, ts, msg_id",
+        _columns(rows),
+    )
+    for seq, user, code, src, dst, ts, msg_id in sorted(cur.fetchall()):
+        text = texts.get(msg_id) if texts and code == HELD_MESSAGE else None
+        encoded = None if text is None else base64.b64encode(text).decode()
+        store._notes.append(_dumps("h", user, seq, code, src, dst, ts, msg_id, encoded))
+
+
+def _load(store, cur):
+    users = dict(cur.execute("SELECT id, secret_hash FROM users").fetchall())
+    groups: dict[str, list[str]] = {}
+    read_marks: dict[str, dict[str, int]] = {}
+    low_marks: dict[str, int] = {}
+    for group_id, low in cur.execute("SELECT id, low_mark FROM groups").fetchall():
+        groups[group_id] = []
+        read_marks[group_id] = {}
+        low_marks[group_id] = low
+    for group_id, user_id, mark in cur.execute(
+        "SELECT group_id, user_id, read_mark FROM members ORDER BY group_id, position"
+    ).fetchall():
+        groups[group_id].append(user_id)
+        if mark:
+            read_marks[group_id][user_id] = mark
+    held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id").fetchall())
+    return Snapshot(users, groups, read_marks, low_marks, held)
+
+
+def _add_user(store, cur, user_id, secret_hash):
+    cur.execute(
+        "INSERT INTO users (id, secret_hash, created) VALUES (%s, %s, %s)",
+        (user_id, secret_hash, int(time.time())),
+    )
+    store._notes.append(_dumps("u", user_id, secret_hash))
+
+
+def _add_group(store, cur, group_id, ts, members, hold_for):
+    cur.execute(
+        "INSERT INTO groups (id, ts, created, low_mark) VALUES (%s, %s, %s, 0)",
+        (group_id, ts, int(time.time())),
+    )
+    cur.execute(
+        "INSERT INTO members (group_id, user_id, position, read_mark) "
+        "SELECT %s, user_id, position - 1, 0 FROM unnest(%s::text[]) WITH ORDINALITY AS m(user_id, position)",
+        (group_id, members),
+    )
+    store._notes.append(_dumps("g", group_id, members))
+    _insert_holds(store, cur, [(user_id, HELD_ADDED, "", group_id, ts, None) for user_id in hold_for])
+
+
+_add_user.may_conflict = True
+_add_group.may_conflict = True
+
+
+def _record_messages(store, cur, items):
+    """Record a run of messages: one INSERT for all, per-item work only for resends.
+
+    A message that completes here (no recipient, or a resend of a delivered
+    one) holds its sender's 07 in the same transaction.
+    """
+    cur.execute(
+        "INSERT INTO messages (src, dst, ts, body, remaining) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bytea[], %s::integer[]) "
+        "ON CONFLICT (src, dst, ts, body) DO NOTHING RETURNING id, src, dst, ts, body",
+        _columns((src, dst, ts, text, len(held)) for src, dst, ts, text, held in items),
+    )
+    made = {(src, dst, ts, bytes(body)): msg_id for msg_id, src, dst, ts, body in cur.fetchall()}
+    results = []
+    rows = []
+    texts = {}
+    for src, dst, ts, text, held in items:
+        msg_id = made.pop((src, dst, ts, text), None)
+        if msg_id is None:
+            known_id, remaining = cur.execute(
+                "SELECT id, remaining FROM messages WHERE src = %s AND dst = %s AND ts = %s AND body = %s",
+                (src, dst, ts, text),
+            ).fetchone()
+            status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
+            results.append(Recorded(known_id, status, remaining == 0))
+            if remaining == 0:
+                rows.append((src, HELD_DELIVERED, "", dst, ts, None))
+            continue
+        texts[msg_id] = text
+        rows.extend((user_id, HELD_MESSAGE, src, dst, ts, msg_id) for user_id in held)
+        if not held:
+            rows.append((src, HELD_DELIVERED, "", dst, ts, None))
+        results.append(Recorded(msg_id, NEW, not held))
+    _insert_holds(store, cur, rows, texts)
+    return results
+
+
+_record_messages.bulk = True
+
+#: Ends holds and counts each message's remaining recipients down by the rows
+#: actually deleted: the UPDATE waits for another node's on the same message
+#: and counts from its result, so a message completes once across nodes.
+_END_HOLDS = """
+WITH gone AS (
+    DELETE FROM inbox i USING unnest(%s::bigint[], %s::text[]) AS t(msg_id, user_id)
+    WHERE i.code = 6 AND i.msg_id = t.msg_id AND i.user_id = t.user_id
+    RETURNING i.msg_id
+)
+UPDATE messages m SET remaining = m.remaining - g.n
+FROM (SELECT msg_id, count(*) AS n FROM gone GROUP BY msg_id) AS g
+WHERE m.id = g.msg_id
+RETURNING m.id, m.src, m.dst, m.ts, m.remaining
+"""
+
+
+def _end_holds(store, cur, ops):
+    """End the holds named by each op's (msg_id, user_id) pairs: one statement for all.
+
+    A completed message is owed to the last op naming it, as in SQLite, and
+    its sender's 07 is held at once.
+    """
+    pairs = [pair for op in ops for pair in op]
+    results: list[list[Completed]] = [[] for _ in ops]
+    if not pairs:
+        return results
+    cur.execute(_END_HOLDS, ([msg_id for msg_id, _ in pairs], [user_id for _, user_id in pairs]))
+    completed = {msg_id: Completed(src, dst, ts) for msg_id, src, dst, ts, n in cur.fetchall() if n == 0}
+    owner = {msg_id: at for at, op in enumerate(ops) for msg_id, _ in op}
+    rows = []
+    for at, op in enumerate(ops):
+        for msg_id, _ in op:
+            done = completed.get(msg_id) if owner[msg_id] == at else None
+            if done is not None:
+                del completed[msg_id]
+                results[at].append(done)
+                rows.append((done.src, HELD_DELIVERED, "", done.dst, done.ts, None))
+    _insert_holds(store, cur, rows)
+    return results
+
+
+def _mark_delivered(store, cur, items):
+    return _end_holds(store, cur, [[(msg_id, user_id) for msg_id in msg_ids] for user_id, msg_ids in items])
+
+
+def _mark_reached(store, cur, items):
+    return _end_holds(store, cur, [[(msg_id, user_id) for user_id in user_ids] for msg_id, user_ids in items])
+
+
+_mark_delivered.bulk = True
+_mark_reached.bulk = True
+
+
+def _acknowledge(store, cur, user_id, src, dst, ts):
+    ids = [
+        msg_id
+        for (msg_id,) in cur.execute(
+            "SELECT id FROM messages WHERE src = %s AND dst = %s AND ts = %s", (src, dst, ts)
+        ).fetchall()
+    ]
+    return _end_holds(store, cur, [[(msg_id, user_id) for msg_id in ids]])[0]
+
+
+def _hold(store, cur, user_id, code, src, dst, ts):
+    _insert_holds(store, cur, [(user_id, code, src, dst, ts, None)])
+
+
+def _inbox(store, cur, user_id, after, limit):
+    return [
+        InboxItem(*row)
+        for row in cur.execute(
+            "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
+            "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = %s AND i.seq > %s "
+            "ORDER BY i.seq LIMIT %s",
+            (user_id, after, limit),
+        ).fetchall()
+    ]
+
+
+def _drop(store, cur, user_id, seqs):
+    cur.execute(
+        "DELETE FROM inbox WHERE user_id = %s AND code <> 6 AND seq = ANY(%s::bigint[])", (user_id, seqs)
+    )
+
+
+def _set_read_mark(store, cur, group_id, user_id, ts):
+    cur.execute(
+        "UPDATE members SET read_mark = %s WHERE group_id = %s AND user_id = %s", (ts, group_id, user_id)
+    )
+
+
+def _set_low_mark(store, cur, group_id, ts):
+    cur.execute("UPDATE groups SET low_mark = %s WHERE id = %s", (ts, group_id))
+
+
+def _group_messages_since(store, cur, group_id, ts):
+    return cur.execute(
+        "SELECT src, ts FROM messages WHERE dst = %s AND ts > %s ORDER BY ts, id", (group_id, ts)
+    ).fetchall()
+
+
+def _lookup(store, cur, ids):
+    found = cur.execute("SELECT id, secret_hash FROM users WHERE id = ANY(%s::text[])", (ids,))
+    users = dict(found.fetchall())
+    groups = dict(
+        cur.execute(
+            "SELECT group_id, array_agg(user_id ORDER BY position) FROM members "
+            "WHERE group_id = ANY(%s::text[]) GROUP BY group_id",
+            (ids,),
+        ).fetchall()
+    )
+    return users, groups
+
+
+def _read_group(store, cur, group_id, user_id, ts):
+    """Raise a read mark and move the low mark, under the group's row lock so
+    that two nodes' readers of one group move it one after the other."""
+    row = cur.execute("SELECT low_mark FROM groups WHERE id = %s FOR UPDATE", (group_id,)).fetchone()
+    if row is None:
+        return None
+    (low,) = row
+    cur.execute(
+        "UPDATE members SET read_mark = greatest(read_mark, %s) WHERE group_id = %s AND user_id = %s",
+        (ts, group_id, user_id),
+    )
+    members = cur.execute(
+        "SELECT user_id, read_mark FROM members WHERE group_id = %s ORDER BY position", (group_id,)
+    ).fetchall()
+    rows = _group_messages_since(store, cur, group_id, low)
+    new_low = next_low_mark(low, rows, [user for user, _ in members], dict(members))
+    if new_low is None:
+        return None
+    cur.execute("UPDATE groups SET low_mark = %s WHERE id = %s", (new_low, group_id))
+    _insert_holds(store, cur, [(user, HELD_SEEN, group_id, "", new_low, None) for user, _ in members])
+    return new_low
+
+
+def _claim_session(store, cur, user_id):
+    """Take the user's session; the previous node, if another and alive, is told to let go.
+
+    Claims of one user are serialized by a transaction lock, so each sees
+    the owner the previous one left. A node is alive while its listener
+    holds its lock: taking that lock (and giving it back at once) succeeds
+    only for a dead node.
+    """
+    cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CLAIM_LOCKS, user_id))
+    row = cur.execute("SELECT node FROM sessions WHERE user_id = %s", (user_id,)).fetchone()
+    cur.execute(
+        "INSERT INTO sessions (user_id, node, since) VALUES (%s, %s, %s) "
+        "ON CONFLICT (user_id) DO UPDATE SET node = excluded.node, since = excluded.since",
+        (user_id, store.node, int(time.time())),
+    )
+    previous = row[0] if row else None
+    if previous is None or previous == store.node:
+        return None
+    (alive,) = cur.execute(
+        "SELECT CASE WHEN pg_try_advisory_lock(k) THEN NOT pg_advisory_unlock(k) ELSE true END "
+        "FROM (SELECT hashtextextended(%s, 0) AS k) AS node",
+        (previous,),
+    ).fetchone()
+    if not alive:
+        return None
+    store._notes.append(_dumps("t", user_id, previous, store.node))
+    return previous
+
+
+def _release_session(store, cur, user_id):
+    cur.execute("DELETE FROM sessions WHERE user_id = %s AND node = %s", (user_id, store.node))
+    store._notes.append(_dumps("r", user_id, store.node))
