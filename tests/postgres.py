@@ -27,6 +27,7 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 max_connections = 200
+deadlock_timeout = '100ms'
 """
 
 

@@ -239,13 +239,16 @@ class PostgresStore(BatchingStore):
             return results, time.perf_counter() - started
 
     def _call(self, fn, cur, args):
-        """Every operation takes the store too; one that may be refused gets a savepoint."""
+        """Every operation takes the store too; one that may be refused gets a
+        savepoint, so that it fails alone, announcing nothing."""
         if not getattr(fn, "may_conflict", False):
             return True, fn(self, cur, *args)
+        notes = len(self._notes)
         try:
             with cur.connection.transaction():
                 return True, fn(self, cur, *args)
         except psycopg.IntegrityError as e:
+            del self._notes[notes:]
             return False, e
 
     def _release(self):
@@ -637,12 +640,18 @@ def _end_holds(store, cur, ops):
     """End the holds named by each op's (msg_id, user_id) pairs: one statement for all.
 
     A completed message is owed to the last op naming it, as in SQLite, and
-    its sender's 07 is held at once.
+    its sender's 07 is held at once. The messages are locked first, in id
+    order, so that two nodes ending holds of the same messages wait for each
+    other instead of deadlocking.
     """
     pairs = [pair for op in ops for pair in op]
     results: list[list[Completed]] = [[] for _ in ops]
     if not pairs:
         return results
+    cur.execute(
+        "SELECT id FROM messages WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE",
+        (sorted({msg_id for msg_id, _ in pairs}),),
+    )
     cur.execute(_END_HOLDS, ([msg_id for msg_id, _ in pairs], [user_id for _, user_id in pairs]))
     completed = {msg_id: Completed(src, dst, ts) for msg_id, src, dst, ts, n in cur.fetchall() if n == 0}
     owner = {msg_id: at for at, op in enumerate(ops) for msg_id, _ in op}
