@@ -28,7 +28,7 @@ from pathlib import Path
 
 import loadgen
 from loadgen import BenchError, Stream, block_of, close_all, pump, settle
-from systems import LINES, SYSTEMS, Chat, System, export_tree
+from systems import LINES, PG_SETTINGS, SYSTEMS, Chat, System, export_tree, pg_version
 
 BENCH = Path(__file__).resolve().parent
 SERVER_CORE = 0
@@ -36,7 +36,14 @@ GEN_CORE = 1
 
 #: Messages per throughput run, by system: enough for a run of about a second or more.
 FULL = {
-    "throughput": {"chatproto": 100_000, "mosquitto": 300_000, "ngircd": 1_500_000, "relay": 6_000_000},
+    "throughput": {
+        "chatproto": 100_000,
+        "chatproto-pg": 50_000,
+        "chatproto-pg2": 50_000,
+        "mosquitto": 300_000,
+        "ngircd": 1_500_000,
+        "relay": 6_000_000,
+    },
     "fanout": {"chatproto": 6_000, "mosquitto": 30_000, "ngircd": 60_000, "relay": 200_000},
     "pairs": [1, 10, 100],
     "rates": [2_000, 10_000],
@@ -47,7 +54,14 @@ FULL = {
     "repeats": 3,
 }
 QUICK = {
-    "throughput": {"chatproto": 20_000, "mosquitto": 100_000, "ngircd": 500_000, "relay": 2_000_000},
+    "throughput": {
+        "chatproto": 20_000,
+        "chatproto-pg": 10_000,
+        "chatproto-pg2": 10_000,
+        "mosquitto": 100_000,
+        "ngircd": 500_000,
+        "relay": 2_000_000,
+    },
     "fanout": {"chatproto": 2_000, "mosquitto": 10_000, "ngircd": 20_000, "relay": 60_000},
     "pairs": [1, 100],
     "rates": [2_000, 10_000],
@@ -77,18 +91,21 @@ class Notes:
 
 
 def check_server(system: System, notes: Notes, what: str):
-    server = system.server
-    if server is None:
-        return
-    if not server.alive():
-        notes.add(f"{system.name} died during {what}: {server.tail(400)!r}")
-        return
-    log_text = server.tail(200_000)
-    for bad in ("Traceback", "Unhandled", "CRITICAL", "failed"):
-        if bad in log_text:
-            i = log_text.index(bad)
-            notes.add(f"{system.name} logged {bad!r} during {what}: {log_text[max(0, i - 200) : i + 600]!r}")
-            break
+    servers = system.servers()
+    for n, server in enumerate(servers, 1):
+        name = system.name if len(servers) == 1 else f"{system.name} node {n}"
+        if not server.alive():
+            notes.add(f"{name} died during {what}: {server.tail(400)!r}")
+            continue
+        log_text = server.tail(200_000)
+        for bad in ("Traceback", "Unhandled", "CRITICAL", "failed"):
+            if bad in log_text:
+                i = log_text.index(bad)
+                notes.add(f"{name} logged {bad!r} during {what}: {log_text[max(0, i - 200) : i + 600]!r}")
+                break
+    found = system.problems()
+    if found:
+        notes.add(f"{system.name}'s database logged during {what}: {found!r}")
 
 
 def recv_need(system: System, count: int) -> tuple[int, bool]:
@@ -103,10 +120,9 @@ def recv_need(system: System, count: int) -> tuple[int, bool]:
 def throughput(system: System, pairs: int, total: int, notes: Notes) -> dict:
     per = max(1, total // pairs)
     made = system.pairs(pairs)
-    distinct = None if system.name == "chatproto" else 512
     streams, acks = [], []
     for s, r, make, _ in made:
-        block, repeat = block_of(make, per, distinct)
+        block, repeat = block_of(make, per, system.distinct)
         sender = Stream(s, block, repeat)
         need, lines = recv_need(system, per)
         streams += [sender, Stream(r, need=need, lines=lines)]
@@ -181,7 +197,7 @@ def drain(system: System, count: int, notes: Notes) -> dict:
 
 def fanout(system: System, members: int, count: int, notes: Notes) -> dict:
     sender, receivers, make = system.group(members)
-    block, repeat = block_of(make, count, None if system.name == "chatproto" else 512)
+    block, repeat = block_of(make, count, system.distinct)
     s = Stream(sender, block, repeat)
     need, lines = recv_need(system, count)
     streams = [s] + [Stream(r, need=need, lines=lines) for r in receivers]
@@ -221,7 +237,7 @@ def measure(kind: str, system_cls, args, cfg, notes: Notes, workroot: Path, para
             else:
                 raise ValueError(kind)
             check_server(system, notes, f"{kind} {param}")
-            log(f"{kind:11} {system.name:10} {param!s:>6} run {rep + 1}: {_brief(out)}")
+            log(f"{kind:11} {system.name:13} {param!s:>6} run {rep + 1}: {_brief(out)}")
             results.append(out)
         except BenchError as e:
             check_server(system, notes, f"{kind} {param}")
@@ -265,6 +281,7 @@ def machine() -> dict:
         "twisted": twisted.__version__,
         "mosquitto": version(["dpkg-query", "-W", "-f", "${Version}", "mosquitto"]),
         "ngircd": version(["dpkg-query", "-W", "-f", "${Version}", "ngircd"]),
+        "postgresql": pg_version(),
     }
 
 
@@ -300,6 +317,9 @@ def main(argv=None) -> int:
     notes = Notes()
     began = time.time()
     data: dict = {"machine": machine(), "config": cfg, "command": _command(argv), "results": {}}
+    data["json"] = _shown(args.json)
+    if any(cls.name.startswith("chatproto-pg") for cls in systems):
+        data["postgres"] = PG_SETTINGS
     res = data["results"]
     signal.signal(signal.SIGTERM, _terminate)
     with tempfile.TemporaryDirectory(prefix="chatbench-") as tmp:
@@ -328,6 +348,9 @@ def main(argv=None) -> int:
                 res[kind][str(param)] = {}
                 for cls in systems:
                     if kind == "drain" and not cls.offline_ok:
+                        continue
+                    if not cls.supports(kind):
+                        log(f"{kind:11} {cls.name:13} {param!s:>6}: n/a")
                         continue
                     runs = measure(kind, cls, args, cfg, notes, workroot, param)
                     res[kind][str(param)][cls.name] = runs
@@ -376,6 +399,12 @@ def _plain_stamped(i, now_ns):
     return b"05" + b"0" * 36 + loadgen.stamped_text(i, now_ns, 218)
 
 
+def _shown(path: str) -> str:
+    """``path`` as results.md names it: relative to the repository when inside it."""
+    full = Path(path).resolve()
+    return str(full.relative_to(BENCH.parent)) if full.is_relative_to(BENCH.parent) else str(full)
+
+
 def _command(argv) -> str:
     given = argv if argv is not None else sys.argv[1:]
     return "python bench/run.py" + (" " + shlex.join(given) if given else "")
@@ -408,7 +437,8 @@ def render(data: dict, names: list[str]) -> str:
     out.append("")
     out.append(
         f"Machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}; Python {m['python']}, "
-        f"Twisted {m['twisted']}; mosquitto {m['mosquitto']}, ngircd {m['ngircd']}."
+        f"Twisted {m['twisted']}; mosquitto {m['mosquitto']}, ngircd {m['ngircd']}"
+        + (f", PostgreSQL {m.get('postgresql', '?')}." if "postgres" in data else ".")
     )
     out.append("")
     code = data.get("server_code", "?")
@@ -425,6 +455,9 @@ def render(data: dict, names: list[str]) -> str:
         "without persistence, ngircd stores nothing, the relay neither parses nor stores."
     )
     out.append("")
+    if "postgres" in data:
+        out.append(_postgres_setup(data["postgres"]))
+        out.append("")
     ours = "chatproto"
 
     def table(title, kind, key, unit, params, label, better="higher", digits=0, note=""):
@@ -436,10 +469,12 @@ def render(data: dict, names: list[str]) -> str:
             out.append(note)
             out.append("")
         present = [n for n in names if any(n in res[kind].get(str(p), {}) for p in params)]
-        others = [n for n in present if n != ours]
+        # Our other stores are set against ours (SQLite); ours against the other systems.
+        variants = [n for n in present if n.startswith(ours + "-")]
+        others = [n for n in present if n != ours and n not in variants]
         head = [label] + [f"{n} ({unit})" for n in present]
         if ours in present:
-            head += [f"{ours} / {n}" for n in others]
+            head += [f"{ours} / {n}" for n in others] + [f"{n} / {ours}" for n in variants]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for p in params:
@@ -449,9 +484,14 @@ def render(data: dict, names: list[str]) -> str:
             cells += [_fmt(med[n], digits) + _runs(row.get(n), key) for n in present]
             if ours in present:
                 cells += [_ratio(med[ours], med[n]) for n in others]
+                cells += [_ratio(med[n], med[ours]) for n in variants]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-        out.append(f"({better} is better; ratios are chatproto's figure divided by the other's)")
+        out.append(f"({better} is better; a ratio A / B is A's figure divided by B's)")
+        skipped = [n for n in names if n in SYSTEMS and not SYSTEMS[n].supports(kind)]
+        if skipped:
+            out.append("")
+            out.append(f"n/a: {', '.join(skipped)} (measured on throughput and latency only).")
         out.append("")
 
     if "selftalk" in res:
@@ -483,8 +523,8 @@ def render(data: dict, names: list[str]) -> str:
         note=(
             "P sender→receiver pairs logged in; each sender pipelines its share of the messages "
             f"({', '.join(f'{k} {v:,}' for k, v in cfg['throughput'].items())} in all); delivered "
-            "messages per second from the first send to the last receive. For chatproto every 07 is "
-            "awaited afterwards and checked."
+            "messages per second from the first send to the last receive. For chatproto (every store) "
+            "every 07 is awaited afterwards and checked."
         ),
     )
     for q in ("p50", "p99", "max"):
@@ -558,6 +598,11 @@ def render(data: dict, names: list[str]) -> str:
         ),
     )
     table("Group fan-out (messages)", "fanout", "msg_rate", "msg/s", cfg["groups"], "members")
+    if "postgres" in data and ours in names:
+        out.append("## PostgreSQL against SQLite (from this run)")
+        out.append("")
+        out.extend(_postgres_summary(res, cfg, names))
+        out.append("")
     if "throughput" in res and ours in names:
         out.append("## Targets of issue 6 (from this run)")
         out.append("")
@@ -570,10 +615,49 @@ def render(data: dict, names: list[str]) -> str:
     else:
         out.append("- Nothing odd: no server died or logged an error, and every message and 07 arrived.")
     out.append("")
-    out.append("Raw figures of every run: `bench/results.json`.")
+    out.append(f"Raw figures of every run: `{data.get('json', 'bench/results.json')}`.")
     out.append("Profile of chatproto under the throughput workload: `bench/profile.txt`.")
     out.append("")
     return "\n".join(out)
+
+
+def _postgres_setup(settings: dict) -> str:
+    conf = ", ".join(f"`{k} = {v}`" for k, v in settings.items())
+    return (
+        "chatproto-pg is one node (`--db postgresql://postgres@127.0.0.1:PORT/DB`) on a PostgreSQL "
+        "cluster made for the run (initdb and pg_ctl as the `postgres` user, through `tests/postgres.py`; "
+        "data under /tmp on the same ext4 file system as the SQLite database, a fresh cluster and "
+        "database for every run); chatproto-pg2 is two nodes on one such database, every sender logged "
+        "in on node 1 and every receiver on node 2, so every message and every 07 crosses nodes through "
+        "the database (commit, NOTIFY, the other node's listener). PostgreSQL, with all its processes, "
+        f"is pinned to core {SERVER_CORE} with the node(s): the database shares the server's core, and "
+        "chatproto-pg2's two nodes share it too. Durability as the server promises (a 07 only after "
+        f"the commit): {conf}; the rest as initdb makes it (WAL flushed with fdatasync)."
+    )
+
+
+def _postgres_summary(res, cfg, names) -> list[str]:
+    def med(kind, p, name, key):
+        return median(res.get(kind, {}).get(str(p), {}).get(name, []), key)
+
+    lines = []
+    pg = [n for n in names if n.startswith("chatproto-pg")]
+    if "throughput" in res:
+        for p in cfg["pairs"]:
+            base = med("throughput", p, "chatproto", "rate")
+            parts = [f"SQLite {_fmt(base)}"]
+            for n in pg:
+                rate = med("throughput", p, n, "rate")
+                parts.append(f"{n} {_fmt(rate)} ({_ratio(rate, base)} SQLite)")
+            lines.append(f"- Throughput, P = {p} (msg/s): " + "; ".join(parts))
+    if "latency" in res:
+        for r in cfg["rates"]:
+            parts = []
+            for n in ["chatproto", *pg]:
+                p50, p99 = med("latency", r, n, "p50"), med("latency", r, n, "p99")
+                parts.append(f"{'SQLite' if n == 'chatproto' else n} {_fmt(p50, 2)} / {_fmt(p99, 2)}")
+            lines.append(f"- Latency at {r:,} msg/s (p50 / p99 ms): " + "; ".join(parts))
+    return lines
 
 
 def _runs(runs, key) -> str:

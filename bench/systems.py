@@ -17,6 +17,7 @@ one message brings back to its sender (our 07), to drain and check.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -48,9 +49,9 @@ def text(i: int) -> bytes:
 class Server:
     """A server process pinned to ``core`` with taskset, its output in a log file."""
 
-    def __init__(self, argv, port, workdir: Path, core: int, env=None, cwd=REPO):
+    def __init__(self, argv, port, workdir: Path, core: int, env=None, cwd=REPO, log_name="server.log"):
         self.port = port
-        self.log_path = workdir / "server.log"
+        self.log_path = workdir / log_name
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             ["taskset", "-c", str(core), *argv],
@@ -104,6 +105,10 @@ class System:
     label = "?"
     rx: int | str = 256
     ack = 0
+    #: Distinct frames per sender block (repeated); None: every message its own frame.
+    distinct: int | None = 512
+    #: The workloads this system is measured on (None: all of them).
+    workloads: tuple[str, ...] | None = None
     #: Accounts are made before the connections that use them, outside the memory figure.
     offline_ok = True
     #: Clients dialled at once: at most the server's listen backlog, or SYNs are dropped.
@@ -122,12 +127,24 @@ class System:
         self.server.wait_ready()
         return self.server
 
+    @classmethod
+    def supports(cls, kind: str) -> bool:
+        return cls.workloads is None or kind in cls.workloads
+
+    def servers(self) -> list[Server]:
+        """Every server process of the system (checked after each run, stopped by stop())."""
+        return [self.server] if self.server is not None else []
+
+    def problems(self) -> str | None:
+        """Errors logged by a process outside servers() (a database), if any."""
+        return None
+
     def stop(self) -> None:
         close_all(self._socks)
         self._socks = []
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        for server in self.servers():
+            server.stop()
+        self.server = None
 
     def _keep(self, socks):
         self._socks += socks
@@ -165,6 +182,8 @@ class Chat(System):
     label = "chatproto (SQLite)"
     rx = 256
     ack = 25
+    #: The contract drops a repeated (SRC, DST, TIMESTAMP, MSG): a distinct frame per message.
+    distinct = None
     #: Where the server's code is run from (see export_tree); set by run.py.
     source = REPO
 
@@ -174,11 +193,17 @@ class Chat(System):
         self.extra_env = extra_env or {}
         self.prefix: list[str] = []
 
-    def _launch(self, fresh=True):
+    def _db(self, fresh: bool) -> str:
+        """The --db argument: a SQLite file in the run's directory (emptied when fresh)."""
         db = self.workdir / "chat.sqlite3"
         for suffix in ("", "-wal", "-shm"):
             if fresh:
                 Path(str(db) + suffix).unlink(missing_ok=True)
+        return str(db)
+
+    def _launch(self, fresh=True, port=None, log_name="server.log"):
+        db = self._db(fresh)
+        port = port or self.port
         env = dict(os.environ, **self.extra_env)
         argv = [
             *self.prefix,
@@ -187,14 +212,19 @@ class Chat(System):
             "twisted",
             "chat",
             "--port",
-            f"tcp:{self.port}:interface=127.0.0.1",
+            f"tcp:{port}:interface=127.0.0.1",
             "--db",
-            str(db),
+            db,
             # Flood protection off, as for ngircd: the generator floods on purpose.
             "--max-frame-rate",
             "0",
         ]
-        return Server(argv, self.port, self.workdir, self.core, env=env, cwd=self.source)
+        return Server(argv, port, self.workdir, self.core, env=env, cwd=self.source, log_name=log_name)
+
+    @property
+    def receiver_port(self) -> int:
+        """Where pairs() logs its receivers in (its senders: self.port)."""
+        return self.port
 
     def register(self, n: int) -> list[bytes]:
         """n accounts over one connection (pipelined 01s), closed afterwards."""
@@ -208,8 +238,8 @@ class Chat(System):
             raise BenchError(f"registration failed: {bytes(got[:60])!r}")
         return [f[2:] for f in ids]
 
-    def login(self, ids: list[bytes]) -> list[socket.socket]:
-        socks, got = open_clients(self.port, len(ids), lambda i: b"03" + ids[i], 15, batch=self.batch)
+    def login(self, ids: list[bytes], port: int | None = None) -> list[socket.socket]:
+        socks, got = open_clients(port or self.port, len(ids), lambda i: b"03" + ids[i], 15, batch=self.batch)
         for g, user in zip(got, ids, strict=True):
             if bytes(g[:15]) != b"04" + user:
                 raise BenchError(f"login failed: {bytes(g[:40])!r}")
@@ -231,7 +261,7 @@ class Chat(System):
 
     def pairs(self, p):
         ids = self.register(2 * p)
-        senders, receivers = self.login(ids[:p]), self.login(ids[p:])
+        senders, receivers = self.login(ids[:p]), self.login(ids[p:], self.receiver_port)
         return [
             (s, r, lambda i, a=ids[k], b=ids[p + k]: self.frame(a, b, i), self.stamped(ids[k], ids[p + k]))
             for k, (s, r) in enumerate(zip(senders, receivers, strict=True))
@@ -279,6 +309,142 @@ class Chat(System):
         (r,) = dial(self.port, 1)
         self._keep([r])
         return r, b"03" + dst, 15 + 256 * n, s
+
+
+# -- ours on PostgreSQL -------------------------------------------------------
+
+#: Appended to postgresql.conf after the tests' settings (tests/postgres.py, made for
+#: throwaway data: fsync and synchronous_commit off), so these win. Durability as
+#: PostgreSQL ships it: the server promises a 07 only after a commit, and a commit
+#: here is on disk (WAL flushed with fdatasync) before PostgreSQL reports it.
+PG_SETTINGS = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+    "shared_buffers": "256MB",
+    # No checkpoint forced by WAL volume within a run (the default is 1GB).
+    "max_wal_size": "4GB",
+    "max_connections": "200",
+}
+
+
+def pg_cluster(workdir: Path, core: int):
+    """A fresh PostgreSQL cluster pinned to ``core``, started; the tests' machinery.
+
+    tests/postgres.py runs initdb and pg_ctl as the ``postgres`` user (we run as
+    root) in a directory of its own under /tmp, on a free loopback port. taskset
+    before them pins the postmaster, and every backend it forks, to ``core``.
+    """
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.postgres import PostgresCluster, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise BenchError("PostgreSQL is not installed: no initdb on PATH nor in /usr/lib/postgresql/*/bin")
+    cluster = PostgresCluster(bin_dir)
+    cluster._as = ["taskset", "-c", str(core), *cluster._as]
+    try:
+        cluster.init()
+        with open(cluster.data / "postgresql.conf", "a") as conf:
+            conf.write("# chatproto benchmark\n")
+            conf.writelines(f"{k} = {v}\n" for k, v in PG_SETTINGS.items())
+        cluster.start()
+    except BaseException:
+        cluster.remove()
+        raise
+    return cluster
+
+
+def pg_version() -> str:
+    """The PostgreSQL server the benchmark would start (postgres --version), or "?"."""
+    try:
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from tests.postgres import find_bin_dir
+
+        done = subprocess.run(
+            [os.path.join(find_bin_dir() or "", "postgres"), "--version"], capture_output=True, text=True
+        )
+        found = re.search(r"\d+(\.\d+)+", done.stdout)
+        return found.group(0) if found else "?"
+    except (ImportError, OSError):
+        return "?"
+
+
+class ChatPostgres(Chat):
+    """One node on a fresh PostgreSQL cluster, started for the run."""
+
+    name = "chatproto-pg"
+    label = "chatproto (PostgreSQL, 1 node)"
+    workloads = ("throughput", "latency")
+
+    def __init__(self, workdir, core, **kw):
+        super().__init__(workdir, core, **kw)
+        self.cluster = None
+        self.url = ""
+
+    def start(self) -> Server:
+        self.cluster = pg_cluster(self.workdir, self.core)
+        self.url = self.cluster.create_database()
+        return super().start()
+
+    def _db(self, fresh: bool) -> str:
+        return self.url
+
+    def problems(self) -> str | None:
+        """The first ERROR, FATAL or PANIC in PostgreSQL's log, with what follows it."""
+        if self.cluster is None or not self.cluster.log.exists():
+            return None
+        text = self.cluster.log.read_text(errors="replace")
+        for bad in ("ERROR:", "FATAL:", "PANIC:"):
+            if bad in text:
+                i = text.index(bad)
+                return text[max(0, i - 100) : i + 600]
+        return None
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            if self.cluster is not None:
+                self.cluster.remove()
+                self.cluster = None
+
+
+class ChatPostgres2(ChatPostgres):
+    """Two nodes on one database: senders on node 1, receivers on node 2.
+
+    Every message crosses nodes: node 1 commits it as an inbox row, and
+    PostgreSQL's NOTIFY brings it to node 2, which writes it to the receiver.
+    """
+
+    name = "chatproto-pg2"
+    label = "chatproto (PostgreSQL, 2 nodes)"
+
+    def __init__(self, workdir, core, **kw):
+        super().__init__(workdir, core, **kw)
+        self.node2: Server | None = None
+
+    def start(self) -> Server:
+        server = super().start()
+        # After node 1 is listening: it has made the schema.
+        self.node2 = self._launch(port=free_port(), log_name="node2.log")
+        self.node2.wait_ready()
+        return server
+
+    @property
+    def receiver_port(self) -> int:
+        return self.node2.port
+
+    def servers(self) -> list[Server]:
+        return [s for s in (self.server, self.node2) if s is not None]
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.node2 = None
 
 
 # -- the plain Twisted relay ---------------------------------------------------
@@ -533,4 +699,11 @@ class Ngircd(System):
         return socks[0], socks[1:], lambda i: b"PRIVMSG #g :" + text(i) + b"\r\n"
 
 
-SYSTEMS = {"chatproto": Chat, "mosquitto": Mosquitto, "ngircd": Ngircd, "relay": TwistedRelay}
+SYSTEMS = {
+    "chatproto": Chat,
+    "chatproto-pg": ChatPostgres,
+    "chatproto-pg2": ChatPostgres2,
+    "mosquitto": Mosquitto,
+    "ngircd": Ngircd,
+    "relay": TwistedRelay,
+}
