@@ -315,6 +315,22 @@ def test_a_database_restart_is_survived(cluster, postgres):
     assert set(n.load().users) == {A, B, C}
 
 
+def test_a_restart_between_batches_costs_nothing_but_the_listeners_events(cluster, postgres):
+    """A connection that died while idle is made again for the batch that finds it dead;
+    the listener comes back on its own, and a sync fails while it is away."""
+    n = cluster.node()
+    n.add_user(A, None)
+    n.synced()
+    postgres.restart()
+    n.add_user(B, None)
+    cluster.until(lambda: n.store._listener.conn is None, what="the listener to notice")
+    away = cluster.outcome(n.store.sync())
+    assert isinstance(away, Failure) and away.check(StoreUnavailable)
+    cluster.until(lambda: Reconnected() in n.events, what="the listener to reconnect")
+    n.add_user(C, None)
+    assert n.synced()[-1] == UserAdded(C, None)
+
+
 def test_a_store_needs_its_database_to_start(cluster, postgres):
     with pytest.raises(StoreUnavailable, match="no_such_database"):
         PostgresStore(postgres.dsn("no_such_database"), cluster.reactor)

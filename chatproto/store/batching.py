@@ -1,4 +1,4 @@
-"""Group commit, shared by the SQL stores.
+"""What the SQL stores share: group commit, and the start-up snapshot.
 
 Every operation submitted during one reactor turn (and while the previous
 transaction is running) goes into one transaction on a single database
@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from . import StoreUnavailable
+from . import Snapshot, StoreUnavailable
 
 #: Operations per transaction at most: enough to amortize a commit, few
 #: enough that one batch's deliveries to one reader stay well under the
@@ -24,6 +24,26 @@ MAX_BATCH = 2000
 
 def nothing(*_):
     """The operation behind ``barrier``: its commit is the point."""
+
+
+def load_snapshot(cur):
+    """What the server reads at start-up, in SQL both databases run as it is."""
+    users = dict(cur.execute("SELECT id, secret_hash FROM users"))
+    groups: dict[str, list[str]] = {}
+    read_marks: dict[str, dict[str, int]] = {}
+    low_marks: dict[str, int] = {}
+    for group_id, low in cur.execute("SELECT id, low_mark FROM groups"):
+        groups[group_id] = []
+        read_marks[group_id] = {}
+        low_marks[group_id] = low
+    for group_id, user_id, mark in cur.execute(
+        "SELECT group_id, user_id, read_mark FROM members ORDER BY group_id, position"
+    ):
+        groups[group_id].append(user_id)
+        if mark:
+            read_marks[group_id][user_id] = mark
+    held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id"))
+    return Snapshot(users, groups, read_marks, low_marks, held)
 
 
 class BatchingStore:

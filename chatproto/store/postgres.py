@@ -42,13 +42,12 @@ from . import (
     Reconnected,
     Recorded,
     Released,
-    Snapshot,
     StoreUnavailable,
     Takeover,
     UserAdded,
     next_low_mark,
 )
-from .batching import BatchingStore
+from .batching import BatchingStore, load_snapshot
 
 #: The schema this code writes; a database at another version is refused
 #: (there is no older PostgreSQL schema to upgrade from yet).
@@ -330,10 +329,12 @@ class PostgresStore(BatchingStore):
         Notifications arrive in commit order, so by then every event committed
         before this call has been handed to the handler. Fails with
         StoreUnavailable if the token cannot be committed, or if the listener
-        loses its connection meanwhile.
+        is not connected (or loses its connection meanwhile): it could be lost.
         """
         if self._listener is None:
             return fail(RuntimeError("sync() needs listen() first"))
+        if self._listener.conn is None:
+            return fail(StoreUnavailable("the listener is not connected"))
         n = next(self._sync_ids)
         d = self._syncs[n] = Deferred()
 
@@ -537,22 +538,7 @@ def _insert_holds(store, cur, rows, texts=None) -> None:
 
 
 def _load(store, cur):
-    users = dict(cur.execute("SELECT id, secret_hash FROM users").fetchall())
-    groups: dict[str, list[str]] = {}
-    read_marks: dict[str, dict[str, int]] = {}
-    low_marks: dict[str, int] = {}
-    for group_id, low in cur.execute("SELECT id, low_mark FROM groups").fetchall():
-        groups[group_id] = []
-        read_marks[group_id] = {}
-        low_marks[group_id] = low
-    for group_id, user_id, mark in cur.execute(
-        "SELECT group_id, user_id, read_mark FROM members ORDER BY group_id, position"
-    ).fetchall():
-        groups[group_id].append(user_id)
-        if mark:
-            read_marks[group_id][user_id] = mark
-    held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id").fetchall())
-    return Snapshot(users, groups, read_marks, low_marks, held)
+    return load_snapshot(cur)
 
 
 def _add_user(store, cur, user_id, secret_hash):

@@ -22,10 +22,9 @@ from . import (
     InboxItem,
     Recorded,
     SchemaError,
-    Snapshot,
     UpgradeFailed,
 )
-from .batching import BatchingStore
+from .batching import BatchingStore, load_snapshot
 
 #: The schema this code writes. A fresh database is made from ``NNN.sql`` of
 #: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
@@ -233,7 +232,7 @@ class SQLiteStore(BatchingStore):
     # -- operations --------------------------------------------------------
 
     def load(self):
-        return self._submit(_load)
+        return self._submit(load_snapshot)
 
     def add_user(self, user_id, secret_hash):
         return self._submit(_add_user, user_id, secret_hash)
@@ -279,25 +278,6 @@ class SQLiteStore(BatchingStore):
 
 
 # Each operation runs on the database thread inside the batch's transaction.
-
-
-def _load(cur):
-    users = dict(cur.execute("SELECT id, secret_hash FROM users"))
-    groups: dict[str, list[str]] = {}
-    read_marks: dict[str, dict[str, int]] = {}
-    low_marks: dict[str, int] = {}
-    for group_id, low in cur.execute("SELECT id, low_mark FROM groups"):
-        groups[group_id] = []
-        read_marks[group_id] = {}
-        low_marks[group_id] = low
-    for group_id, user_id, mark in cur.execute(
-        "SELECT group_id, user_id, read_mark FROM members ORDER BY group_id, position"
-    ):
-        groups[group_id].append(user_id)
-        if mark:
-            read_marks[group_id][user_id] = mark
-    held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id"))
-    return Snapshot(users, groups, read_marks, low_marks, held)
 
 
 def _add_user(cur, user_id, secret_hash):
