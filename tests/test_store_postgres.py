@@ -8,6 +8,9 @@ watches; stores of several "nodes" share it and one fresh database.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -224,6 +227,40 @@ def test_a_dead_nodes_session_is_taken_without_a_takeover(cluster):
     with psycopg.connect(cluster.dsn) as conn:
         query = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
         assert conn.execute(query, (gone.store.node,)).fetchone() == (True,), "checking left it free"
+
+
+#: A node in a process of its own: it listens, claims two sessions, says so, and runs.
+_NODE = """
+import sys
+from twisted.internet import reactor
+from chatproto.store.postgres import PostgresStore
+store = PostgresStore(sys.argv[1], reactor, node="killed")
+d = store.listen(lambda event: None)
+d.addCallback(lambda _: store.claim_session(sys.argv[2]))
+d.addCallback(lambda _: store.claim_session(sys.argv[3]))
+d.addCallback(lambda _: print("ready", flush=True))
+reactor.run()
+"""
+
+
+def test_a_node_killed_with_sigkill_is_seen_dead(cluster):
+    """Its liveness lock goes with its connection, however the process ends."""
+    n1 = cluster.node()
+    args = [sys.executable, "-c", _NODE, cluster.dsn, A, B]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        assert n1.claim_session(A) == "killed", "alive while it runs"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    with psycopg.connect(cluster.dsn) as conn:
+        # Returns once the database has seen the connection go (at once, usually).
+        conn.execute("SET lock_timeout = '10s'")
+        conn.execute("SELECT pg_advisory_lock(hashtextextended('killed', 0))")
+    assert n1.claim_session(B) is None, "a killed node's session is taken without a takeover"
+    assert [e for e in n1.synced() if isinstance(e, Takeover)] == [Takeover(A, "killed", n1.store.node)]
 
 
 def test_read_group_moves_the_low_mark_and_holds_a_09_for_every_member(cluster):
