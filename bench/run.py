@@ -152,10 +152,14 @@ def latency(system: System, rate: int, duration: float, notes: Notes) -> dict:
     lat = out["latencies"]
     if len(lat) < out["sent"]:
         notes.add(f"{system.name} latency {rate}/s: only {len(lat)} of {out['sent']} messages arrived")
+    tenth = max(1, len(lat) // 10)
     return {
         "p50": loadgen.percentile(lat, 50),
         "p99": loadgen.percentile(lat, 99),
         "max": max(lat) if lat else float("nan"),
+        # In order of arrival: a system that cannot keep up has a queue that grows.
+        "p50_first_tenth": loadgen.percentile(lat[:tenth], 50),
+        "p50_last_tenth": loadgen.percentile(lat[-tenth:], 50),
         "sent": out["sent"],
         "received": len(lat),
         "gen_lag_ms": out["max_lag_ms"],
@@ -224,6 +228,7 @@ def measure(kind: str, system_cls, args, cfg, notes: Notes, workroot: Path, para
         system = system_cls(workdir, SERVER_CORE)
         try:
             system.start()
+            before = _cpu_snapshot(system)
             if kind == "throughput":
                 out = throughput(system, param, cfg["throughput"][system.name], notes)
             elif kind == "latency":
@@ -236,6 +241,7 @@ def measure(kind: str, system_cls, args, cfg, notes: Notes, workroot: Path, para
                 out = fanout(system, param, cfg["fanout"][system.name], notes)
             else:
                 raise ValueError(kind)
+            out["other_cores"] = _other_cores(before, _cpu_snapshot(system))
             check_server(system, notes, f"{kind} {param}")
             log(f"{kind:11} {system.name:13} {param!s:>6} run {rep + 1}: {_brief(out)}")
             results.append(out)
@@ -247,6 +253,48 @@ def measure(kind: str, system_cls, args, cfg, notes: Notes, workroot: Path, para
         finally:
             system.stop()
     return results
+
+
+# -- what else ran meanwhile -----------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_snapshot(system: System) -> tuple[float, int, dict[int, int]]:
+    """(time, busy ticks of the whole machine, {pid: ticks} of the run's own processes).
+
+    The run's own: this process, the servers and everything under them, and
+    any process the system started outside that tree (PostgreSQL's postmaster).
+    """
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system_, _idle, _iowait, irq, softirq = (int(v) for v in first[:7])
+    parent, ticks = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        rest = stat.rsplit(")", 1)[1].split()
+        pid = int(entry.name)
+        parent[pid], ticks[pid] = int(rest[1]), int(rest[11]) + int(rest[12])
+    roots = {os.getpid(), *system.extra_pids()}
+    ours = {}
+    for pid in ticks:
+        p, seen = pid, 0
+        while p and p not in roots and seen < 64:
+            p, seen = parent.get(p, 0), seen + 1
+        if p in roots:
+            ours[pid] = ticks[pid]
+    return time.monotonic(), user + nice + system_ + irq + softirq, ours
+
+
+def _other_cores(before, after) -> float:
+    """Cores kept busy, on average, by processes other than the run's own in between."""
+    (t0, busy0, ours0), (t1, busy1, ours1) = before, after
+    ours = sum(v - ours0.get(pid, 0) for pid, v in ours1.items())
+    return max(0.0, (busy1 - busy0 - ours) / _TICK / max(t1 - t0, 1e-9))
 
 
 def _brief(out: dict) -> str:
@@ -282,6 +330,7 @@ def machine() -> dict:
         "mosquitto": version(["dpkg-query", "-W", "-f", "${Version}", "mosquitto"]),
         "ngircd": version(["dpkg-query", "-W", "-f", "${Version}", "ngircd"]),
         "postgresql": pg_version(),
+        "load_before": os.getloadavg()[0],
     }
 
 
@@ -355,6 +404,7 @@ def main(argv=None) -> int:
                     runs = measure(kind, cls, args, cfg, notes, workroot, param)
                     res[kind][str(param)][cls.name] = runs
     data["seconds"] = time.time() - began
+    data["machine"]["load_after"] = os.getloadavg()[0]
     data["notes"] = notes.items
     Path(args.json).write_text(json.dumps(data, indent=1))
     Path(args.output).write_text(render(data, [c.name for c in systems]))
@@ -441,6 +491,12 @@ def render(data: dict, names: list[str]) -> str:
         + (f", PostgreSQL {m.get('postgresql', '?')}." if "postgres" in data else ".")
     )
     out.append("")
+    if "load_before" in m:
+        out.append(
+            f"Load average (1 min) at the start {m['load_before']:.2f}, at the end {m['load_after']:.2f} "
+            "(the run's own load included; anything else running on the machine shows here)."
+        )
+        out.append("")
     code = data.get("server_code", "?")
     out.append(f"chatproto measured: {code} (exported, so edits made during the run do not count).")
     out.append("")
@@ -610,6 +666,9 @@ def render(data: dict, names: list[str]) -> str:
         out.append("")
     out.append("## Notes")
     out.append("")
+    busy = _interference(res)
+    if busy:
+        out.append(f"- {busy}")
     if data["notes"]:
         out.extend(f"- {n}" for n in data["notes"])
     else:
@@ -655,9 +714,40 @@ def _postgres_summary(res, cfg, names) -> list[str]:
             parts = []
             for n in ["chatproto", *pg]:
                 p50, p99 = med("latency", r, n, "p50"), med("latency", r, n, "p99")
-                parts.append(f"{'SQLite' if n == 'chatproto' else n} {_fmt(p50, 2)} / {_fmt(p99, 2)}")
+                part = f"{'SQLite' if n == 'chatproto' else n} {_fmt(p50, 2)} / {_fmt(p99, 2)}"
+                first, last = med("latency", r, n, "p50_first_tenth"), med("latency", r, n, "p50_last_tenth")
+                if first is not None and last is not None and last > max(50.0, 10 * first):
+                    # Offered faster than it can go: the figure is the queue, not the path.
+                    part += (
+                        f" (saturated: p50 of the first tenth {_fmt(first, 2)}, of the last {_fmt(last, 2)})"
+                    )
+                parts.append(part)
             lines.append(f"- Latency at {r:,} msg/s (p50 / p99 ms): " + "; ".join(parts))
     return lines
+
+
+def _interference(res) -> str:
+    """How much CPU other processes took during the measurements (other people's tests)."""
+    seen = []
+    for kind, by_param in res.items():
+        if not isinstance(by_param, dict):
+            continue
+        for param, by_system in by_param.items():
+            if not isinstance(by_system, dict):
+                continue
+            for name, runs in by_system.items():
+                for r in runs if isinstance(runs, list) else []:
+                    if "other_cores" in r:
+                        seen.append((r["other_cores"], f"{name} {kind} {param}"))
+    if not seen:
+        return ""
+    worst, where = max(seen)
+    mid = statistics.median(v for v, _ in seen)
+    return (
+        f"Processes other than the benchmark's (its generator, servers and PostgreSQL) kept "
+        f"{mid:.2f} cores busy during the median run, {worst:.2f} at most ({where}): "
+        "figures taken while that was high are less reliable."
+    )
 
 
 def _runs(runs, key) -> str:

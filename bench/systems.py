@@ -139,6 +139,10 @@ class System:
         """Errors logged by a process outside servers() (a database), if any."""
         return None
 
+    def extra_pids(self) -> list[int]:
+        """Processes of the system that are not children of the run (a database's daemon)."""
+        return []
+
     def stop(self) -> None:
         close_all(self._socks)
         self._socks = []
@@ -391,6 +395,13 @@ class ChatPostgres(Chat):
 
     def _db(self, fresh: bool) -> str:
         return self.url
+
+    def extra_pids(self) -> list[int]:
+        pidfile = self.cluster.data / "postmaster.pid" if self.cluster else None
+        try:
+            return [int(pidfile.read_text().split()[0])] if pidfile else []
+        except (OSError, ValueError, IndexError):
+            return []
 
     def problems(self) -> str | None:
         """The first ERROR, FATAL or PANIC in PostgreSQL's log, with what follows it."""
