@@ -368,6 +368,25 @@ def test_a_restart_between_batches_costs_nothing_but_the_listeners_events(cluste
     assert n.synced()[-1] == UserAdded(C, None)
 
 
+def test_a_listener_reconnecting_ends_its_own_lost_connection(cluster):
+    """A lost connection the database has not noticed still holds the node's lock:
+    coming back, the listener ends it instead of waiting for the database to notice."""
+    n = cluster.node()
+    lock = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    with psycopg.connect(cluster.dsn, autocommit=True) as admin:
+        (listener,) = admin.execute(lock).fetchone()
+        stale = psycopg.connect(cluster.dsn, autocommit=True)  # stands for the lost connection
+        admin.execute("SELECT pg_terminate_backend(%s)", (listener,))
+        # The node's lock passes to the stand-in while the listener is away (it waits 0.5 s).
+        stale.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (n.store.node,))
+        cluster.until(lambda: Reconnected() in n.events, what="the listener to reconnect")
+        with pytest.raises(psycopg.OperationalError, match="terminating connection"):
+            stale.execute("SELECT 1")
+        stale.close()
+    n.add_user(A, None)
+    assert n.synced()[-1] == UserAdded(A, None)
+
+
 def test_a_store_needs_its_database_to_start(cluster, postgres):
     with pytest.raises(StoreUnavailable, match="no_such_database"):
         PostgresStore(postgres.dsn("no_such_database"), cluster.reactor)

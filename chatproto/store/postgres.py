@@ -380,6 +380,16 @@ class PostgresStore(BatchingStore):
             self._listener_lost()
 
 
+_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+_LOCK = "SELECT pg_advisory_lock(hashtextextended(%s, 0))"
+#: A bigint advisory key is in pg_locks as classid (high half), objid (low half), objsubid 1.
+_END_HOLDER = """
+SELECT pg_terminate_backend(pid) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND pid <> pg_backend_pid()
+  AND (classid::text::bigint << 32 | objid::text::bigint) = hashtextextended(%s, 0)
+"""
+
+
 @implementer(IReadDescriptor)
 class _Listener:
     """The node's LISTEN connection, read by the reactor when its socket is readable.
@@ -402,8 +412,14 @@ class _Listener:
     def start(self) -> Deferred:
         return deferToThreadPool(self.reactor, self.pool, self._connect).addCallback(self._listening)
 
-    def _connect(self):
+    def _connect(self, again=False):
         """On the listener's thread: connect, take the liveness lock, LISTEN.
+
+        Connecting ``again``, a lock still held is this node's own lost
+        connection, which the database has not noticed yet (a partition): it
+        is ended, else the node could not listen until the database's TCP
+        keepalive gives up (hours). At the first connection, it is another
+        process given the same node id, and is refused.
 
         Notifications that psycopg reads before the reactor watches the socket
         are kept to be handled first.
@@ -412,10 +428,13 @@ class _Listener:
         early = []
         conn.add_notify_handler(early.append)
         try:
-            (locked,) = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.store.node,)
-            ).fetchone()
-            if not locked:
+            (locked,) = conn.execute(_TRY_LOCK, (self.store.node,)).fetchone()
+            if not locked and again:
+                conn.execute(_END_HOLDER, (self.store.node,))
+                conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{CONNECT_TIMEOUT}s",))
+                conn.execute(_LOCK, (self.store.node,))
+                conn.execute("RESET lock_timeout")
+            elif not locked:
                 raise StoreUnavailable(f"node {self.store.node}'s lock is held by another connection")
             conn.execute(f"LISTEN {CHANNEL}")
         except BaseException:
@@ -474,7 +493,7 @@ class _Listener:
 
     def _reconnect(self) -> None:
         self.retry = None
-        d = deferToThreadPool(self.reactor, self.pool, self._connect)
+        d = deferToThreadPool(self.reactor, self.pool, self._connect, again=True)
         d.addCallbacks(self._reconnected, self._still_down)
 
     def _reconnected(self, connected) -> None:
