@@ -227,9 +227,10 @@ def test_options():
         ["--server", "example.org:7000", "--profile", "work", "--no-bell", "--no-read-receipts"]
     )
     assert (args.server, args.profile, args.no_bell, args.no_read_receipts) == (
-        "example.org:7000",
+        ["example.org:7000"],
         "work",
         True,
         True,
     )
-    assert parse_args([]).server == "tcp:localhost:7000"
+    assert parse_args([]).server is None  # main() falls back to tcp:localhost:7000
+    assert parse_args(["--server", "h:7000", "--server", "h:7001"]).server == ["h:7000", "h:7001"]

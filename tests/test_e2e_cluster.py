@@ -1,0 +1,193 @@
+"""End to end: two or three real ``twist chat`` nodes on one real PostgreSQL.
+
+Every client here speaks raw frames to one node; what it gets must be what
+one server would have sent.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from .helpers import (
+    f_group,
+    f_online_secret,
+    f_received,
+    f_seen,
+    f_send,
+    parse_server,
+    s_added,
+    s_delivered,
+    s_error,
+    s_message,
+    s_seen_by,
+    ts,
+)
+
+
+def nodes(server, pg_dsn, count=2):
+    return [server(db=pg_dsn) for _ in range(count)]
+
+
+def test_users_on_two_nodes_talk_with_07_and_09(server, pg_dsn):
+    a_node, b_node = nodes(server, pg_dsn)
+    # Made on one node, used at once on the other: it asks the database.
+    a = a_node.client().register()
+    b = b_node.client().register()
+    ca, cb = a_node.client(), b_node.client()
+    ca.login(a)
+    cb.login(b)
+    ca.send(f_send(a, b, ts(1700000001), b"hi bob, from node A"))
+    assert cb.read(1) == [s_message(a, b, ts(1700000001), b"hi bob, from node A")]
+    assert ca.read(1) == [s_delivered(b, ts(1700000001))]
+    cb.send(f_seen(a, ts(1700000001)))
+    assert ca.read(1) == [s_seen_by(b, ts(1700000001))]
+    cb.send(f_send(b, a, ts(1700000002), b"hi alice, from node B"))
+    assert ca.read(1) == [s_message(b, a, ts(1700000002), b"hi alice, from node B")]
+    assert cb.read(1) == [s_delivered(a, ts(1700000002))]
+
+
+def test_many_messages_across_nodes_arrive_once_and_in_order(server, pg_dsn):
+    a_node, b_node = nodes(server, pg_dsn)
+    a, b = a_node.client().register(), a_node.client().register()
+    ca, cb = a_node.client(), b_node.client()
+    ca.login(a)
+    cb.login(b)
+    sent = [f_send(a, b, ts(1700000100 + i), b"number %d" % i) for i in range(300)]
+    ca.send(*sent)
+    assert cb.read(300) == [s_message(a, b, ts(1700000100 + i), b"number %d" % i) for i in range(300)]
+    assert sorted(ca.read(300)) == sorted(s_delivered(b, ts(1700000100 + i)) for i in range(300))
+    cb.send(f_send(b, a, ts(1700000999), b"sync"))
+    assert ca.read(1) == [s_message(b, a, ts(1700000999), b"sync")]
+    assert cb.buf == b""
+
+
+def test_held_for_an_offline_user_comes_at_login_on_another_node(server, pg_dsn):
+    a_node, b_node = nodes(server, pg_dsn)
+    a, b = a_node.client().register(), a_node.client().register()
+    ca = a_node.client()
+    ca.login(a)
+    ca.send(*[f_send(a, b, ts(1700000200 + i), b"while away %d" % i) for i in range(3)])
+    cb = b_node.client()
+    cb.login(b)
+    assert cb.read(3) == [s_message(a, b, ts(1700000200 + i), b"while away %d" % i) for i in range(3)]
+    assert ca.read(3) == [s_delivered(b, ts(1700000200 + i)) for i in range(3)]
+
+
+def test_a_group_across_three_nodes(server, pg_dsn):
+    n1, n2, n3 = nodes(server, pg_dsn, 3)
+    setup = n1.client()
+    a, b, c = setup.register(), setup.register(), setup.register()
+    ca, cb, cc = n1.client(), n2.client(), n3.client()
+    ca.login(a)
+    cb.login(b)
+    cc.login(c)
+    ca.send(f_group(a, ts(1700000300), [b, c]))
+    (added,) = ca.read(1)
+    group = added[2:15]
+    assert added == s_added(group, ts(1700000300), [a, b, c])
+    assert cb.read(1) == [added] and cc.read(1) == [added]
+    cb.send(f_send(b, group, ts(1700000301), b"hello group, from node 2"))
+    frame = s_message(b, group, ts(1700000301), b"hello group, from node 2")
+    assert ca.read(1) == [frame] and cc.read(1) == [frame]
+    assert cb.read(1) == [s_delivered(group, ts(1700000301))]
+    # Read by both others, on two nodes: one 09 for the group, to everyone.
+    ca.send(f_seen(group, ts(1700000301)))
+    cc.send(f_seen(group, ts(1700000301)))
+    low = s_seen_by(group, ts(1700000301))
+    assert ca.read(1) == [low] and cb.read(1) == [low] and cc.read(1) == [low]
+
+
+def test_a_login_on_another_node_replaces_the_first_and_loses_nothing(server, pg_dsn):
+    a_node, b_node = nodes(server, pg_dsn)
+    setup = a_node.client()
+    setup.send(b"13", b"13")
+    frames = setup.read(2)
+    (a, a_secret), (b, b_secret) = [(f[2:15], f[15:47]) for f in frames]
+    ca = a_node.client()
+    ca.send(f_online_secret(a, a_secret))
+    assert ca.read(1) == [b"04" + a]
+    old = b_node.client()
+    old.send(f_online_secret(b, b_secret))
+    assert old.read(1) == [b"04" + b]
+    ca.send(*[f_send(a, b, ts(1700000400 + i), b"before %d" % i) for i in range(5)])
+    got_old = old.read(5)
+    old.send(*[f_received(a, b, ts(1700000400 + i)) for i in range(3)])  # acknowledges three of five
+    # A message after the 16s: once it has arrived, the 16s were handled.
+    old.send(f_send(b, a, ts(1700000405), b"acked three"))
+    assert ca.read(4) == [s_delivered(b, ts(1700000400 + i)) for i in range(3)] + [
+        s_message(b, a, ts(1700000405), b"acked three")
+    ]
+    new = a_node.client()
+    new.send(f_online_secret(b, b_secret))
+    assert new.read(1) == [b"04" + b]
+    # The old connection is told and closed ...
+    assert until_closed(old)[-1] == s_error(b"03", b"09")
+    # ... and the new one gets what was not acknowledged there, then what comes after, once each.
+    ca.send(*[f_send(a, b, ts(1700000410 + i), b"after %d" % i) for i in range(5)])
+    unacked = [s_message(a, b, ts(1700000400 + i), b"before %d" % i) for i in (3, 4)]
+    after = [s_message(a, b, ts(1700000410 + i), b"after %d" % i) for i in range(5)]
+    assert got_old == [s_message(a, b, ts(1700000400 + i), b"before %d" % i) for i in range(5)]
+    assert new.read(7) == unacked + after
+    new.send(*[f_received(a, b, ts(1700000400 + i)) for i in (3, 4)])
+    new.send(*[f_received(a, b, ts(1700000410 + i)) for i in range(5)])
+    delivered = ca.read(7)
+    assert sorted(delivered) == sorted(
+        [s_delivered(b, ts(1700000400 + i)) for i in (3, 4)]
+        + [s_delivered(b, ts(1700000410 + i)) for i in range(5)]
+    )
+    assert ca.buf == b""
+
+
+def test_a_node_killed_mid_conversation_loses_nothing(server, pg_dsn):
+    a_node, b_node = nodes(server, pg_dsn)
+    setup = a_node.client()
+    a = setup.register()
+    setup.send(b"13")
+    (made,) = setup.read(1)
+    b, secret = made[2:15], made[15:47]
+    ca, cb = a_node.client(), b_node.client()
+    ca.login(a)
+    cb.send(f_online_secret(b, secret))
+    assert cb.read(1) == [b"04" + b]
+    first = [f_send(a, b, ts(1700000500 + i), b"first %d" % i) for i in range(50)]
+    ca.send(*first)
+    cb.read(10)
+    cb.send(*[f_received(a, b, ts(1700000500 + i)) for i in range(10)])
+    b_node.stop(signal.SIGKILL)
+    cb.close()
+    # b's node died with up to 40 messages on the way and unacknowledged:
+    # they stay held, so b gets them on the node still up, with what follows.
+    ca.send(*[f_send(a, b, ts(1700000600 + i), b"second %d" % i) for i in range(50)])
+    back = a_node.client()
+    back.send(f_online_secret(b, secret))
+    assert back.read(1) == [b"04" + b]
+    expected = {s_message(a, b, ts(1700000500 + i), b"first %d" % i) for i in range(10, 50)} | {
+        s_message(a, b, ts(1700000600 + i), b"second %d" % i) for i in range(50)
+    }
+    frames = []
+    while not expected <= set(frames):
+        frames += back.read(1)
+    second = [f for f in frames if b"second" in f]
+    assert second == [s_message(a, b, ts(1700000600 + i), b"second %d" % i) for i in range(50)]
+    # Every message gets its one 07 once acknowledged.
+    back.send(*[f_received(a, b, ts(1700000500 + i)) for i in range(50)])
+    back.send(*[f_received(a, b, ts(1700000600 + i)) for i in range(50)])
+    want = {s_delivered(b, ts(1700000500 + i)) for i in range(50)} | {
+        s_delivered(b, ts(1700000600 + i)) for i in range(50)
+    }
+    got = set()
+    while len(got) < len(want):
+        (frame,) = ca.read(1)
+        if frame[:2] == b"07":
+            assert frame not in got
+            got.add(frame)
+    assert got == want
+
+
+def until_closed(client) -> list[bytes]:
+    """Every frame the server sent before closing the connection."""
+    deadline = time.monotonic() + 10
+    while not client.eof:
+        client._fill(deadline)
+    return parse_server(client.buf)
