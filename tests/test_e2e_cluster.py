@@ -6,8 +6,11 @@ one server would have sent.
 
 from __future__ import annotations
 
+import select
 import signal
 import time
+
+import pytest
 
 from .helpers import (
     f_group,
@@ -23,6 +26,15 @@ from .helpers import (
     s_seen_by,
     ts,
 )
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks(tmp_path):
+    """Whatever a test does to the nodes or the database, no node may log a traceback."""
+    yield
+    for log in tmp_path.glob("server*.log"):
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text and "Unhandled" not in text, f"{log.name}:\n{text[-4000:]}"
 
 
 def nodes(server, pg_dsn, count=2):
@@ -191,3 +203,35 @@ def until_closed(client) -> list[bytes]:
     while not client.eof:
         client._fill(deadline)
     return parse_server(client.buf)
+
+
+def test_while_the_database_restarts_nodes_answer_busy_then_recover_by_themselves(server, postgres, pg_dsn):
+    a_node, b_node = nodes(server, pg_dsn)
+    setup = a_node.client()
+    a, b = setup.register(), setup.register()
+    ca, cb = a_node.client(), b_node.client()
+    ca.login(a)
+    cb.login(b)
+    postgres.stop()
+    try:
+        ca.send(f_send(a, b, ts(1700000800), b"while the database is down"))
+        assert ca.read(1) == [s_error(b"05", b"11")]
+    finally:
+        postgres.start()
+    # The sender's outbox tries again until it is taken; no node was restarted.
+    deadline = time.monotonic() + 20
+    attempt = 0
+    while True:
+        attempt += 1
+        ca.send(f_send(a, b, ts(1700000800 + attempt), b"again"))
+        (answer,) = ca.read(1)
+        if answer[:2] == b"07":
+            break
+        assert answer == s_error(b"05", b"11")
+        assert time.monotonic() < deadline, "the node never recovered"
+        select.select([], [], [], 0.2)
+    assert answer == s_delivered(b, ts(1700000800 + attempt))
+    assert cb.read(1) == [s_message(a, b, ts(1700000800 + attempt), b"again")]
+    # Across nodes again, once the listeners are back.
+    cb.send(f_send(b, a, ts(1700000900), b"and back"))
+    assert ca.read(1, timeout=20) == [s_message(b, a, ts(1700000900), b"and back")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import time
 from importlib import resources
@@ -403,6 +404,10 @@ class _Listener:
         self.store = store
         self.reactor = store._reactor
         self.conn: psycopg.Connection | None = None
+        #: A duplicate of the socket's descriptor, which the reactor watches:
+        #: libpq closes its own when the connection is lost, and the reactor
+        #: still has to stop watching it then.
+        self.fd = -1
         self.delay = RECONNECT_FIRST
         self.retry = None
         self.stopped = False
@@ -448,6 +453,7 @@ class _Listener:
             conn.close()
             return
         self.conn = conn
+        self.fd = os.dup(conn.pgconn.socket)
         self.reactor.addReader(self)
         if reconnected:
             self.store.log.info("the listener is connected again")
@@ -460,7 +466,7 @@ class _Listener:
             self.connectionLost(why)
 
     def fileno(self) -> int:
-        return self.conn.pgconn.socket if self.conn is not None else -1
+        return self.fd
 
     def logPrefix(self) -> str:
         return "chatproto-postgres-listener"
@@ -510,6 +516,8 @@ class _Listener:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+            os.close(self.fd)
+            self.fd = -1
 
     def stop(self) -> None:
         """Stop listening and release the liveness lock: other nodes now see this one gone."""
