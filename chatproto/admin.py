@@ -57,6 +57,10 @@ def open_db(path: str) -> sqlite3.Connection:
     """Open an existing chatproto database for reading and short writes; never create one."""
     if path == ":memory:":
         raise AdminError("--db :memory: is the server's own memory; there is nothing to open")
+    if path.startswith(("postgresql://", "postgres://")):
+        raise AdminError(
+            "chatproto-admin works on SQLite files; for PostgreSQL use psql and pg_dump (docs/scaling.md)"
+        )
     if not os.path.exists(path):
         raise AdminError(f"no database at {path}")
     if os.path.isdir(path):

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from .cluster import ClusterHub
 from .hub import Hub
 from .server import ChatFactory, Limits
+from .store import StoreUnavailable
 from .store.sqlite import SchemaError, SQLiteStore
 
 DEFAULT_PORT = "tcp:7000"
@@ -260,7 +261,7 @@ def makeService(options, reactor=None):
         else:
             store = SQLiteStore(db, reactor)
             hub = Hub(store, require_secrets=bool(options["require-secrets"]), max_held=options["max-held"])
-    except SchemaError as e:
+    except (SchemaError, StoreUnavailable) as e:
         # Said in one line, not a traceback: the operator has a decision to make.
         raise SystemExit(f"chatproto: {e}") from None
     endpoint = serverFromString(reactor, options["port"])

@@ -237,7 +237,17 @@ def newer(path) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "directory", "not sqlite", "not chatproto", "newer", "bad id", "unknown user", "group id"],
+    [
+        "missing",
+        "directory",
+        "not sqlite",
+        "not chatproto",
+        "newer",
+        "postgresql",
+        "bad id",
+        "unknown user",
+        "group id",
+    ],
 )
 def test_errors_are_one_line_with_exit_status_1(case, chat, capsys, tmp_path):
     db, args = chat["db"], ["stats"]
@@ -255,6 +265,8 @@ def test_errors_are_one_line_with_exit_status_1(case, chat, capsys, tmp_path):
         db, expected = str(tmp_path / "other.db"), "is not a chatproto database"
     elif case == "newer":
         db, expected = newer(tmp_path / "new.db"), "has schema version 99, newer than this chatproto-admin's"
+    elif case == "postgresql":
+        db, expected = "postgresql://chat@127.0.0.1/chat", "works on SQLite files; for PostgreSQL use psql"
     elif case == "bad id":
         args, expected = ["user", "show", "12345"], "'12345' is not a user id (13 digits)"
     elif case == "unknown user":

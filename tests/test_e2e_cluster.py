@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import select
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -26,6 +28,7 @@ from .helpers import (
     s_seen_by,
     ts,
 )
+from .test_e2e_server import REPO, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -235,3 +238,17 @@ def test_while_the_database_restarts_nodes_answer_busy_then_recover_by_themselve
     # Across nodes again, once the listeners are back.
     cb.send(f_send(b, a, ts(1700000900), b"and back"))
     assert ca.read(1, timeout=20) == [s_message(b, a, ts(1700000900), b"and back")]
+
+
+def test_a_database_that_cannot_be_reached_is_one_line_at_start(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "twisted", "chat", "--port", "tcp:0:interface=127.0.0.1"]
+        + ["--db", f"postgresql://postgres@127.0.0.1:{free_port()}/chat"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0
+    assert "chatproto: cannot connect to PostgreSQL" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr + done.stdout
