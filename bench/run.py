@@ -38,8 +38,10 @@ GEN_CORE = 1
 FULL = {
     "throughput": {
         "chatproto": 100_000,
-        "chatproto-pg": 50_000,
-        "chatproto-pg2": 50_000,
+        # As many as SQLite's: the tables grow alike, and the 07s, which lag the
+        # deliveries, fall mostly inside the timed part (see rate_acked).
+        "chatproto-pg": 100_000,
+        "chatproto-pg2": 100_000,
         "mosquitto": 300_000,
         "ngircd": 1_500_000,
         "relay": 6_000_000,
@@ -135,7 +137,10 @@ def throughput(system: System, pairs: int, total: int, notes: Notes) -> dict:
     if system.ack:
         for st in acks:
             st.need = per * system.ack
-        late = settle(acks, timeout=60)
+            st.repeat = 0
+        # settle(), keeping the time of the last 07: a server may deliver first and ack later.
+        _, acked, late = pump(acks, timeout=60)
+        result["rate_acked"] = per * pairs / (acked - start)
         if late:
             missing = sum(st.need - st.got for st in late) // system.ack
             notes.add(f"{system.name} throughput P={pairs}: {missing} of {per * pairs} 07s never arrived")
@@ -524,7 +529,9 @@ def render(data: dict, names: list[str]) -> str:
         if note:
             out.append(note)
             out.append("")
-        present = [n for n in names if any(n in res[kind].get(str(p), {}) for p in params)]
+        present = [
+            n for n in names if any(key in r for p in params for r in res[kind].get(str(p), {}).get(n, []))
+        ]
         # Our other stores are set against ours (SQLite); ours against the other systems.
         variants = [n for n in present if n.startswith(ours + "-")]
         others = [n for n in present if n != ours and n not in variants]
@@ -581,6 +588,18 @@ def render(data: dict, names: list[str]) -> str:
             f"({', '.join(f'{k} {v:,}' for k, v in cfg['throughput'].items())} in all); delivered "
             "messages per second from the first send to the last receive. For chatproto (every store) "
             "every 07 is awaited afterwards and checked."
+        ),
+    )
+    table(
+        "Throughput, every 07 received",
+        "throughput",
+        "rate_acked",
+        "msg/s",
+        cfg["pairs"],
+        "pairs",
+        note=(
+            "The same runs, timed from the first send to the last 07 (ours only): a server that delivers "
+            "first and writes its 07s later shows a lower figure here."
         ),
     )
     for q in ("p50", "p99", "max"):
@@ -704,11 +723,11 @@ def _postgres_summary(res, cfg, names) -> list[str]:
     if "throughput" in res:
         for p in cfg["pairs"]:
             base = med("throughput", p, "chatproto", "rate")
-            parts = [f"SQLite {_fmt(base)}"]
+            parts = [f"SQLite {_fmt(base)} ({_fmt(med('throughput', p, 'chatproto', 'rate_acked'))})"]
             for n in pg:
-                rate = med("throughput", p, n, "rate")
-                parts.append(f"{n} {_fmt(rate)} ({_ratio(rate, base)} SQLite)")
-            lines.append(f"- Throughput, P = {p} (msg/s): " + "; ".join(parts))
+                rate, acked = med("throughput", p, n, "rate"), med("throughput", p, n, "rate_acked")
+                parts.append(f"{n} {_fmt(rate)} ({_fmt(acked)}; {_ratio(rate, base)} SQLite)")
+            lines.append(f"- Throughput, P = {p}, msg/s delivered (with every 07): " + "; ".join(parts))
     if "latency" in res:
         for r in cfg["rates"]:
             parts = []
