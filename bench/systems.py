@@ -332,21 +332,27 @@ PG_SETTINGS = {
 }
 
 
-def pg_cluster(workdir: Path, core: int):
+def _pg_machinery():
+    """tests/postgres.py, imported from the repository root."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests import postgres
+
+    return postgres
+
+
+def pg_cluster(core: int):
     """A fresh PostgreSQL cluster pinned to ``core``, started; the tests' machinery.
 
     tests/postgres.py runs initdb and pg_ctl as the ``postgres`` user (we run as
     root) in a directory of its own under /tmp, on a free loopback port. taskset
     before them pins the postmaster, and every backend it forks, to ``core``.
     """
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from tests.postgres import PostgresCluster, find_bin_dir
-
-    bin_dir = find_bin_dir()
+    machinery = _pg_machinery()
+    bin_dir = machinery.find_bin_dir()
     if bin_dir is None:
         raise BenchError("PostgreSQL is not installed: no initdb on PATH nor in /usr/lib/postgresql/*/bin")
-    cluster = PostgresCluster(bin_dir)
+    cluster = machinery.PostgresCluster(bin_dir)
     cluster._as = ["taskset", "-c", str(core), *cluster._as]
     try:
         cluster.init()
@@ -363,12 +369,9 @@ def pg_cluster(workdir: Path, core: int):
 def pg_version() -> str:
     """The PostgreSQL server the benchmark would start (postgres --version), or "?"."""
     try:
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        from tests.postgres import find_bin_dir
-
+        bin_dir = _pg_machinery().find_bin_dir() or ""
         done = subprocess.run(
-            [os.path.join(find_bin_dir() or "", "postgres"), "--version"], capture_output=True, text=True
+            [os.path.join(bin_dir, "postgres"), "--version"], capture_output=True, text=True
         )
         found = re.search(r"\d+(\.\d+)+", done.stdout)
         return found.group(0) if found else "?"
@@ -389,7 +392,7 @@ class ChatPostgres(Chat):
         self.url = ""
 
     def start(self) -> Server:
-        self.cluster = pg_cluster(self.workdir, self.core)
+        self.cluster = pg_cluster(self.core)
         self.url = self.cluster.create_database()
         return super().start()
 
