@@ -1,6 +1,6 @@
 """Run the whole benchmark and write bench/results.md.
 
-    python bench/run.py            # the full run (about 15 minutes)
+    python bench/run.py            # the full run (about 20 minutes, 10 of them chatproto-pg and -pg2)
     python bench/run.py --quick    # smaller counts, one run each (about 3 minutes)
     python bench/run.py --systems chatproto,mosquitto --workloads throughput
 
