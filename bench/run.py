@@ -532,6 +532,11 @@ def render(data: dict, names: list[str]) -> str:
         present = [
             n for n in names if any(key in r for p in params for r in res[kind].get(str(p), {}).get(n, []))
         ]
+        skipped = [n for n in names if n in SYSTEMS and not SYSTEMS[n].supports(kind)]
+        unsupported = [f"n/a: {n} (measured on {' and '.join(SYSTEMS[n].workloads)} only)." for n in skipped]
+        if not present:
+            out.extend([*unsupported, ""])
+            return
         # Our other stores are set against ours (SQLite); ours against the other systems.
         variants = [n for n in present if n.startswith(ours + "-")]
         others = [n for n in present if n != ours and n not in variants]
@@ -551,10 +556,8 @@ def render(data: dict, names: list[str]) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         out.append(f"({better} is better; a ratio A / B is A's figure divided by B's)")
-        skipped = [n for n in names if n in SYSTEMS and not SYSTEMS[n].supports(kind)]
-        if skipped:
-            out.append("")
-            out.append(f"n/a: {', '.join(skipped)} (measured on throughput and latency only).")
+        if unsupported:
+            out.extend(["", *unsupported])
         out.append("")
 
     if "selftalk" in res:
