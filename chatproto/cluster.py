@@ -52,6 +52,8 @@ class ClusterHub(Hub):
         self._handovers: dict[tuple[bytes, str], Deferred] = {}
         #: Events that came before the snapshot was loaded.
         self._early: list | None = []
+        #: user → held items that came live this reactor turn, written together.
+        self._arrived: dict[bytes, list] = {}
 
     def start(self) -> Deferred:
         """Listen first, then load: an event committed meanwhile is in one or the other."""
@@ -95,9 +97,24 @@ class ClusterHub(Hub):
             return
         if session.flush is not None:
             session.flush.live.append(item)
-        elif not session.congested:
-            # A congested session leaves it held: its flush after draining sends it.
-            self._send_items(session, user, [item])
+            return
+        # One listener read brings many items: each user's go out in one
+        # write, and end their holds in one store operation.
+        if not self._arrived:
+            self.clock.callLater(0, self._write_arrived)
+        self._arrived.setdefault(user, []).append(item)
+
+    def _write_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, {}
+        for user, items in arrived.items():
+            session = self.sessions.get(user)
+            if session is None:
+                continue
+            if session.flush is not None:
+                session.flush.live.extend(items)
+            elif not session.congested:
+                # A congested session leaves them held: its flush after draining sends them.
+                self._send_items(session, user, items)
 
     def _give_up(self, user: bytes, by: str) -> None:
         """Another node has the user now: close ours, then say so once our changes are in."""
