@@ -32,6 +32,8 @@ SENT = "sent"
 DELIVERED = "delivered"
 READ = "read"
 FAILED = "failed"
+#: Seconds before the outbox goes again after the server said it is busy (12 05 11).
+BUSY_RETRY = 3.0
 #: A state only ever moves up this ranking (a late 07 never undoes a 09).
 _RANK = {QUEUED: 0, SENT: 1, FAILED: 1, DELIVERED: 2, READ: 3}
 
@@ -327,6 +329,8 @@ class ClientModel:
         }
         #: 05s written on this connection whose fate is unknown: a 12 05 names one of them.
         self._in_flight: list[Message] = []
+        #: The outbox's next try after the server said it is busy.
+        self._retry = None
         #: Destinations the server has shown to exist (they wrote, confirmed, or share a group).
         self._known: set[str] = set(self.groups)
         for members in self.groups.values():
@@ -468,6 +472,13 @@ class ClientModel:
             self._send_read(conv)
         self._emit("messages", conv=None)
 
+    def _resend_outbox(self) -> None:
+        """After a 12 05 11: the server may have kept none of what was in flight; it drops repeats."""
+        self._retry = None
+        if self.connection is not None and self.outbox:
+            self._in_flight = [m for m in self._in_flight if m not in self.outbox]
+            self._write_messages(self.connection, list(self.outbox))
+
     def disconnected(self, connection: ChatClientProtocol) -> None:
         if self.connection is connection:
             self.connection = None
@@ -563,7 +574,15 @@ class ClientModel:
 
     def on_error(self, ref: bytes, reason: bytes) -> None:
         sentence = error_sentence(ref, reason)
-        if ref == wire.SEND and reason in (wire.UNKNOWN_DESTINATION, wire.NOT_A_MEMBER):
+        if ref == wire.SEND and reason == wire.BUSY:
+            # The server could not store it (its database is away): the
+            # outbox goes again shortly, on this connection.
+            if self._retry is None or not self._retry.active():
+                self._retry = self.clock.callLater(BUSY_RETRY, self._resend_outbox)
+            sentence = (
+                "The server is busy (its database is away): your messages wait and are sent again shortly."
+            )
+        elif ref == wire.SEND and reason in (wire.UNKNOWN_DESTINATION, wire.NOT_A_MEMBER):
             m = self._blame(reason)
             if m is not None:
                 m.state = FAILED

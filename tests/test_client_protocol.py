@@ -196,6 +196,26 @@ def test_outbox_is_resent_after_every_login_until_its_07(tmp_path):
     assert frames(transport) == []
 
 
+def test_a_busy_answer_to_a_message_sends_the_outbox_again_shortly(tmp_path):
+    """12 05 11: the server could not store it (its database is away); no reconnection comes."""
+    client, endpoint, transport = online(tmp_path)
+    model, clock = client.model, client.clock
+    protocol, _ = endpoint.last
+    (m,) = model.send_text(BOB, "while the database restarts")
+    sent = wire.send(b(ME), b(BOB), wire.timestamp(T0), b"while the database restarts")
+    assert frames(transport) == [sent]
+    transport.clear()
+    protocol.dataReceived(wire.error(wire.SEND, wire.BUSY))
+    protocol.dataReceived(wire.error(wire.SEND, wire.BUSY))  # one retry for a burst of refusals
+    assert m.state == SENT and model.outbox == [m]
+    clock.advance(2.9)
+    assert frames(transport) == []
+    clock.advance(0.2)
+    assert frames(transport) == [sent]
+    protocol.dataReceived(wire.delivered(b(BOB), wire.timestamp(T0)))
+    assert m.state == DELIVERED and model.outbox == []
+
+
 def test_outbox_survives_a_restart_of_the_client(tmp_path):
     model, clock = make_model(tmp_path)
     model.send_text(BOB, "kept")
