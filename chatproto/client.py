@@ -34,6 +34,7 @@ READ = "read"
 FAILED = "failed"
 #: Seconds before the outbox goes again after the server said it is busy (12 05 11).
 BUSY_RETRY = 3.0
+BUSY_RETRY_MAX = 60.0
 #: A state only ever moves up this ranking (a late 07 never undoes a 09).
 _RANK = {QUEUED: 0, SENT: 1, FAILED: 1, DELIVERED: 2, READ: 3}
 
@@ -329,8 +330,9 @@ class ClientModel:
         }
         #: 05s written on this connection whose fate is unknown: a 12 05 names one of them.
         self._in_flight: list[Message] = []
-        #: The outbox's next try after the server said it is busy.
+        #: The outbox's next try after the server said it is busy, and the wait before it.
         self._retry = None
+        self._busy_delay = BUSY_RETRY
         #: Destinations the server has shown to exist (they wrote, confirmed, or share a group).
         self._known: set[str] = set(self.groups)
         for members in self.groups.values():
@@ -530,6 +532,7 @@ class ClientModel:
         self._emit("incoming", conv=conv, message=m, notify=not is_open)
 
     def on_delivered(self, dst: str, ts: int) -> None:
+        self._busy_delay = BUSY_RETRY
         self._known.add(dst)
         m = self._outgoing.get((dst, ts))
         if m is None:
@@ -575,13 +578,13 @@ class ClientModel:
     def on_error(self, ref: bytes, reason: bytes) -> None:
         sentence = error_sentence(ref, reason)
         if ref == wire.SEND and reason == wire.BUSY:
-            # The server could not store it (its database is away): the
-            # outbox goes again shortly, on this connection.
+            # The server could not take it now (its database is away, or the
+            # recipient has too much waiting): the outbox goes again on this
+            # connection, later each time until a 07 shows the way is clear.
             if self._retry is None or not self._retry.active():
-                self._retry = self.clock.callLater(BUSY_RETRY, self._resend_outbox)
-            sentence = (
-                "The server is busy (its database is away): your messages wait and are sent again shortly."
-            )
+                self._retry = self.clock.callLater(self._busy_delay, self._resend_outbox)
+                self._busy_delay = min(self._busy_delay * 2, BUSY_RETRY_MAX)
+            sentence = "The server is busy: your messages wait and are sent again in a few seconds."
         elif ref == wire.SEND and reason in (wire.UNKNOWN_DESTINATION, wire.NOT_A_MEMBER):
             m = self._blame(reason)
             if m is not None:

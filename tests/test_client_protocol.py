@@ -212,6 +212,13 @@ def test_a_busy_answer_to_a_message_sends_the_outbox_again_shortly(tmp_path):
     assert frames(transport) == []
     clock.advance(0.2)
     assert frames(transport) == [sent]
+    # Busy again: the next try waits longer.
+    transport.clear()
+    protocol.dataReceived(wire.error(wire.SEND, wire.BUSY))
+    clock.advance(5.9)
+    assert frames(transport) == []
+    clock.advance(0.2)
+    assert frames(transport) == [sent]
     protocol.dataReceived(wire.delivered(b(BOB), wire.timestamp(T0)))
     assert m.state == DELIVERED and model.outbox == []
 
