@@ -82,7 +82,11 @@ class Session(Protocol):
         """The frames in one write: a flush page is one syscall, not a thousand."""
 
     def stall(self, d) -> None:
-        """Handle none of the connection's frames until ``d`` fires: they must stay in order."""
+        """Handle none of the connection's frames until ``d`` fires: they must stay in order.
+
+        The frames resume in a callback added here, so add the one that
+        finishes the stalled frame to ``d`` before stalling.
+        """
 
     def error(self, ref: bytes, reason: bytes) -> None: ...
 

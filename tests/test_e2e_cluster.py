@@ -252,3 +252,23 @@ def test_a_database_that_cannot_be_reached_is_one_line_at_start(tmp_path):
     assert done.returncode != 0
     assert "chatproto: cannot connect to PostgreSQL" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_frames_behind_a_lookup_keep_their_order(server, pg_dsn):
+    """An id made on node A a moment ago, used on node B in one burst of frames:
+    B asks the database, and the frames after it wait instead of overtaking."""
+    a_node, b_node = nodes(server, pg_dsn)
+    a, b = a_node.client().register(), a_node.client().register()
+    cb = b_node.client()
+    cb.login(b)
+    ca = b_node.client()
+    ca.send(
+        b"03" + a,
+        f_send(a, b, ts(1700001000), b"one"),
+        f_send(a, b, ts(1700001001), b"two"),
+    )
+    assert ca.read(3) == [b"04" + a, s_delivered(b, ts(1700001000)), s_delivered(b, ts(1700001001))]
+    assert cb.read(2) == [
+        s_message(a, b, ts(1700001000), b"one"),
+        s_message(a, b, ts(1700001001), b"two"),
+    ]

@@ -1159,3 +1159,41 @@ def test_a_07_not_written_to_a_dropped_sender_waits_for_its_next_login(net):
     assert ca.take() == [] and ca.closed
     ca.lose()
     assert net.online(a).held == [s_delivered(b, ts(1))]
+
+
+def test_a_stalled_connection_handles_its_later_frames_in_order_once_the_stall_ends(net):
+    """What a clustered hub does while it asks the database about an id: the
+    frames behind it, in the same read or in later ones, wait their turn."""
+    from twisted.internet.defer import Deferred
+
+    a, _ = net.register()
+    b, _ = net.register()
+    cb = net.connect()
+    cb.send(f_online(b))
+    conn = net.connect()
+    conn.send(f_online(a))
+    assert conn.take() == [b"04" + a] and cb.take() == [b"04" + b]
+    lookup = Deferred()
+    seen = []
+    send = net.hub.send
+
+    def stalling_send(session, src, dst, when, text, frame):
+        seen.append(text)
+        if text == b"first":
+            # The continuation first, then the stall: the later frames follow it.
+            lookup.addCallback(lambda _: send(session, src, dst, when, text, frame))
+            session.stall(lookup)
+        else:
+            send(session, src, dst, when, text, frame)
+
+    net.hub.send = stalling_send
+    conn.send(f_send(a, b, ts(1700000001), b"first"), f_send(a, b, ts(1700000002), b"second"))
+    conn.send(f_send(a, b, ts(1700000003), b"third"))
+    assert seen == [b"first"] and cb.take() == []
+    assert conn.transport.producerState == "paused"
+    lookup.callback(None)
+    assert seen == [b"first", b"second", b"third"]
+    assert conn.transport.producerState == "producing"
+    assert cb.take() == [
+        s_message(a, b, ts(1700000001 + i), t) for i, t in enumerate([b"first", b"second", b"third"])
+    ]
