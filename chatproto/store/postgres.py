@@ -221,7 +221,7 @@ class PostgresStore(BatchingStore):
                         results = self._apply(cur, batch)
                         if self._notes:
                             cur.execute(
-                                "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (CHANNEL, self._notes)
+                                "SELECT pg_notify(%s, p) FROM unnest(%b::text[]) AS p", (CHANNEL, self._notes)
                             )
                     committing = True
             except errors.TransactionRollback:
@@ -553,8 +553,8 @@ def _insert_holds(store, cur, rows, texts=None) -> None:
         return
     cur.execute(
         "INSERT INTO inbox (user_id, code, src, dst, ts, msg_id) "
-        "SELECT * FROM unnest(%s::text[], %s::smallint[], %s::text[], %s::text[], %s::bigint[], "
-        "%s::bigint[]) "
+        "SELECT * FROM unnest(%b::text[], %b::smallint[], %b::text[], %b::text[], %b::bigint[], "
+        "%b::bigint[]) "
         "RETURNING seq, user_id, code, src, dst, ts, msg_id",
         _columns(rows),
     )
@@ -583,7 +583,7 @@ def _add_group(store, cur, group_id, ts, members, hold_for):
     )
     cur.execute(
         "INSERT INTO members (group_id, user_id, position, read_mark) "
-        "SELECT %s, user_id, position - 1, 0 FROM unnest(%s::text[]) WITH ORDINALITY AS m(user_id, position)",
+        "SELECT %s, user_id, position - 1, 0 FROM unnest(%b::text[]) WITH ORDINALITY AS m(user_id, position)",
         (group_id, members),
     )
     store._notes.append(_dumps("g", group_id, members))
@@ -602,7 +602,7 @@ def _record_messages(store, cur, items):
     """
     cur.execute(
         "INSERT INTO messages (src, dst, ts, body, remaining) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bytea[], %s::integer[]) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bytea[], %b::integer[]) "
         "ON CONFLICT (src, dst, ts, body) DO NOTHING RETURNING id, src, dst, ts, body",
         _columns((src, dst, ts, text, len(held)) for src, dst, ts, text, held in items),
     )
@@ -638,7 +638,7 @@ _record_messages.bulk = True
 #: and counts from its result, so a message completes once across nodes.
 _END_HOLDS = """
 WITH gone AS (
-    DELETE FROM inbox i USING unnest(%s::bigint[], %s::text[]) AS t(msg_id, user_id)
+    DELETE FROM inbox i USING unnest(%b::bigint[], %b::text[]) AS t(msg_id, user_id)
     WHERE i.code = 6 AND i.msg_id = t.msg_id AND i.user_id = t.user_id
     RETURNING i.msg_id
 )
@@ -662,7 +662,7 @@ def _end_holds(store, cur, ops):
     if not pairs:
         return results
     cur.execute(
-        "SELECT id FROM messages WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE",
+        "SELECT id FROM messages WHERE id = ANY(%b::bigint[]) ORDER BY id FOR UPDATE",
         (sorted({msg_id for msg_id, _ in pairs}),),
     )
     cur.execute(_END_HOLDS, ([msg_id for msg_id, _ in pairs], [user_id for _, user_id in pairs]))
@@ -728,7 +728,7 @@ def _drop(store, cur, items):
     pairs = [(user_id, seq) for user_id, seqs in items for seq in seqs]
     if pairs:
         cur.execute(
-            "DELETE FROM inbox i USING unnest(%s::text[], %s::bigint[]) AS t(user_id, seq) "
+            "DELETE FROM inbox i USING unnest(%b::text[], %b::bigint[]) AS t(user_id, seq) "
             "WHERE i.seq = t.seq AND i.user_id = t.user_id AND i.code <> 6",
             _columns(pairs),
         )
@@ -755,12 +755,12 @@ def _group_messages_since(store, cur, group_id, ts):
 
 
 def _lookup(store, cur, ids):
-    found = cur.execute("SELECT id, secret_hash FROM users WHERE id = ANY(%s::text[])", (ids,))
+    found = cur.execute("SELECT id, secret_hash FROM users WHERE id = ANY(%b::text[])", (ids,))
     users = dict(found.fetchall())
     groups = dict(
         cur.execute(
             "SELECT group_id, array_agg(user_id ORDER BY position) FROM members "
-            "WHERE group_id = ANY(%s::text[]) GROUP BY group_id",
+            "WHERE group_id = ANY(%b::text[]) GROUP BY group_id",
             (ids,),
         ).fetchall()
     )
