@@ -150,6 +150,50 @@ class BatchingStore:
         elif self._closing is not None:
             self._shut()
 
+    # -- IChatStore: each call is an operation of the subclass's module, ``ops``.
+
+    #: The module holding the operations (``_add_user``, ``_record_messages``, ...).
+    ops = None
+
+    def load(self):
+        return self._submit(self.ops._load)
+
+    def add_user(self, user_id, secret_hash):
+        return self._submit(self.ops._add_user, user_id, secret_hash)
+
+    def add_group(self, group_id, ts, members, hold_for):
+        return self._submit(self.ops._add_group, group_id, ts, list(members), list(hold_for))
+
+    def record_message(self, src, dst, ts, text, recipients):
+        return self._submit(self.ops._record_messages, src, dst, ts, text, recipients)
+
+    def mark_delivered(self, user_id, msg_ids):
+        return self._submit(self.ops._mark_delivered, user_id, msg_ids)
+
+    def mark_reached(self, msg_id, user_ids):
+        return self._submit(self.ops._mark_reached, msg_id, user_ids)
+
+    def acknowledge(self, user_id, src, dst, ts):
+        return self._submit(self.ops._acknowledge, user_id, src, dst, ts)
+
+    def hold(self, user_id, code, src, dst, ts):
+        return self._submit(self.ops._hold, user_id, code, src, dst, ts)
+
+    def inbox(self, user_id, after=0, limit=None):
+        return self._submit(self.ops._inbox, user_id, after, limit)
+
+    def drop(self, user_id, seqs):
+        return self._submit(self.ops._drop, user_id, list(seqs))
+
+    def set_read_mark(self, group_id, user_id, ts):
+        return self._submit(self.ops._set_read_mark, group_id, user_id, ts)
+
+    def set_low_mark(self, group_id, ts):
+        return self._submit(self.ops._set_low_mark, group_id, ts)
+
+    def group_messages_since(self, group_id, ts):
+        return self._submit(self.ops._group_messages_since, group_id, ts)
+
     @property
     def backlog(self):
         return len(self._queue)

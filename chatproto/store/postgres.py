@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import secrets
+import sys
 import time
 from importlib import resources
 from itertools import count
@@ -165,6 +166,7 @@ class PostgresStore(BatchingStore):
     """
 
     log = Logger()
+    ops = sys.modules[__name__]
     clustered = True
 
     def __init__(self, dsn: str, reactor, node: str | None = None):
@@ -256,45 +258,6 @@ class PostgresStore(BatchingStore):
         self._disconnect()
 
     # -- operations --------------------------------------------------------
-
-    def load(self):
-        return self._submit(_load)
-
-    def add_user(self, user_id, secret_hash):
-        return self._submit(_add_user, user_id, secret_hash)
-
-    def add_group(self, group_id, ts, members, hold_for):
-        return self._submit(_add_group, group_id, ts, list(members), list(hold_for))
-
-    def record_message(self, src, dst, ts, text, recipients):
-        return self._submit(_record_messages, src, dst, ts, text, recipients)
-
-    def mark_delivered(self, user_id, msg_ids):
-        return self._submit(_mark_delivered, user_id, msg_ids)
-
-    def mark_reached(self, msg_id, user_ids):
-        return self._submit(_mark_reached, msg_id, user_ids)
-
-    def acknowledge(self, user_id, src, dst, ts):
-        return self._submit(_acknowledge, user_id, src, dst, ts)
-
-    def hold(self, user_id, code, src, dst, ts):
-        return self._submit(_hold, user_id, code, src, dst, ts)
-
-    def inbox(self, user_id, after=0, limit=None):
-        return self._submit(_inbox, user_id, after, limit)
-
-    def drop(self, user_id, seqs):
-        return self._submit(_drop, user_id, list(seqs))
-
-    def set_read_mark(self, group_id, user_id, ts):
-        return self._submit(_set_read_mark, group_id, user_id, ts)
-
-    def set_low_mark(self, group_id, ts):
-        return self._submit(_set_low_mark, group_id, ts)
-
-    def group_messages_since(self, group_id, ts):
-        return self._submit(_group_messages_since, group_id, ts)
 
     def lookup(self, ids):
         return self._submit(_lookup, list(ids))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 import time
 from importlib import resources
 from itertools import chain
@@ -201,6 +202,8 @@ def _record(conn: sqlite3.Connection, version: int, previous: int | None, backup
 
 @implementer(IChatStore)
 class SQLiteStore(BatchingStore):
+    ops = sys.modules[__name__]
+
     def __init__(self, path: str, reactor):
         self.path = path
         self._conn = connect(path)
@@ -231,45 +234,6 @@ class SQLiteStore(BatchingStore):
 
     # -- operations --------------------------------------------------------
 
-    def load(self):
-        return self._submit(load_snapshot)
-
-    def add_user(self, user_id, secret_hash):
-        return self._submit(_add_user, user_id, secret_hash)
-
-    def add_group(self, group_id, ts, members, hold_for):
-        return self._submit(_add_group, group_id, ts, members, hold_for)
-
-    def record_message(self, src, dst, ts, text, recipients):
-        return self._submit(_record_messages, src, dst, ts, text, recipients)
-
-    def mark_delivered(self, user_id, msg_ids):
-        return self._submit(_mark_delivered, user_id, msg_ids)
-
-    def mark_reached(self, msg_id, user_ids):
-        return self._submit(_mark_reached, msg_id, user_ids)
-
-    def acknowledge(self, user_id, src, dst, ts):
-        return self._submit(_acknowledge, user_id, src, dst, ts)
-
-    def hold(self, user_id, code, src, dst, ts):
-        return self._submit(_hold, user_id, code, src, dst, ts)
-
-    def inbox(self, user_id, after=0, limit=None):
-        return self._submit(_inbox, user_id, after, -1 if limit is None else limit)
-
-    def drop(self, user_id, seqs):
-        return self._submit(_drop, user_id, seqs)
-
-    def set_read_mark(self, group_id, user_id, ts):
-        return self._submit(_set_read_mark, group_id, user_id, ts)
-
-    def set_low_mark(self, group_id, ts):
-        return self._submit(_set_low_mark, group_id, ts)
-
-    def group_messages_since(self, group_id, ts):
-        return self._submit(_group_messages_since, group_id, ts)
-
     def _release(self):
         if self.path != ":memory:":
             # Leave a compact database behind: the WAL folded in and emptied.
@@ -278,6 +242,8 @@ class SQLiteStore(BatchingStore):
 
 
 # Each operation runs on the database thread inside the batch's transaction.
+
+_load = load_snapshot
 
 
 def _add_user(cur, user_id, secret_hash):
@@ -398,7 +364,7 @@ def _inbox(cur, user_id, after, limit):
             "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
             "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? AND i.seq > ? "
             "ORDER BY i.seq LIMIT ?",
-            (user_id, after, limit),
+            (user_id, after, -1 if limit is None else limit),
         )
     ]
 
