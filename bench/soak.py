@@ -464,13 +464,21 @@ class Soak:
     def __init__(self, args, workdir: str):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.port = free_port()
-        self.server = Server(
-            os.path.join(workdir, "soak.sqlite3"),
-            os.path.join(workdir, "server.log"),
-            self.port,
-            args.server_arg,
-        )
+        self.postgres = None
+        db = os.path.join(workdir, "soak.sqlite3")
+        if args.postgres:
+            sys.path.insert(0, str(REPO))
+            from tests.postgres import PostgresCluster, find_bin_dir
+
+            self.postgres = PostgresCluster(find_bin_dir())
+            self.postgres.init()
+            self.postgres.start()
+            db = self.postgres.create_database()
+        #: One server, or with --postgres the nodes sharing its database.
+        self.servers = [
+            Server(db, os.path.join(workdir, f"server{i}.log"), free_port(), args.server_arg)
+            for i in range(args.nodes)
+        ]
         self.counts: Counter = Counter()
         self.failures: list[str] = []
         self.peers: list[Peer] = []
@@ -540,9 +548,15 @@ class Soak:
             if who.conn is not None and who.conn.fileno() == fd:
                 who.on_readable(now)
 
+    @property
+    def port(self) -> int:
+        """Where a client connects: any node (one that is down refuses, and the client tries later)."""
+        return self.rng.choice(self.servers).port
+
     def run(self) -> None:
         args, rng, counts = self.args, self.rng, self.counts
-        self.server.start()
+        for server in self.servers:
+            server.start()
         self.setup()
         start = time.monotonic()
         kill_at = [start + args.duration * (k + 1) / (args.kills + 1) for k in range(args.kills)]
@@ -554,18 +568,20 @@ class Soak:
                 break
             if kill_at and now >= kill_at[0]:
                 kill_at.pop(0)
-                self.server.kill()
+                victim = rng.choice(self.servers)
+                victim.kill()
                 counts["kills"] += 1
                 for p in self.peers:
                     p.drop(now, counted=False)
                 for z in self.fuzzers:
                     z.close(now)
                 select.select([], [], [], rng.uniform(0, 0.2))  # down for a moment
-                self.server.start()
+                victim.start()
                 last = time.monotonic()
                 continue
             if now - last_rss >= 0.5:
-                self.server.sample_rss()
+                for server in self.servers:
+                    server.sample_rss()
                 last_rss = now
             for p in self.peers:
                 # Messages are written while offline too: they wait in the outbox.
@@ -640,14 +656,13 @@ class Soak:
         counts["clients"] = len(self.peers)
         counts["clients on 03"] = sum(1 for p in self.peers if not p.secret)
         counts["groups"] = len(self.members)
-        counts["server starts"] = self.server.starts
-        counts["server max RSS (KiB)"] = self.server.max_rss_kb
-        log = Path(self.server.log).read_text(errors="replace")
-        counts["server tracebacks logged"] = log.count("Traceback")
-        if counts["server tracebacks logged"]:
-            self.fail(
-                f"the server logged {counts['server tracebacks logged']} tracebacks; see {self.server.log}"
-            )
+        counts["server starts"] = sum(server.starts for server in self.servers)
+        counts["server max RSS (KiB)"] = max(server.max_rss_kb for server in self.servers)
+        for server in self.servers:
+            tracebacks = Path(server.log).read_text(errors="replace").count("Traceback")
+            counts["server tracebacks logged"] += tracebacks
+            if tracebacks:
+                self.fail(f"a server logged {tracebacks} tracebacks; see {server.log}")
         return {name: counts[name] for name in ORDER} | dict(counts)
 
 
@@ -708,7 +723,15 @@ def parse_args(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the database and the server log")
     ap.add_argument("--json", help="also write the counts to this file")
     ap.add_argument("--server-arg", action="append", default=[], help="one more argument for twist chat")
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="the servers share a PostgreSQL database (a throwaway cluster made for the run)",
+    )
+    ap.add_argument("--nodes", type=int, default=1, help="servers (with --postgres); each kill hits one")
     args = ap.parse_args(argv)
+    if args.nodes > 1 and not args.postgres:
+        ap.error("--nodes needs --postgres: several nodes share a PostgreSQL database")
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
     return args
@@ -727,8 +750,11 @@ def soak(argv=None) -> tuple[dict, list[str]]:
             p.drop(now, counted=False)
         for z in s.fuzzers:
             z.close(now)
-        if s.server.proc is not None and s.server.proc.poll() is None:
-            s.server.stop()
+        for server in s.servers:
+            if server.proc is not None and server.proc.poll() is None:
+                server.stop()
+        if s.postgres is not None:
+            s.postgres.remove()
     counts = s.verdict()
     counts["seed"] = args.seed
     if args.keep or s.failures:
