@@ -72,7 +72,7 @@ def test_the_soaks_checks_catch_misrouted_forged_and_unsent():
 
 def test_the_verdict_counts_a_message_that_never_arrived_as_lost():
     s = make_soak()
-    s.server = argparse.Namespace(log="/dev/null", starts=1, max_rss_kb=0)
+    s.servers = [argparse.Namespace(log="/dev/null", starts=1, max_rss_kb=0)]
     a, b = s.peers
     b.sent[(a.user, b"1700000001")] = b"lost one"
     b.outbox[(a.user, b"1700000001")] = b"lost one"
