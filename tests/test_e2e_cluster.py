@@ -272,3 +272,25 @@ def test_frames_behind_a_lookup_keep_their_order(server, pg_dsn):
         s_message(a, b, ts(1700001000), b"one"),
         s_message(a, b, ts(1700001001), b"two"),
     ]
+
+
+def test_notifications_missed_while_a_listener_was_away_are_caught_up(server, pg_dsn):
+    """Both nodes' listening connections are cut; a message committed before they
+    are back is announced to nobody, and still arrives, with its 07."""
+    import psycopg
+
+    a_node, b_node = nodes(server, pg_dsn)
+    setup = a_node.client()
+    a, b = setup.register(), setup.register()
+    ca, cb = a_node.client(), b_node.client()
+    ca.login(a)
+    cb.login(b)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        cut = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'"
+        ).fetchone()[0]
+    assert cut == 2
+    ca.send(f_send(a, b, ts(1700001100), b"while nobody listens"))
+    assert cb.read(1) == [s_message(a, b, ts(1700001100), b"while nobody listens")]
+    assert ca.read(1) == [s_delivered(b, ts(1700001100))]
+    assert cb.buf == b"" and ca.buf == b""
