@@ -105,6 +105,29 @@ def _new_id(first: bytes, taken) -> bytes:
             return candidate
 
 
+class _Answer:
+    """Where the store sends a hot operation's result: a method and its
+    arguments for success, another for failure, and no Deferred."""
+
+    __slots__ = ("ok", "ok_args", "failed", "failed_args")
+
+    def __init__(self, ok, ok_args: tuple, failed, failed_args: tuple):
+        self.ok, self.ok_args, self.failed, self.failed_args = ok, ok_args, failed, failed_args
+
+    def callback(self, value) -> None:
+        # A bug here must not stop the store from answering the rest of its batch.
+        try:
+            self.ok(value, *self.ok_args)
+        except Exception:
+            Hub.log.failure("handling a stored result failed")
+
+    def errback(self, failure) -> None:
+        try:
+            self.failed(failure, *self.failed_args)
+        except Exception:
+            Hub.log.failure("store operation failed", failure)
+
+
 class Hub:
     log = Logger()
     #: Whether a flush remembers the seqs it sent (see _Flush).
@@ -366,14 +389,15 @@ class Hub:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:
                 return
-        d = self.store.record_message(
-            src.decode(), dst.decode(), int(ts), text, [user.decode() for user in recipients]
-        )
-        d.addCallbacks(
-            self._recorded,
-            self._busy,
-            callbackArgs=(src, dst, ts, frame, recipients),
-            errbackArgs=(session, wire.SEND),
+        self.store.record_message(
+            src.decode(),
+            dst.decode(),
+            int(ts),
+            text,
+            [user.decode() for user in recipients],
+            answer=_Answer(
+                self._recorded, (src, dst, ts, frame, recipients), self._busy, (session, wire.SEND)
+            ),
         )
 
     def _within_cap(self, session: Session, dst: bytes, recipients: list[bytes]) -> list[bytes]:
@@ -408,7 +432,8 @@ class Hub:
                 return
         reached = [user.decode() for user in recipients if self._offer(user, frame)]
         if reached:
-            self.store.mark_reached(recorded.msg_id, reached).addCallbacks(self._completed, self._kept)
+            answer = _Answer(self._completed, (), self._kept, ())
+            self.store.mark_reached(recorded.msg_id, reached, answer=answer)
 
     def _offer(self, user: bytes, frame: bytes) -> bool:
         """A held message, committed: send it now if its recipient can take it.

@@ -12,6 +12,7 @@ import queue
 from itertools import count
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -145,8 +146,17 @@ class RecordingStore:
         if not callable(attr):
             return attr
 
-        def call(*args, **kwargs):
-            d = attr(*args, **kwargs)
+        def call(*args, answer=None, **kwargs):
+            if answer is None:
+                d = attr(*args, **kwargs)
+            else:
+                # A Deferred is an answer too: the hub's handlers run on it,
+                # so an error in them is kept for failures() to report.
+                d = Deferred()
+                d.addCallbacks(
+                    answer.ok, answer.failed, callbackArgs=answer.ok_args, errbackArgs=answer.failed_args
+                )
+                attr(*args, answer=d, **kwargs)
             self.deferreds.append(d)
             return d
 

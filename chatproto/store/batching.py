@@ -85,13 +85,15 @@ class BatchingStore:
         """One operation; a subclass catches the errors that fail it alone."""
         return True, fn(cur, *args)
 
-    def _submit(self, fn, *args) -> Deferred:
-        d = Deferred()
+    def _submit(self, fn, *args, answer=None) -> Deferred | None:
+        """Queue an operation; its result goes to ``answer`` if given (anything
+        with ``callback`` and ``errback``), else to the Deferred returned."""
+        d = Deferred() if answer is None else answer
         self._queue.append((fn, args, d))
         if not self._busy and not self._scheduled:
             self._scheduled = True
             self._reactor.callLater(0, self._run)
-        return d
+        return d if answer is None else None
 
     def _run(self):
         self._scheduled = False
@@ -164,14 +166,14 @@ class BatchingStore:
     def add_group(self, group_id, ts, members, hold_for):
         return self._submit(self.ops._add_group, group_id, ts, list(members), list(hold_for))
 
-    def record_message(self, src, dst, ts, text, recipients):
-        return self._submit(self.ops._record_messages, src, dst, ts, text, recipients)
+    def record_message(self, src, dst, ts, text, recipients, answer=None):
+        return self._submit(self.ops._record_messages, src, dst, ts, text, recipients, answer=answer)
 
     def mark_delivered(self, user_id, msg_ids):
         return self._submit(self.ops._mark_delivered, user_id, msg_ids)
 
-    def mark_reached(self, msg_id, user_ids):
-        return self._submit(self.ops._mark_reached, msg_id, user_ids)
+    def mark_reached(self, msg_id, user_ids, answer=None):
+        return self._submit(self.ops._mark_reached, msg_id, user_ids, answer=answer)
 
     def acknowledge(self, user_id, src, dst, ts):
         return self._submit(self.ops._acknowledge, user_id, src, dst, ts)

@@ -79,18 +79,21 @@ class MemoryStore:
         seq = next(self._ids)
         self._inboxes.setdefault(user_id, {})[seq] = InboxItem(seq, code, src, dst, ts, text, msg_id)
 
-    def record_message(self, src, dst, ts, text, recipients):
+    def record_message(self, src, dst, ts, text, recipients, answer=None):
+        return _answered(self._record(src, dst, ts, text, recipients), answer)
+
+    def _record(self, src, dst, ts, text, recipients):
         key = (src, dst, ts, text)
         known = self._by_key.get(key)
         if known is not None:
             status = DUPLICATE_DELIVERED if known.remaining == 0 else DUPLICATE_PENDING
-            return succeed(Recorded(known.id, status, known.remaining == 0))
+            return Recorded(known.id, status, known.remaining == 0)
         msg = _Message(next(self._ids), src, dst, ts, text, len(recipients))
         self.messages[msg.id] = msg
         self._by_key[key] = msg
         for user_id in recipients:
             self._put(user_id, HELD_MESSAGE, src, dst, ts, text, msg.id)
-        return succeed(Recorded(msg.id, NEW, msg.remaining == 0))
+        return Recorded(msg.id, NEW, msg.remaining == 0)
 
     def _deliver(self, user_id, msg_ids):
         inbox = self._inboxes.get(user_id, {})
@@ -108,8 +111,8 @@ class MemoryStore:
     def mark_delivered(self, user_id, msg_ids):
         return succeed(self._deliver(user_id, msg_ids))
 
-    def mark_reached(self, msg_id, user_ids):
-        return succeed([done for user_id in user_ids for done in self._deliver(user_id, [msg_id])])
+    def mark_reached(self, msg_id, user_ids, answer=None):
+        return _answered([done for user_id in user_ids for done in self._deliver(user_id, [msg_id])], answer)
 
     def acknowledge(self, user_id, src, dst, ts):
         ids = [
@@ -156,3 +159,11 @@ class MemoryStore:
     def close(self):
         self.closed = True
         return succeed(None)
+
+
+def _answered(value, answer):
+    """The result as the caller asked for it: a Deferred, or straight to its answer."""
+    if answer is None:
+        return succeed(value)
+    answer.callback(value)
+    return None
