@@ -1,0 +1,187 @@
+"""The server's two halves measured apart, with no network: where the ceiling is.
+
+    python bench/floor.py [--messages 50000] [--batch 2000] [--output bench/floor.txt]
+
+1. The protocol alone: 100 sender→receiver pairs logged in to a real
+   ChatFactory and Hub over transports that only count bytes, the memory
+   store answering at once. Every 05 is parsed, routed, written as an 06,
+   marked reached and answered with a 07, as in the server, but with no
+   socket, no disk and no thread.
+2. The SQLite store alone: the same messages recorded and marked reached
+   through the store's own operations, ``--batch`` per transaction (group
+   commit), on this thread, in a file on disk.
+
+The server runs both on one core under one GIL, so its throughput cannot pass
+1 / (1/protocol + 1/store); run.py's throughput workload shows how close it
+gets once sockets and the reactor are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from chatproto.hub import Hub  # noqa: E402
+from chatproto.server import ChatFactory, Limits  # noqa: E402
+from chatproto.store.memory import MemoryStore  # noqa: E402
+from chatproto.store.sqlite import SQLiteStore  # noqa: E402
+
+PAIRS = 100
+TEXT = (b"x" * 200).ljust(218, b"\0")
+
+
+class CountingTransport(StringTransport):
+    """Keeps the byte count, not the bytes: writing costs next to nothing."""
+
+    def __init__(self):
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+        self.written = 0
+
+    def write(self, data):
+        self.written += len(data)
+
+    def value(self):
+        raise AssertionError("this transport keeps no bytes")
+
+
+def _login(factory, clock, transports):
+    """A new account, online: 01 then 03 with the id its 02 carried."""
+    spy = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+    proto = factory.buildProtocol(spy.getPeer())
+    proto.makeConnection(spy)
+    proto.dataReceived(b"01")
+    clock.advance(0)
+    user = spy.value()[2:15]
+    proto.dataReceived(b"03" + user)
+    clock.advance(0)
+    counting = CountingTransport()
+    proto.transport = counting  # from here on, only bytes are counted
+    transports.append(counting)
+    return proto, user
+
+
+def protocol_alone(messages: int) -> float:
+    clock = Clock()
+    store = MemoryStore()
+    hub = Hub(store)
+    hub.load(store.load().result)
+    factory = ChatFactory(hub, clock, Limits(frame_rate=0))
+    senders, receivers = [], []
+    for _ in range(PAIRS):
+        senders.append(_login(factory, clock, []))
+        receivers.append(_login(factory, clock, []))
+    each = messages // PAIRS
+    reads = [
+        (proto, b"".join(b"05" + src + dst + b"%010d" % (1700000000 + k) + TEXT for k in range(each)))
+        for (proto, src), (_, dst) in zip(senders, receivers, strict=True)
+    ]
+    started = time.perf_counter()
+    for proto, data in reads:
+        proto.dataReceived(data)
+    clock.advance(0)
+    seconds = time.perf_counter() - started
+    delivered = sum(proto.transport.written for proto, _ in receivers) // 256
+    confirmed = sum(proto.transport.written for proto, _ in senders) // 25
+    if delivered != each * PAIRS or confirmed != each * PAIRS:
+        raise SystemExit(f"protocol alone: {delivered} 06 and {confirmed} 07 for {each * PAIRS} messages")
+    return each * PAIRS / seconds
+
+
+class _Still:
+    """A reactor that never runs the store's batch: this script runs it."""
+
+    def callLater(self, *args, **kwargs):
+        pass
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+def store_alone(messages: int, batch: int) -> tuple[float, float]:
+    """Messages a second of the store thread's wall-clock time, and of its CPU
+    time (the difference is waiting for the disk, which leaves the core free)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(str(Path(tmp) / "floor.sqlite3"), _Still())
+        users = [f"{n:013d}" for n in range(2 * PAIRS)]
+        for user in users:
+            store.add_user(user, None)
+        store._transaction(store._queue)
+        store._queue.clear()
+        wall = cpu = 0.0
+        reached: list = []
+        for first in range(0, messages + batch, batch):
+            # As under load: one transaction ends the holds of the messages
+            # the last one recorded (their 06 written) and records the next.
+            for msg_id, dst in reached:
+                store.mark_reached(msg_id, [dst])
+            recorded = []
+            for n in range(first, min(first + batch, messages)):
+                src, dst = users[2 * (n % PAIRS)], users[2 * (n % PAIRS) + 1]
+                d = store.record_message(src, dst, 1700000000 + n, TEXT.rstrip(b"\0"), [dst])
+                d.addCallback(lambda result, dst, into: into.append((result.msg_id, dst)), dst, recorded)
+            spent = _run(store)
+            wall, cpu = wall + spent[0], cpu + spent[1]
+            reached = recorded
+        store._release()
+        store._pool.stop()
+    return messages / wall, messages / cpu
+
+
+def _run(store) -> tuple[float, float]:
+    """One transaction of everything queued, as the store's thread runs it: its
+    wall-clock and CPU seconds. The answers (on the reactor in the server) are
+    given after, untimed."""
+    batch, store._queue = store._queue, []
+    cpu = time.thread_time()
+    results, wall = store._transaction(batch)
+    cpu = time.thread_time() - cpu
+    for (ok, value), (_, _, d) in zip(results, batch, strict=True):
+        if not ok:
+            raise SystemExit(f"store alone: an operation failed: {value}")
+        d.callback(value)
+    return wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=50000)
+    parser.add_argument("--batch", type=int, default=2000, help="operations a commit (the store's most)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=str(BENCH / "floor.txt"))
+    args = parser.parse_args()
+    protocol = sorted(protocol_alone(args.messages) for _ in range(args.repeats))[args.repeats // 2]
+    runs = [store_alone(args.messages, args.batch) for _ in range(args.repeats)]
+    store = sorted(wall for wall, _ in runs)[args.repeats // 2]
+    store_cpu = sorted(cpu for _, cpu in runs)[args.repeats // 2]
+    both = 1 / (1 / protocol + 1 / store_cpu)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True, text=True
+    ).stdout.strip()
+    report = (
+        f"$ python bench/floor.py --messages {args.messages} --batch {args.batch}"
+        f"   # commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"medians of {args.repeats}, {PAIRS} pairs, {args.messages:,} messages of 218 bytes\n"
+        f"protocol alone (memory store, no sockets): {protocol:,.0f} msg/s\n"
+        f"SQLite store alone ({args.batch} recorded and {args.batch} reached a commit):"
+        f" {store:,.0f} msg/s of its wall-clock time, {store_cpu:,.0f} msg/s of its CPU time\n"
+        f"both on one core, at best (CPU times): {both:,.0f} msg/s\n"
+    )
+    print(report, end="")
+    Path(args.output).write_text(report)
+
+
+if __name__ == "__main__":
+    main()
