@@ -4,7 +4,8 @@
 
 1. The protocol alone: 100 sender→receiver pairs logged in to a real
    ChatFactory and Hub over transports that only count bytes, the memory
-   store answering at once. Every 05 is parsed, routed, written as an 06,
+   store answering at once (its own bookkeeping, a few dict operations a
+   message, counts here). Every 05 is parsed, routed, written as an 06,
    marked reached and answered with a 07, as in the server, but with no
    socket, no disk and no thread.
 2. The SQLite store alone: the same messages recorded and marked reached
