@@ -23,6 +23,7 @@ from . import wire
 from .hub import Hub, Session, _Flush, _new_id
 from .store import (
     HELD_SEEN,
+    SUPERSEDED,
     GroupAdded,
     Held,
     Reconnected,
@@ -145,13 +146,26 @@ class ClusterHub(Hub):
         """Claim the user cluster-wide before the 04; live items wait in the flush meanwhile."""
         session.ready = False
         flush = session.flush = _Flush(tracked=True)
-        d = self.store.claim_session(user.decode())
+        # Asked again on the store's thread: a connection already gone (its
+        # client reconnected, maybe to another node) must not take the user.
+        wanted = lambda: self.sessions.get(user) is session  # noqa: E731
+        d = self.store.claim_session(user.decode(), self.clock.seconds(), wanted)
         d.addCallback(self._claimed, session, user, flush)
         d.addErrback(self._claim_failed, session, user, flush)
         session.stall(d)
 
-    def _claimed(self, previous: str | None, session: Session, user: bytes, flush: _Flush):
+    def _claimed(self, previous, session: Session, user: bytes, flush: _Flush):
         if session.flush is not flush or self.sessions.get(user) is not session:
+            return None
+        if previous is SUPERSEDED:
+            # A later login holds the user on another node: this one is the
+            # older (its client has usually reconnected there already).
+            self.log.info("{user} logged in again on another node: this login is dropped", user=user.decode())
+            del self.sessions[user]
+            session.flush = None
+            session.ready = False
+            session.user = None
+            session.close_with(wire.error(wire.ONLINE, wire.LOGGED_IN_ELSEWHERE))
             return None
         session.emit(wire.online_ok(user))
         if previous is None:

@@ -20,6 +20,8 @@ _MEMBER_AT = wire.GROUP_HEADER_LEN
 _NO_FRAME = b"00"  # REF of an error that answers no frame (a refused connection)
 #: Store operations waiting past which clients are read no further for now.
 _STORE_BACKLOG = 4000
+#: Bytes a stalled connection may send before it is read no further for now.
+_STALL_BUFFER = 64 * 1024
 #: Seconds between two looks at the connections a shutdown waits to close.
 LINGER_POLL = 0.01
 
@@ -153,10 +155,12 @@ class ChatProtocol(Protocol):
         self.transport.pauseProducing()
 
     def stall(self, d) -> None:
+        """Frames after this one wait for ``d``. Reading goes on (up to
+        _STALL_BUFFER bytes), so a close is noticed meanwhile: a login whose
+        client has gone must not go on to take the user from its new one."""
         if d.called:
             return
         self._stalled += 1
-        self.transport.pauseProducing()
         d.addBoth(self._unstall)
 
     def _unstall(self, result):
@@ -255,6 +259,8 @@ class ChatProtocol(Protocol):
             return
         if self._stalled:
             self._buffer += data
+            if len(self._buffer) > _STALL_BUFFER:
+                self.transport.pauseProducing()
             return
         if self._buffer:
             data = self._buffer + data

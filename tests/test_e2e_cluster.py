@@ -16,6 +16,7 @@ import pytest
 
 from .helpers import (
     f_group,
+    f_online,
     f_online_secret,
     f_received,
     f_seen,
@@ -152,6 +153,35 @@ def test_a_login_on_another_node_replaces_the_first_and_loses_nothing(server, pg
         + [s_delivered(b, ts(1700000410 + i)) for i in range(5)]
     )
     assert ca.buf == b""
+
+
+def test_a_late_claim_for_a_dropped_connection_does_not_close_the_new_one(server, pg_dsn):
+    """A client dropped its connection to node 1 right after its 03 and logged in
+    on node 2. Node 1's claim for the dropped connection commits after node 2's
+    (its database connection is held up): the later login keeps the user, and is
+    not told it logged in elsewhere."""
+    import psycopg
+
+    n1, n2 = nodes(server, pg_dsn)
+    setup = n1.client()
+    a, z = setup.register(), setup.register()
+    cz = n1.client()
+    cz.login(z)
+    with psycopg.connect(pg_dsn) as blocker:
+        # Node 1's next transaction waits on the inbox; node 2's claim does not touch it.
+        blocker.execute("LOCK TABLE inbox IN EXCLUSIVE MODE")
+        cz.send(f_send(z, a, ts(1700000700), b"held up"))
+        dropped = n1.client()
+        dropped.send(f_online(a))  # read before the close: its claim queues behind
+        dropped.close()
+        new = n2.client()
+        new.login(a)
+    # The inbox is free: node 1 commits the message, then its claim, then the next message.
+    assert new.read(1) == [s_message(z, a, ts(1700000700), b"held up")]
+    cz.send(f_send(z, a, ts(1700000701), b"after the late claim"))
+    assert new.read(1) == [s_message(z, a, ts(1700000701), b"after the late claim")]
+    assert cz.read(2) == [s_delivered(a, ts(1700000700)), s_delivered(a, ts(1700000701))]
+    assert new.buf == b""
 
 
 def test_a_node_killed_mid_conversation_loses_nothing(server, pg_dsn):

@@ -1190,10 +1190,13 @@ def test_a_stalled_connection_handles_its_later_frames_in_order_once_the_stall_e
     conn.send(f_send(a, b, ts(1700000001), b"first"), f_send(a, b, ts(1700000002), b"second"))
     conn.send(f_send(a, b, ts(1700000003), b"third"))
     assert seen == [b"first"] and cb.take() == []
-    assert conn.transport.producerState == "paused"
-    lookup.callback(None)
-    assert seen == [b"first", b"second", b"third"]
+    # Still read (a close would be seen), until what waits passes 64 KiB.
     assert conn.transport.producerState == "producing"
-    assert cb.take() == [
-        s_message(a, b, ts(1700000001 + i), t) for i, t in enumerate([b"first", b"second", b"third"])
-    ]
+    flood = [f_send(a, b, ts(1700000004 + i), b"more %d" % i) for i in range(300)]
+    conn.send(*flood)
+    assert seen == [b"first"] and conn.transport.producerState == "paused"
+    lookup.callback(None)
+    assert seen == [b"first", b"second", b"third"] + [b"more %d" % i for i in range(300)]
+    assert conn.transport.producerState == "producing"
+    texts = [b"first", b"second", b"third"] + [b"more %d" % i for i in range(300)]
+    assert cb.take() == [s_message(a, b, ts(1700000001 + i), t) for i, t in enumerate(texts)]

@@ -24,6 +24,7 @@ from chatproto.store import (
     HELD_DELIVERED,
     HELD_MESSAGE,
     HELD_SEEN,
+    SUPERSEDED,
     Completed,
     DatabaseTooNew,
     GroupAdded,
@@ -213,6 +214,24 @@ def test_a_session_claimed_on_another_live_node_is_taken_over(cluster):
     assert n2.claim_session(A) is None, "the release left n2's claim in place"
     n2.release_session(A)
     assert n1.claim_session(A) is None
+
+
+def test_a_claim_for_an_earlier_login_leaves_a_later_one_in_place(cluster):
+    """Node 1's claim commits last but is for the older login: it is superseded."""
+    n1, n2 = cluster.node(), cluster.node()
+    assert n2.claim_session(A, 2000.5) is None
+    assert n1.claim_session(A, 2000.4) is SUPERSEDED
+    assert not [e for e in n2.synced() if isinstance(e, Takeover)]
+    assert n2.claim_session(A, 2001.0) is None, "n2 still holds the user"
+    assert n1.claim_session(A, 2002.0) == n2.store.node, "a later login on n1 takes over"
+
+
+def test_a_claim_no_longer_wanted_changes_nothing(cluster):
+    n1, n2 = cluster.node(), cluster.node()
+    assert n2.claim_session(A) is None
+    assert n1.claim_session(A, None, lambda: False) is None
+    assert not [e for e in n2.synced() if isinstance(e, Takeover)]
+    assert n2.claim_session(A) is None, "n2 still holds the user"
 
 
 def test_a_dead_nodes_session_is_taken_without_a_takeover(cluster):

@@ -69,6 +69,16 @@ class Snapshot(NamedTuple):
     held: dict[str, int] = {}
 
 
+class _Superseded:
+    """claim_session's answer when a later login holds the user on another node."""
+
+    def __repr__(self) -> str:
+        return "SUPERSEDED"
+
+
+SUPERSEDED = _Superseded()
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached now: the server answers 12 XX 11 (busy)."""
 
@@ -245,10 +255,17 @@ class IClusterStore(IChatStore):
         A moved low mark holds a 09 (src = the group, ts = the low mark) for every member.
         """
 
-    def claim_session(user_id):
+    def claim_session(user_id, since=None, wanted=None):
         """Deferred[str | None]: make this node the user's; the live node that must release first.
 
-        That node is sent a Takeover in the same transaction.
+        That node is sent a Takeover in the same transaction. ``since`` is
+        when the login arrived (Unix seconds; now if None): if another live
+        node holds the user for a later login, the claim changes nothing and
+        answers SUPERSEDED, since the connection it is for is the older one
+        (typically already closed by a client that reconnected elsewhere).
+        ``wanted``, if given, is asked on the store's thread just before: a
+        claim no longer wanted (its connection is gone) changes nothing and
+        answers None.
         """
 
     def release_session(user_id):

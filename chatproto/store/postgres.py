@@ -35,6 +35,7 @@ from . import (
     HELD_MESSAGE,
     HELD_SEEN,
     NEW,
+    SUPERSEDED,
     Completed,
     DatabaseTooNew,
     GroupAdded,
@@ -265,8 +266,8 @@ class PostgresStore(BatchingStore):
     def read_group(self, group_id, user_id, ts):
         return self._submit(_read_group, group_id, user_id, ts)
 
-    def claim_session(self, user_id):
-        return self._submit(_claim_session, user_id)
+    def claim_session(self, user_id, since=None, wanted=None):
+        return self._submit(_claim_session, user_id, time.time() if since is None else since, wanted)
 
     def release_session(self, user_id):
         return self._submit(_release_session, user_id)
@@ -753,33 +754,45 @@ def _read_group(store, cur, group_id, user_id, ts):
     return new_low
 
 
-def _claim_session(store, cur, user_id):
+def _claim_session(store, cur, user_id, since, wanted):
     """Take the user's session; the previous node, if another and alive, is told to let go.
 
     Claims of one user are serialized by a transaction lock, so each sees
     the owner the previous one left. A node is alive while its listener
     holds its lock: taking that lock (and giving it back at once) succeeds
-    only for a dead node.
+    only for a dead node. The later login wins, whichever commits last: a
+    client that dropped its connection to one node and logged in on another
+    must not be closed by the first node's claim committing late.
     """
+    if wanted is not None and not wanted():
+        return None
+    since_ms = int(since * 1000)
     cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_CLAIM_LOCKS, user_id))
-    row = cur.execute("SELECT node FROM sessions WHERE user_id = %s", (user_id,)).fetchone()
+    row = cur.execute("SELECT node, since FROM sessions WHERE user_id = %s", (user_id,)).fetchone()
+    previous, held_since = row if row else (None, None)
+    other = previous is not None and previous != store.node
+    alive = other and _alive(cur, previous)
+    if alive and held_since > since_ms:
+        return SUPERSEDED
     cur.execute(
         "INSERT INTO sessions (user_id, node, since) VALUES (%s, %s, %s) "
         "ON CONFLICT (user_id) DO UPDATE SET node = excluded.node, since = excluded.since",
-        (user_id, store.node, int(time.time())),
+        (user_id, store.node, since_ms),
     )
-    previous = row[0] if row else None
-    if previous is None or previous == store.node:
-        return None
-    (alive,) = cur.execute(
-        "SELECT CASE WHEN pg_try_advisory_lock(k) THEN NOT pg_advisory_unlock(k) ELSE true END "
-        "FROM (SELECT hashtextextended(%s, 0) AS k) AS node",
-        (previous,),
-    ).fetchone()
     if not alive:
         return None
     store._notes.append(_dumps("t", user_id, previous, store.node))
     return previous
+
+
+def _alive(cur, node: str) -> bool:
+    """Whether the node's listener holds its lock (taking it, and giving it back at once, fails)."""
+    (alive,) = cur.execute(
+        "SELECT CASE WHEN pg_try_advisory_lock(k) THEN NOT pg_advisory_unlock(k) ELSE true END "
+        "FROM (SELECT hashtextextended(%s, 0) AS k) AS node",
+        (node,),
+    ).fetchone()
+    return alive
 
 
 def _release_session(store, cur, user_id):

@@ -64,5 +64,5 @@ CREATE INDEX inbox_by_message ON inbox (msg_id, user_id) WHERE code = 6;
 CREATE TABLE sessions (
     user_id text PRIMARY KEY,
     node text NOT NULL,
-    since bigint NOT NULL        -- Unix seconds
+    since bigint NOT NULL        -- when the login arrived: Unix milliseconds
 );
