@@ -299,3 +299,24 @@ def test_the_database_is_in_wal_mode(sqlite_backend):
     with sqlite3.connect(sqlite_backend.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     conn.close()
+
+
+def test_group_messages_since_answers_for_any_destination(backend):
+    """Group ids start with 1 (the SQLite store's index of destinations holds only those);
+    any other destination is still answered."""
+    backend.record_message(A, B, 100, b"one", [B])
+    backend.record_message(C, B, 200, b"two", [B])
+    backend.record_message(A, G, 150, b"group", [B, C])
+    assert [tuple(r) for r in backend.group_messages_since(B, 0)] == [(A, 100), (C, 200)]
+    assert [tuple(r) for r in backend.group_messages_since(G, 0)] == [(A, 150)]
+
+
+def test_a_message_marked_twice_in_one_batch_completes_once(backend):
+    m = backend.record_message(A, G, 1, b"to both", [B, C]).msg_id
+    first = backend.store.mark_reached(m, [B])
+    again = backend.store.mark_reached(m, [B])
+    last = backend.store.mark_reached(m, [C])
+    twice = backend.store.mark_reached(m, [C])
+    answers = [backend.run(d) for d in (first, again, last, twice)]
+    assert answers[:2] == [[], []], "not complete before its last recipient"
+    assert sum(answers, []) == [Completed(A, G, 1)]
