@@ -11,6 +11,9 @@ import sys
 import pytest
 
 from chatproto.store.sqlite import (
+    _COUNT_DOWN,
+    _END_HOLDS,
+    RETURNING,
     SCHEMA_VERSION,
     DatabaseTooNew,
     UpgradeFailed,
@@ -247,7 +250,11 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         ("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", 2),
         ("SELECT * FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq", 2),
     ]
+    if RETURNING:
+        # Each pair of a JSON list is looked up (the list itself is read whole).
+        lookups += [(_END_HOLDS, 1), (_COUNT_DOWN, 1)]
     for sql, params in lookups:
-        plan = " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ("x",) * params))
+        steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ("[]",) * params)]
+        plan = " / ".join(step for step in steps if "VIRTUAL TABLE" not in step)
         assert "SCAN" not in plan and "TEMP B-TREE" not in plan, (sql, plan)
     conn.close()

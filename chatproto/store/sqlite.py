@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 import time
+from collections import Counter
 from importlib import resources
 from itertools import chain
 
@@ -37,8 +39,31 @@ __all__ = ["SchemaError", "DatabaseTooNew", "UpgradeFailed", "SQLiteStore"]
 _schema_log = Logger(namespace="chatproto.store.sqlite")
 
 
+def _returning() -> bool:
+    """Whether this SQLite has RETURNING (3.35) and json_each, for ``_end_holds``."""
+    if sqlite3.sqlite_version_info < (3, 35, 0):
+        return False
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT value FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+#: SQLite from 3.35 ends a batch's holds in two statements with RETURNING
+#: (``_end_holds``); an older one counts down in a trigger (``_end_holds_by_trigger``).
+RETURNING = _returning()
+
+
 def _connection_setup(conn: sqlite3.Connection) -> None:
-    """The server's own connection counts deliveries down in SQL, not Python."""
+    """Before SQLite 3.35 (no RETURNING) the server's own connection counts
+    deliveries down in a trigger; the update that takes a message to zero
+    notes it, with what its 07 needs."""
+    if RETURNING:
+        return
     conn.executescript(
         """
         CREATE TEMP TABLE completed (
@@ -48,8 +73,6 @@ def _connection_setup(conn: sqlite3.Connection) -> None:
         BEGIN
             UPDATE messages SET remaining = remaining - 1 WHERE id = old.msg_id;
         END;
-        -- The update that takes a message to zero notes it, with what its 07
-        -- needs: no second look-up, no join afterwards.
         CREATE TEMP TRIGGER completing AFTER UPDATE OF remaining ON main.messages
             WHEN new.remaining = 0
         BEGIN
@@ -313,14 +336,55 @@ def _record_messages(store, cur, items):
 _record_messages.bulk = True
 
 
-def _end_holds(cur, ops):
-    """End the holds named by each op's (msg_id, user_id) pairs: one DELETE for all.
+#: Ends the holds a JSON list of [msg_id, user_id] pairs names, each row once
+#: however often it is named, and answers the message of each row deleted.
+_END_HOLDS = (
+    "DELETE FROM inbox WHERE seq IN ("
+    "SELECT i.seq FROM json_each(?) p JOIN inbox i ON i.msg_id = json_extract(p.value, '$[0]') "
+    "AND i.user_id = json_extract(p.value, '$[1]') AND i.code = 6) RETURNING msg_id"
+)
+#: Counts each message of a JSON list of [msg_id, rows deleted] down, answering what is left.
+_COUNT_DOWN = (
+    "UPDATE messages SET remaining = remaining - json_extract(c.value, '$[1]') FROM json_each(?) c "
+    "WHERE messages.id = json_extract(c.value, '$[0]') RETURNING id, src, dst, ts, remaining"
+)
 
-    The trigger made in ``_connection_setup`` counts each message's remaining
-    recipients down and notes the ones that reach zero, so a message marked
-    twice is completed once; it completes on its last recipient's delete,
-    which the last op naming it made.
+
+def _end_holds(cur, ops):
+    """End the holds named by each op's (msg_id, user_id) pairs: two statements for all.
+
+    The DELETE says which rows it removed, and each message is counted down
+    by those alone, in one UPDATE, so a message marked twice is completed
+    once: the UPDATE that takes it to zero. As in PostgreSQL, a completed
+    message is owed to the last op naming it. Before SQLite 3.35 a trigger
+    does the same count (``_end_holds_by_trigger``).
     """
+    if not RETURNING:
+        return _end_holds_by_trigger(cur, ops)
+    results: list[list[Completed]] = [[] for _ in ops]
+    pairs = [pair for op in ops for pair in op]
+    if not pairs:
+        return results
+    gone = Counter(msg_id for (msg_id,) in cur.execute(_END_HOLDS, (json.dumps(pairs),)))
+    if not gone:
+        return results
+    completed = {
+        msg_id: Completed(src, dst, ts)
+        for msg_id, src, dst, ts, left in cur.execute(_COUNT_DOWN, (json.dumps(list(gone.items())),))
+        if left == 0
+    }
+    if completed:
+        owner = {msg_id: at for at, op in enumerate(ops) for msg_id, _ in op}
+        for at, op in enumerate(ops):
+            for msg_id, _ in op:
+                if owner[msg_id] == at and msg_id in completed:
+                    results[at].append(completed.pop(msg_id))
+    return results
+
+
+def _end_holds_by_trigger(cur, ops):
+    """``_end_holds`` before SQLite 3.35: one DELETE for all, the triggers of
+    ``_connection_setup`` counting down and noting what completes."""
     cur.executemany("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", chain(*ops))
     owner = {msg_id: at for at, pairs in enumerate(ops) for msg_id, _ in pairs}
     results: list[list[Completed]] = [[] for _ in ops]
