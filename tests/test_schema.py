@@ -11,6 +11,9 @@ import sys
 import pytest
 
 from chatproto.store.sqlite import (
+    _COUNT_DOWN,
+    _END_HOLDS,
+    RETURNING,
     SCHEMA_VERSION,
     DatabaseTooNew,
     UpgradeFailed,
@@ -19,6 +22,7 @@ from chatproto.store.sqlite import (
     ensure_schema,
     schema_sql,
     schema_version,
+    upgrade_sql,
 )
 
 from .helpers import Net, s_added, s_message, ts
@@ -199,3 +203,58 @@ def test_twist_chat_refuses_a_newer_database_in_one_line(tmp_path):
         f"chatproto's {SCHEMA_VERSION}: run a newer chatproto, or restore the copy taken before the "
         f"upgrade ({path}.v{SCHEMA_VERSION}.bak, if it exists)"
     ]
+
+
+def test_a_second_schema_database_is_upgraded_into_a_fresh_one_with_its_data(tmp_path):
+    """Version 3 changed indexes only: the tables and their rows come through as they were,
+    and the new indexes answer the lookups they are for."""
+    old, fresh = str(tmp_path / "v2.sqlite3"), str(tmp_path / "fresh.sqlite3")
+    make_v1(old)
+    conn = connect(old)
+    conn.executescript("BEGIN;" + upgrade_sql(1) + "UPDATE schema_version SET version = 2; COMMIT;")
+    conn.close()
+    assert shape(old)["version"] == 2
+    before = dump(old)
+
+    conn = connect(old)
+    assert ensure_schema(conn) == SCHEMA_VERSION
+    conn.close()
+    conn = connect(fresh)
+    ensure_schema(conn)
+    conn.close()
+
+    assert shape(old) == shape(fresh)
+    assert dump(old) == before
+    assert shape(backup_path(old, 2))["version"] == 2
+    history = sqlite3.connect(old).execute("SELECT version, previous FROM schema_history").fetchall()
+    assert history == [(SCHEMA_VERSION, 2)]
+    conn = sqlite3.connect(old)
+    a, c, g = A.decode(), C.decode(), GROUP.decode()
+    assert conn.execute(
+        "SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", (c, g, 1700000300)
+    ).fetchall() == [(2,)]
+    assert conn.execute(
+        "SELECT id FROM messages WHERE dst = ? AND dst >= '1' AND ts > 0", (g,)
+    ).fetchall() == [(2,)]
+    assert conn.execute("SELECT max(ts) FROM messages WHERE src = ?", (a,)).fetchone() == (1700000050,)
+
+
+def test_the_hot_lookups_use_an_index(tmp_path):
+    """No statement the server runs per message (or per group read) scans a table."""
+    conn = connect(str(tmp_path / "plan.sqlite3"))
+    ensure_schema(conn)
+    lookups = [
+        ("SELECT id, remaining FROM messages WHERE src = ? AND dst = ? AND ts = ? AND body = ?", 4),
+        ("SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", 3),
+        ("SELECT src, ts FROM messages WHERE dst = ? AND dst >= '1' AND ts > ? ORDER BY ts, id", 2),
+        ("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", 2),
+        ("SELECT * FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq", 2),
+    ]
+    if RETURNING:
+        # Each pair of a JSON list is looked up (the list itself is read whole).
+        lookups += [(_END_HOLDS, 1), (_COUNT_DOWN, 1)]
+    for sql, params in lookups:
+        steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ("[]",) * params)]
+        plan = " / ".join(step for step in steps if "VIRTUAL TABLE" not in step)
+        assert "SCAN" not in plan and "TEMP B-TREE" not in plan, (sql, plan)
+    conn.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 import time
+from collections import Counter
 from importlib import resources
 from itertools import chain
 
@@ -29,7 +31,7 @@ from .batching import BatchingStore, load_snapshot
 
 #: The schema this code writes. A fresh database is made from ``NNN.sql`` of
 #: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The schema errors are shared with the PostgreSQL store now; the service still imports them from here.
 __all__ = ["SchemaError", "DatabaseTooNew", "UpgradeFailed", "SQLiteStore"]
@@ -37,16 +39,44 @@ __all__ = ["SchemaError", "DatabaseTooNew", "UpgradeFailed", "SQLiteStore"]
 _schema_log = Logger(namespace="chatproto.store.sqlite")
 
 
+def _returning() -> bool:
+    """Whether this SQLite has RETURNING (3.35) and json_each, for ``_end_holds``."""
+    if sqlite3.sqlite_version_info < (3, 35, 0):
+        return False
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("SELECT value FROM json_each('[1]')").fetchall()
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+#: SQLite from 3.35 ends a batch's holds in two statements with RETURNING
+#: (``_end_holds``); an older one counts down in a trigger (``_end_holds_by_trigger``).
+RETURNING = _returning()
+
+
 def _connection_setup(conn: sqlite3.Connection) -> None:
-    """The server's own connection counts deliveries down in SQL, not Python."""
+    """Before SQLite 3.35 (no RETURNING) the server's own connection counts
+    deliveries down in a trigger; the update that takes a message to zero
+    notes it, with what its 07 needs."""
+    if RETURNING:
+        return
     conn.executescript(
         """
-        CREATE TEMP TABLE completed (msg_id INTEGER NOT NULL);
+        CREATE TEMP TABLE completed (
+            msg_id INTEGER NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL, ts INTEGER NOT NULL
+        );
         CREATE TEMP TRIGGER delivered AFTER DELETE ON main.inbox WHEN old.code = 6
         BEGIN
             UPDATE messages SET remaining = remaining - 1 WHERE id = old.msg_id;
-            INSERT INTO completed (msg_id)
-                SELECT old.msg_id WHERE (SELECT remaining FROM messages WHERE id = old.msg_id) = 0;
+        END;
+        CREATE TEMP TRIGGER completing AFTER UPDATE OF remaining ON main.messages
+            WHEN new.remaining = 0
+        BEGIN
+            INSERT INTO completed (msg_id, src, dst, ts) VALUES (new.id, new.src, new.dst, new.ts);
         END;
         """
     )
@@ -306,14 +336,55 @@ def _record_messages(store, cur, items):
 _record_messages.bulk = True
 
 
-def _end_holds(cur, ops):
-    """End the holds named by each op's (msg_id, user_id) pairs: one DELETE for all.
+#: Ends the holds a JSON list of [msg_id, user_id] pairs names, each row once
+#: however often it is named, and answers the message of each row deleted.
+_END_HOLDS = (
+    "DELETE FROM inbox WHERE seq IN ("
+    "SELECT i.seq FROM json_each(?) p JOIN inbox i ON i.msg_id = json_extract(p.value, '$[0]') "
+    "AND i.user_id = json_extract(p.value, '$[1]') AND i.code = 6) RETURNING msg_id"
+)
+#: Counts each message of a JSON list of [msg_id, rows deleted] down, answering what is left.
+_COUNT_DOWN = (
+    "UPDATE messages SET remaining = remaining - json_extract(c.value, '$[1]') FROM json_each(?) c "
+    "WHERE messages.id = json_extract(c.value, '$[0]') RETURNING id, src, dst, ts, remaining"
+)
 
-    The trigger made in ``_connection_setup`` counts each message's remaining
-    recipients down and notes the ones that reach zero, so a message marked
-    twice is completed once; it completes on its last recipient's delete,
-    which the last op naming it made.
+
+def _end_holds(cur, ops):
+    """End the holds named by each op's (msg_id, user_id) pairs: two statements for all.
+
+    The DELETE says which rows it removed, and each message is counted down
+    by those alone, in one UPDATE, so a message marked twice is completed
+    once: the UPDATE that takes it to zero. As in PostgreSQL, a completed
+    message is owed to the last op naming it. Before SQLite 3.35 a trigger
+    does the same count (``_end_holds_by_trigger``).
     """
+    if not RETURNING:
+        return _end_holds_by_trigger(cur, ops)
+    results: list[list[Completed]] = [[] for _ in ops]
+    pairs = [pair for op in ops for pair in op]
+    if not pairs:
+        return results
+    gone = Counter(msg_id for (msg_id,) in cur.execute(_END_HOLDS, (json.dumps(pairs),)))
+    if not gone:
+        return results
+    completed = {
+        msg_id: Completed(src, dst, ts)
+        for msg_id, src, dst, ts, left in cur.execute(_COUNT_DOWN, (json.dumps(list(gone.items())),))
+        if left == 0
+    }
+    if completed:
+        owner = {msg_id: at for at, op in enumerate(ops) for msg_id, _ in op}
+        for at, op in enumerate(ops):
+            for msg_id, _ in op:
+                if owner[msg_id] == at and msg_id in completed:
+                    results[at].append(completed.pop(msg_id))
+    return results
+
+
+def _end_holds_by_trigger(cur, ops):
+    """``_end_holds`` before SQLite 3.35: one DELETE for all, the triggers of
+    ``_connection_setup`` counting down and noting what completes."""
     cur.executemany("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", chain(*ops))
     owner = {msg_id: at for at, pairs in enumerate(ops) for msg_id, _ in pairs}
     results: list[list[Completed]] = [[] for _ in ops]
@@ -334,10 +405,7 @@ def _mark_reached(store, cur, items):
 _mark_delivered.bulk = True
 _mark_reached.bulk = True
 
-_TAKE_COMPLETED = (
-    "SELECT m.id, m.src, m.dst, m.ts FROM temp.completed c JOIN messages m ON m.id = c.msg_id "
-    "ORDER BY c.rowid"
-)
+_TAKE_COMPLETED = "SELECT msg_id, src, dst, ts FROM temp.completed ORDER BY rowid"
 
 
 def _acknowledge(cur, user_id, src, dst, ts):
@@ -388,6 +456,10 @@ def _set_low_mark(cur, group_id, ts):
 
 
 def _group_messages_since(cur, group_id, ts):
+    # messages_by_dst holds only destinations from '1' on, every group id (the
+    # protocol's): the query says so, for SQLite to use it. Any other id is
+    # still answered, by a scan.
+    where = "dst = ? AND dst >= '1'" if group_id >= "1" else "dst = ?"
     return cur.execute(
-        "SELECT src, ts FROM messages WHERE dst = ? AND ts > ? ORDER BY ts, id", (group_id, ts)
+        f"SELECT src, ts FROM messages WHERE {where} AND ts > ? ORDER BY ts, id", (group_id, ts)
     ).fetchall()
