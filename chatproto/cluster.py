@@ -146,9 +146,12 @@ class ClusterHub(Hub):
         """Claim the user cluster-wide before the 04; live items wait in the flush meanwhile."""
         session.ready = False
         flush = session.flush = _Flush(tracked=True)
-        # Asked again on the store's thread: a connection already gone (its
-        # client reconnected, maybe to another node) must not take the user.
-        wanted = lambda: self.sessions.get(user) is session  # noqa: E731
+
+        def wanted() -> bool:
+            """Asked on the store's thread: a connection already gone (its client
+            reconnected, maybe to another node) must not take the user."""
+            return self.sessions.get(user) is session
+
         d = self.store.claim_session(user.decode(), self.clock.seconds(), wanted)
         d.addCallback(self._claimed, session, user, flush)
         d.addErrback(self._claim_failed, session, user, flush)
