@@ -124,11 +124,15 @@ class ClusterHub(Hub):
             self.log.info(
                 "{user} logged in on node {node}: closing the connection here", user=user.decode(), node=by
             )
-            self._abandon(session)
-            session.close_with(wire.error(wire.ONLINE, wire.LOGGED_IN_ELSEWHERE))
-            session.user = None
+            self._close_elsewhere(session)
         # Queued after the closed session's last changes: committed with or after them.
         self.store.release_session(user.decode()).addErrback(self._kept)
+
+    def _close_elsewhere(self, session: Session) -> None:
+        """The user's session is on another node: end this one (12 03 09)."""
+        self._abandon(session)
+        session.close_with(wire.error(wire.ONLINE, wire.LOGGED_IN_ELSEWHERE))
+        session.user = None
 
     def _catch_up(self) -> None:
         """Events were missed while the listener was away: send each session what is held again."""
@@ -164,11 +168,7 @@ class ClusterHub(Hub):
             # A later login holds the user on another node: this one is the
             # older (its client has usually reconnected there already).
             self.log.info("{user} logged in again on another node: this login is dropped", user=user.decode())
-            del self.sessions[user]
-            session.flush = None
-            session.ready = False
-            session.user = None
-            session.close_with(wire.error(wire.ONLINE, wire.LOGGED_IN_ELSEWHERE))
+            self._close_elsewhere(session)
             return None
         session.emit(wire.online_ok(user))
         if previous is None:
