@@ -102,17 +102,22 @@ def shape(path: str) -> dict:
         conn.close()
 
 
-def test_an_upgraded_first_schema_database_is_a_fresh_one_with_its_data(tmp_path):
-    old, fresh = str(tmp_path / "old.sqlite3"), str(tmp_path / "fresh.sqlite3")
-    make_v1(old)
-    before = dump(old)
-
+def upgrade_beside_fresh(old: str, fresh: str) -> None:
+    """Open the old database as the server does (it is upgraded), and make a new one to compare."""
     conn = connect(old)
     assert ensure_schema(conn) == SCHEMA_VERSION
     conn.close()
     conn = connect(fresh)
     ensure_schema(conn)
     conn.close()
+
+
+def test_an_upgraded_first_schema_database_is_a_fresh_one_with_its_data(tmp_path):
+    old, fresh = str(tmp_path / "old.sqlite3"), str(tmp_path / "fresh.sqlite3")
+    make_v1(old)
+    before = dump(old)
+
+    upgrade_beside_fresh(old, fresh)
 
     assert shape(old) == shape(fresh)
     assert shape(old)["version"] == SCHEMA_VERSION
@@ -216,12 +221,7 @@ def test_a_second_schema_database_is_upgraded_into_a_fresh_one_with_its_data(tmp
     assert shape(old)["version"] == 2
     before = dump(old)
 
-    conn = connect(old)
-    assert ensure_schema(conn) == SCHEMA_VERSION
-    conn.close()
-    conn = connect(fresh)
-    ensure_schema(conn)
-    conn.close()
+    upgrade_beside_fresh(old, fresh)
 
     assert shape(old) == shape(fresh)
     assert dump(old) == before
