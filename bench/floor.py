@@ -117,8 +117,7 @@ def store_alone(messages: int, batch: int) -> tuple[float, float]:
         users = [f"{n:013d}" for n in range(2 * PAIRS)]
         for user in users:
             store.add_user(user, None)
-        store._transaction(store._queue)
-        store._queue.clear()
+        _run(store)
         wall = cpu = 0.0
         reached: list = []
         for first in range(0, messages + batch, batch):
