@@ -74,6 +74,8 @@ class Session(Protocol):
     flush: _Flush | None
     #: Its transport asked us to stop writing for now.
     paused: bool
+    #: Recipient id → _Conversation, for the messages it sends (None until the first).
+    conversations: dict | None
 
     def emit(self, frame: bytes) -> bool:
         """Write a frame; False when it was not written (the reader was dropped)."""
@@ -105,6 +107,25 @@ def _new_id(first: bytes, taken) -> bytes:
             return candidate
 
 
+class _Conversation:
+    """What the hub knows of one sender's messages to one user, for the live path.
+
+    ``latest`` is at least the TIMESTAMP of every stored or submitted
+    message of the pair, so a 05 past it cannot repeat a stored message
+    (the contract's clients raise their TIMESTAMP per conversation).
+    ``known`` turns true once the store has said its own latest.
+    ``pending`` counts messages on the held path not yet offered: a live
+    message must not overtake them.
+    """
+
+    __slots__ = ("latest", "known", "pending")
+
+    def __init__(self):
+        self.latest = 0
+        self.known = False
+        self.pending = 0
+
+
 class _Answer:
     """Where the store sends a hot operation's result: a method and its
     arguments for success, another for failure, and no Deferred."""
@@ -132,6 +153,10 @@ class Hub:
     log = Logger()
     #: Whether a flush remembers the seqs it sent (see _Flush).
     track_flushes = False
+    #: Whether a direct message to a reader online here may be written before
+    #: its commit (``_send_live``): only where this hub sees every message of
+    #: its senders, i.e. one server.
+    live_direct = True
 
     def __init__(self, store, require_secrets: bool = False, max_held: int = 0):
         self.store = store
@@ -375,6 +400,8 @@ class Hub:
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src``; ``frame`` is the 06 to deliver."""
         if dst in self.users:
+            if self.live_direct and self._send_live(session, src, dst, ts, text, frame):
+                return
             recipients = [dst]
         else:
             members = self.groups.get(dst)
@@ -389,6 +416,12 @@ class Hub:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:
                 return
+        conversation = None
+        if self.live_direct and dst in self.users:
+            conversation = session.conversations[dst]
+            conversation.pending += 1
+            if int(ts) > conversation.latest:
+                conversation.latest = int(ts)
         self.store.record_message(
             src.decode(),
             dst.decode(),
@@ -396,9 +429,82 @@ class Hub:
             text,
             [user.decode() for user in recipients],
             answer=_Answer(
-                self._recorded, (src, dst, ts, frame, recipients), self._busy, (session, wire.SEND)
+                self._recorded,
+                (src, dst, ts, frame, recipients, conversation),
+                self._not_recorded,
+                (session, conversation),
             ),
         )
+
+    def _send_live(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> bool:
+        """A direct message to a reader that can take it now: written at once,
+        stored as delivered in the next commit, its 07 after that commit.
+
+        Only a message that cannot repeat a stored one goes this way (its
+        TIMESTAMP is past the conversation's latest), so the store's
+        identity check has nothing to refuse; one that might goes the held
+        way, and so does everything until the store has said the
+        conversation's latest. A crash before the commit leaves the 06
+        written and nothing stored: the sender, without a 07, sends it
+        again and the reader's client drops the repeat.
+        """
+        conversations = session.conversations
+        if conversations is None:
+            conversations = session.conversations = {}
+        conversation = conversations.get(dst)
+        if conversation is None:
+            conversation = conversations[dst] = _Conversation()
+            self.store.latest_timestamp(src.decode(), dst.decode()).addCallbacks(
+                self._learned_latest, self._latest_unknown, (conversation,), errbackArgs=(session, dst)
+            )
+            return False
+        when = int(ts)
+        if not conversation.known or conversation.pending or when <= conversation.latest:
+            return False
+        reader = self.sessions.get(dst)
+        if (
+            reader is None
+            or reader.flush is not None
+            or reader.congested
+            or reader.secret_session
+            or not reader.emit(frame)
+        ):
+            return False
+        conversation.latest = when
+        self.store.record_message(
+            src.decode(),
+            dst.decode(),
+            when,
+            text,
+            [],
+            answer=_Answer(self._delivered_live, (src, dst, ts), self._busy, (session, wire.SEND)),
+        )
+        return True
+
+    @staticmethod
+    def _learned_latest(latest: int, conversation: _Conversation) -> None:
+        if latest > conversation.latest:
+            conversation.latest = latest
+        conversation.known = True
+
+    def _latest_unknown(self, failure, session: Session, dst: bytes) -> None:
+        """The store could not say: this conversation stays on the held way until a later try."""
+        failure.trap(StoreUnavailable)
+        if session.conversations is not None:
+            session.conversations.pop(dst, None)
+
+    def _delivered_live(self, recorded, src: bytes, dst: bytes, ts: bytes) -> None:
+        if recorded.status == DUPLICATE_PENDING:
+            # Stored before and still held for the reader, who has it now.
+            answer = _Answer(self._completed, (), self._kept, ())
+            self.store.mark_reached(recorded.msg_id, [dst.decode()], answer=answer)
+            return
+        self._notify(src, wire.delivered(dst, ts), HELD_DELIVERED, "", dst.decode(), int(ts))
+
+    def _not_recorded(self, failure, session: Session, conversation: _Conversation | None) -> None:
+        if conversation is not None:
+            conversation.pending -= 1
+        self._busy(failure, session, wire.SEND)
 
     def _within_cap(self, session: Session, dst: bytes, recipients: list[bytes]) -> list[bytes]:
         """Count what waits for offline recipients; refuse what would pass the cap.
@@ -421,8 +527,10 @@ class Hub:
             kept.append(user)
         return kept
 
-    def _recorded(self, recorded, src, dst, ts, frame, recipients) -> None:
+    def _recorded(self, recorded, src, dst, ts, frame, recipients, conversation=None) -> None:
         """Committed: offer it to each recipient; each hold ends once it is written."""
+        if conversation is not None:
+            conversation.pending -= 1
         if recorded.status == DUPLICATE_PENDING:
             return
         if recorded.complete:

@@ -86,6 +86,7 @@ class ChatProtocol(Protocol):
         self.ready = False
         self.congested = False
         self.flush = None
+        self.conversations = None
         self._buffer = b""
         self._closing = False
         self._refused = False

@@ -185,6 +185,9 @@ class IChatStore(Interface):
         crash is still held after it.
         """
 
+    def latest_timestamp(src, dst):
+        """Deferred[int]: the highest TIMESTAMP stored for a message from src to dst, 0 if none."""
+
     def mark_delivered(user_id, msg_ids):
         """Deferred[list[Completed]]: these messages reached user_id.
 

@@ -169,6 +169,9 @@ class BatchingStore:
     def record_message(self, src, dst, ts, text, recipients, answer=None):
         return self._submit(self.ops._record_messages, src, dst, ts, text, recipients, answer=answer)
 
+    def latest_timestamp(self, src, dst):
+        return self._submit(self.ops._latest_timestamp, src, dst)
+
     def mark_delivered(self, user_id, msg_ids):
         return self._submit(self.ops._mark_delivered, user_id, msg_ids)
 

@@ -712,6 +712,13 @@ def _set_low_mark(store, cur, group_id, ts):
     cur.execute("UPDATE groups SET low_mark = %s WHERE id = %s", (ts, group_id))
 
 
+def _latest_timestamp(store, cur, src, dst):
+    (latest,) = cur.execute(
+        "SELECT coalesce(max(ts), 0) FROM messages WHERE src = %s AND dst = %s", (src, dst)
+    ).fetchone()
+    return latest
+
+
 def _group_messages_since(store, cur, group_id, ts):
     return cur.execute(
         "SELECT src, ts FROM messages WHERE dst = %s AND ts > %s ORDER BY ts, id", (group_id, ts)

@@ -336,6 +336,14 @@ def _record_messages(store, cur, items):
 _record_messages.bulk = True
 
 
+def _latest_timestamp(cur, src, dst):
+    # The identity index (src, dst, ts, body) answers this from its edge.
+    (latest,) = cur.execute(
+        "SELECT coalesce(max(ts), 0) FROM messages WHERE src = ? AND dst = ?", (src, dst)
+    ).fetchone()
+    return latest
+
+
 #: Ends the holds a JSON list of [msg_id, user_id] pairs names, each row once
 #: however often it is named, and answers the message of each row deleted.
 _END_HOLDS = (
