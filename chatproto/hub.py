@@ -436,7 +436,9 @@ class Hub:
             ),
         )
 
-    def _send_live(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> bool:
+    def _send_live(
+        self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes
+    ) -> bool:
         """A direct message to a reader that can take it now: written at once,
         stored as delivered in the next commit, its 07 after that commit.
 

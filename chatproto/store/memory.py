@@ -109,7 +109,9 @@ class MemoryStore:
         return done
 
     def latest_timestamp(self, src, dst):
-        return succeed(max((m.ts for m in self.messages.values() if m.src == src and m.dst == dst), default=0))
+        return succeed(
+            max((m.ts for m in self.messages.values() if m.src == src and m.dst == dst), default=0)
+        )
 
     def mark_delivered(self, user_id, msg_ids):
         return succeed(self._deliver(user_id, msg_ids))
