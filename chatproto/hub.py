@@ -94,6 +94,9 @@ class Session(Protocol):
 
     def close_with(self, frame: bytes) -> None: ...
 
+    def uncork(self) -> None:
+        """Write the frames held back while the hub's ``cork`` was in."""
+
 
 def hash_secret(secret: bytes) -> str:
     """A secret is 128 random bits, so one SHA-256 is as good as a slow KDF."""
@@ -124,6 +127,28 @@ class _Conversation:
         self.latest = 0
         self.known = False
         self.pending = 0
+
+
+class Cork:
+    """Holds the sessions' writes during a burst of work (a read, a commit's
+    answers), then has each session write what it got in one go."""
+
+    __slots__ = ("depth", "waiting")
+
+    def __init__(self):
+        self.depth = 0
+        #: Sessions holding frames back, each once.
+        self.waiting: list[Session] = []
+
+    def __enter__(self):
+        self.depth += 1
+
+    def __exit__(self, *exc_info):
+        self.depth -= 1
+        if not self.depth and self.waiting:
+            waiting, self.waiting = self.waiting, []
+            for session in waiting:
+                session.uncork()
 
 
 class _Answer:
@@ -160,6 +185,9 @@ class Hub:
 
     def __init__(self, store, require_secrets: bool = False, max_held: int = 0):
         self.store = store
+        self.cork = Cork()
+        #: The writes of a commit's answers go out together, as a read's do.
+        store.answering = self.cork
         self.require_secrets = require_secrets
         #: Messages that may wait for one offline user (0: no cap).
         self.max_held = max_held

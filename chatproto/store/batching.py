@@ -8,6 +8,8 @@ Deferred fires after that commit, on the reactor thread.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -58,6 +60,9 @@ class BatchingStore:
     #: Called on the reactor thread after each commit with (operations, seconds
     #: the transaction took): the service's metrics set it, the store needs none.
     on_commit = None
+    #: Entered around the answers of each commit: the hub's cork, so that
+    #: the frames they write go out as one write per connection.
+    answering = nullcontext()
 
     def __init__(self, reactor, thread_name: str):
         self._reactor = reactor
@@ -137,11 +142,12 @@ class BatchingStore:
             self.log.debug("committed {count} operations in {ms:.2f} ms", count=len(batch), ms=seconds * 1000)
             if self.on_commit is not None:
                 self.on_commit(len(batch), seconds)
-            for (ok, value), (_, _, d) in zip(results, batch, strict=True):
-                if ok:
-                    d.callback(value)
-                else:
-                    d.errback(value)
+            with self.answering:
+                for (ok, value), (_, _, d) in zip(results, batch, strict=True):
+                    if ok:
+                        d.callback(value)
+                    else:
+                        d.errback(value)
         if self._waiting and len(self._queue) <= MAX_BATCH:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
