@@ -18,6 +18,7 @@ from chatproto.store.sqlite import (
     DatabaseTooNew,
     UpgradeFailed,
     backup_path,
+    body_hash,
     connect,
     ensure_schema,
     schema_sql,
@@ -68,12 +69,25 @@ def make_v1(path: str) -> None:
     conn.close()
 
 
+#: The columns of version 1, which every later version keeps as they were.
+V1_COLUMNS = {"messages": "id, src, dst, ts, body, remaining"}
+
+
 def dump(path: str, tables=V1_TABLES) -> dict[str, list[tuple]]:
     conn = sqlite3.connect(path)
     try:
-        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+        return {
+            t: conn.execute(f"SELECT {V1_COLUMNS.get(t, '*')} FROM {t} ORDER BY 1, 2").fetchall()
+            for t in tables
+        }
     finally:
         conn.close()
+
+
+def assert_hashed(path: str) -> None:
+    """Since version 4 every message's identity key is its body's hash."""
+    rows = sqlite3.connect(path).execute("SELECT body, body_hash FROM messages").fetchall()
+    assert rows and all(stored == body_hash(body) for body, stored in rows)
 
 
 def shape(path: str) -> dict:
@@ -122,6 +136,7 @@ def test_an_upgraded_first_schema_database_is_a_fresh_one_with_its_data(tmp_path
     assert shape(old) == shape(fresh)
     assert shape(old)["version"] == SCHEMA_VERSION
     assert dump(old) == before
+    assert_hashed(old)
     # The copy taken first is the version 1 database, whole.
     copy = backup_path(old, 1)
     assert shape(copy)["version"] == 1
@@ -225,6 +240,7 @@ def test_a_second_schema_database_is_upgraded_into_a_fresh_one_with_its_data(tmp
 
     assert shape(old) == shape(fresh)
     assert dump(old) == before
+    assert_hashed(old)
     assert shape(backup_path(old, 2))["version"] == 2
     history = sqlite3.connect(old).execute("SELECT version, previous FROM schema_history").fetchall()
     assert history == [(SCHEMA_VERSION, 2)]
@@ -244,7 +260,12 @@ def test_the_hot_lookups_use_an_index(tmp_path):
     conn = connect(str(tmp_path / "plan.sqlite3"))
     ensure_schema(conn)
     lookups = [
-        ("SELECT id, remaining FROM messages WHERE src = ? AND dst = ? AND ts = ? AND body = ?", 4),
+        (
+            "SELECT id, remaining, body FROM messages WHERE src = ? AND dst = ? AND ts = ? AND "
+            "(body_hash = ? OR body_hash IS NULL)",
+            4,
+        ),
+        ("SELECT coalesce(max(ts), 0) FROM messages WHERE src = ? AND dst = ?", 2),
         ("SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", 3),
         ("SELECT src, ts FROM messages WHERE dst = ? AND dst >= '1' AND ts > ? ORDER BY ts, id", 2),
         ("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", 2),

@@ -324,3 +324,32 @@ def test_a_message_marked_twice_in_one_batch_completes_once(backend):
     answers = [backend.run(d) for d in (first, again, last, twice)]
     assert answers[:2] == [[], []], "not complete before its last recipient"
     assert sum(answers, []) == [Completed(A, G, 1)]
+
+
+def test_two_texts_whose_hashes_collide_are_two_messages(sqlite_backend, monkeypatch):
+    """The identity index keys on 64 bits of the text's hash: a different text
+    with the same hash (made here by a constant hash) is still a new message,
+    and a repeat of either one is still recognised."""
+    monkeypatch.setattr(sqlite_store, "body_hash", lambda body: 7)
+    s = sqlite_backend
+    first = s.record_message(A, B, 100, b"one", [B])
+    second = s.record_message(A, B, 100, b"two", [B])
+    assert (first.status, second.status) == (NEW, NEW)
+    assert [i.text for i in s.inbox(B)] == [b"one", b"two"]
+    again = [s.record_message(A, B, 100, text, [B]) for text in (b"two", b"one")]
+    assert [(r.msg_id, r.status) for r in again] == [
+        (second.msg_id, DUPLICATE_PENDING),
+        (first.msg_id, DUPLICATE_PENDING),
+    ]
+    assert len(s.inbox(B)) == 2
+
+
+def test_latest_timestamp_is_per_sender_and_recipient(backend):
+    assert backend.latest_timestamp(A, B) == 0
+    backend.record_message(A, B, 100, b"one", [B])
+    backend.record_message(A, B, 250, b"two", [])
+    backend.record_message(A, C, 900, b"other", [C])
+    backend.record_message(B, A, 999, b"back", [A])
+    assert backend.latest_timestamp(A, B) == 250
+    assert backend.latest_timestamp(B, A) == 999
+    assert backend.latest_timestamp(C, A) == 0

@@ -7,6 +7,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
+from hashlib import blake2b
 from importlib import resources
 from itertools import chain
 
@@ -31,7 +32,7 @@ from .batching import BatchingStore, load_snapshot
 
 #: The schema this code writes. A fresh database is made from ``NNN.sql`` of
 #: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The schema errors are shared with the PostgreSQL store now; the service still imports them from here.
 __all__ = ["SchemaError", "DatabaseTooNew", "UpgradeFailed", "SQLiteStore"]
@@ -82,9 +83,15 @@ def _connection_setup(conn: sqlite3.Connection) -> None:
     )
 
 
+def body_hash(body: bytes) -> int:
+    """The identity index's key for a message's text: 64 bits of BLAKE2b, signed as SQLite's integers are."""
+    return int.from_bytes(blake2b(body, digest_size=8).digest(), "big", signed=True)
+
+
 def connect(path: str) -> sqlite3.Connection:
     """Open ``path`` with the settings every user of the database needs."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.create_function("chatproto_body_hash", 1, body_hash, deterministic=True)
     conn.execute("PRAGMA busy_timeout = 5000")
     if path != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
@@ -302,13 +309,18 @@ def _record_messages(store, cur, items):
     """Record a run of messages: one INSERT for all, per-item work only for resends.
 
     Ids come from the store's counter, so the new rows need no read-back; a
-    row the unique index refuses is a resend, looked up on its own.
+    row the unique index refuses is a resend (or, once in 2**64, a different
+    text with the same hash), looked up on its own.
     """
     first = store._next_msg_id
     store._next_msg_id += len(items)
     cur.executemany(
-        "INSERT OR IGNORE INTO messages (id, src, dst, ts, body, remaining) VALUES (?, ?, ?, ?, ?, ?)",
-        [(first + i, src, dst, ts, text, len(held)) for i, (src, dst, ts, text, held) in enumerate(items)],
+        "INSERT OR IGNORE INTO messages (id, src, dst, ts, body, remaining, body_hash) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (first + i, src, dst, ts, text, len(held), body_hash(text))
+            for i, (src, dst, ts, text, held) in enumerate(items)
+        ],
     )
     all_new = cur.rowcount == len(items)
     results = []
@@ -316,11 +328,9 @@ def _record_messages(store, cur, items):
     for i, (src, dst, ts, text, held) in enumerate(items):
         msg_id = first + i
         if not all_new:
-            known_id, remaining = cur.execute(
-                "SELECT id, remaining FROM messages WHERE src = ? AND dst = ? AND ts = ? AND body = ?",
-                (src, dst, ts, text),
-            ).fetchone()
-            if known_id != msg_id:
+            known = _stored_as(cur, msg_id, src, dst, ts, text, held)
+            if known is not None:
+                known_id, remaining = known
                 status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
                 results.append(Recorded(known_id, status, remaining == 0))
                 continue
@@ -334,6 +344,29 @@ def _record_messages(store, cur, items):
 
 
 _record_messages.bulk = True
+
+
+def _stored_as(cur, msg_id, src, dst, ts, text, held):
+    """(id, remaining) of the stored message this one repeats, or None once it is stored as ``msg_id``.
+
+    The identity index compares hashes: a row with the same hash and another
+    text is a collision, and the message is stored beside it with a NULL hash.
+    """
+    rows = cur.execute(
+        "SELECT id, remaining, body FROM messages WHERE src = ? AND dst = ? AND ts = ? AND "
+        "(body_hash = ? OR body_hash IS NULL)",
+        (src, dst, ts, body_hash(text)),
+    ).fetchall()
+    for known_id, remaining, body in rows:
+        if known_id == msg_id:
+            return None
+        if body == text:
+            return known_id, remaining
+    cur.execute(
+        "INSERT INTO messages (id, src, dst, ts, body, remaining, body_hash) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        (msg_id, src, dst, ts, text, len(held)),
+    )
+    return None
 
 
 def _latest_timestamp(cur, src, dst):

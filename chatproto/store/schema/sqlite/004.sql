@@ -1,0 +1,67 @@
+-- chatproto schema, version 4, whole: a fresh database is made from this file,
+-- an older one is brought here by the upgrade_*.sql files (tests/test_schema.py
+-- checks that both end the same). Ids are 13-digit text, timestamps Unix seconds.
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version) VALUES (4);
+
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT,            -- NULL for an account made with 01
+    created INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE groups (
+    id TEXT PRIMARY KEY,
+    ts INTEGER NOT NULL,         -- the TIMESTAMP of the 10 that made it
+    created INTEGER NOT NULL,
+    low_mark INTEGER NOT NULL    -- every member has read up to here
+) WITHOUT ROWID;
+
+CREATE TABLE members (
+    group_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    read_mark INTEGER NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+) WITHOUT ROWID;
+
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,           -- a user or a group
+    ts INTEGER NOT NULL,
+    body BLOB NOT NULL,          -- UTF-8 text without its NUL padding
+    remaining INTEGER NOT NULL,  -- recipients that have not got it yet
+    body_hash INTEGER            -- 64 bits of BLAKE2b of body; NULL after a collision
+);
+-- A message is identified by (src, dst, ts, body): a resend is refused here,
+-- by a short key. Since version 4 the index holds 64 bits of the body's hash,
+-- not the body: a resend whose hash matches has its body compared in the
+-- code, and a different body with the same hash is stored with a NULL one.
+CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body_hash);
+-- Only group messages are looked up by destination (a group id starts with
+-- 1, a user id with 0); since version 3 a direct message adds no entry here.
+CREATE INDEX messages_by_dst ON messages (dst, ts) WHERE dst >= '1';
+
+-- Everything held for a user until it reaches them: messages (code 6) until
+-- delivered or acknowledged, and 07, 09, 11 until their next login.
+CREATE TABLE inbox (
+    seq INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    msg_id INTEGER,
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    ts INTEGER NOT NULL
+);
+CREATE INDEX inbox_by_user ON inbox (user_id, seq);
+CREATE INDEX inbox_by_message ON inbox (msg_id);
+
+-- Since version 2: when the database was made or upgraded, and the copy
+-- taken before each upgrade, so an operator can find it (chatproto-admin check).
+CREATE TABLE schema_history (
+    version INTEGER NOT NULL,    -- the version reached
+    applied INTEGER NOT NULL,    -- Unix seconds
+    previous INTEGER,            -- the version upgraded from; NULL when made at this version
+    backup TEXT                  -- the copy made before the upgrade, if any
+);
