@@ -425,11 +425,110 @@ class Hub:
 
     # -- messages --------------------------------------------------------
 
+    def send_many(self, session: Session, items: list[tuple]) -> None:
+        """A read's 05s from ``session``, in order: (src, dst, ts, text, 06 frame) each.
+
+        A run of messages to one reader who can take them now is written as
+        one frame block, stored in one operation and confirmed with one
+        block of 07s (``_send_live``); everything else goes one by one. Only
+        for a hub with ``live_direct``: this one never stalls a connection.
+        """
+        at, end = 0, len(items)
+        while at < end:
+            dst = items[at][1]
+            stop = at + 1
+            while stop < end and items[stop][1] == dst:
+                stop += 1
+            at = self._send_live(session, items, at, stop)
+            while at < stop:
+                self.send(session, *items[at])
+                at += 1
+
+    def _send_live(self, session: Session, items: list[tuple], at: int, stop: int) -> int:
+        """Write ``items[at:stop]`` (one sender, one recipient) now if they may
+        go live; where the live ones end, the rest take the held way.
+
+        A message goes live when its recipient is a user reading here (a
+        ready 03 session, not behind) and it cannot repeat a stored message:
+        its TIMESTAMP is past the conversation's latest, which the store has
+        said. It is written at once and stored as delivered (no hold) in the
+        next commit; the 07 follows that commit. A crash before the commit
+        leaves the 06 written and nothing stored: the sender, without a 07,
+        sends it again and the reader's client drops the repeat. A message
+        that might be a repeat, and every later one of the conversation
+        until it is stored and offered, takes the held way.
+        """
+        src, dst = items[at][0], items[at][1]
+        if dst not in self.users:
+            return at
+        conversation = self._conversation(session, src, dst)
+        if not conversation.known or conversation.pending:
+            return at
+        reader = self.sessions.get(dst)
+        if reader is None or reader.flush is not None or reader.congested or reader.secret_session:
+            return at
+        latest = conversation.latest
+        live = at
+        while live < stop:
+            when = int(items[live][2])
+            if when <= latest:
+                break
+            latest = when
+            live += 1
+        if live == at or not reader.emit_many([item[4] for item in items[at:live]]):
+            return at
+        conversation.latest = latest
+        run = items[at:live]
+        self.store.record_delivered(
+            src.decode(),
+            dst.decode(),
+            [(int(ts), text) for _, _, ts, text, _ in run],
+            answer=_Answer(self._delivered_live, (src, dst, run), self._live_failed, (session,)),
+        )
+        return live
+
+    def _conversation(self, session: Session, src: bytes, dst: bytes) -> _Conversation:
+        """The session's state for messages to ``dst``; the first time, the store is asked its latest."""
+        conversations = session.conversations
+        if conversations is None:
+            conversations = session.conversations = {}
+        conversation = conversations.get(dst)
+        if conversation is None:
+            conversation = conversations[dst] = _Conversation()
+            self.store.latest_timestamp(src.decode(), dst.decode()).addCallbacks(
+                self._learned_latest, self._latest_unknown, (conversation,), errbackArgs=(session, dst)
+            )
+        return conversation
+
+    @staticmethod
+    def _learned_latest(latest: int, conversation: _Conversation) -> None:
+        if latest > conversation.latest:
+            conversation.latest = latest
+        conversation.known = True
+
+    def _latest_unknown(self, failure, session: Session, dst: bytes) -> None:
+        """The store could not say: this conversation stays on the held way until a later try."""
+        failure.trap(StoreUnavailable)
+        if session.conversations is not None:
+            session.conversations.pop(dst, None)
+
+    def _delivered_live(self, _, src: bytes, dst: bytes, run: list[tuple]) -> None:
+        """Stored as delivered: the sender gets the run's 07s, in one write if it is reading."""
+        frames = [wire.delivered(dst, ts) for _, _, ts, _, _ in run]
+        sender = self.sessions.get(src)
+        if sender is not None and sender.flush is None and not sender.congested and sender.emit_many(frames):
+            return
+        for frame, (_, _, ts, _, _) in zip(frames, run, strict=True):
+            self._notify(src, frame, HELD_DELIVERED, "", dst.decode(), int(ts))
+
+    def _live_failed(self, failure, session: Session) -> None:
+        """Written but not stored: the sender is told to send again (the reader drops the repeats)."""
+        failure.trap(StoreUnavailable)
+        session.error(wire.SEND, wire.BUSY)
+
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
-        """A 05 from the logged-in ``src``; ``frame`` is the 06 to deliver."""
+        """A 05 from the logged-in ``src`` the held way; ``frame`` is the 06 to deliver."""
         if dst in self.users:
-            if self.live_direct and self._send_live(session, src, dst, ts, text, frame):
-                return
             recipients = [dst]
         else:
             members = self.groups.get(dst)
@@ -446,7 +545,7 @@ class Hub:
                 return
         conversation = None
         if self.live_direct and dst in self.users:
-            conversation = session.conversations[dst]
+            conversation = self._conversation(session, src, dst)
             conversation.pending += 1
             if int(ts) > conversation.latest:
                 conversation.latest = int(ts)
@@ -463,73 +562,6 @@ class Hub:
                 (session, conversation),
             ),
         )
-
-    def _send_live(
-        self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes
-    ) -> bool:
-        """A direct message to a reader that can take it now: written at once,
-        stored as delivered in the next commit, its 07 after that commit.
-
-        Only a message that cannot repeat a stored one goes this way (its
-        TIMESTAMP is past the conversation's latest), so the store's
-        identity check has nothing to refuse; one that might goes the held
-        way, and so does everything until the store has said the
-        conversation's latest. A crash before the commit leaves the 06
-        written and nothing stored: the sender, without a 07, sends it
-        again and the reader's client drops the repeat.
-        """
-        conversations = session.conversations
-        if conversations is None:
-            conversations = session.conversations = {}
-        conversation = conversations.get(dst)
-        if conversation is None:
-            conversation = conversations[dst] = _Conversation()
-            self.store.latest_timestamp(src.decode(), dst.decode()).addCallbacks(
-                self._learned_latest, self._latest_unknown, (conversation,), errbackArgs=(session, dst)
-            )
-            return False
-        when = int(ts)
-        if not conversation.known or conversation.pending or when <= conversation.latest:
-            return False
-        reader = self.sessions.get(dst)
-        if (
-            reader is None
-            or reader.flush is not None
-            or reader.congested
-            or reader.secret_session
-            or not reader.emit(frame)
-        ):
-            return False
-        conversation.latest = when
-        self.store.record_message(
-            src.decode(),
-            dst.decode(),
-            when,
-            text,
-            [],
-            answer=_Answer(self._delivered_live, (src, dst, ts), self._busy, (session, wire.SEND)),
-        )
-        return True
-
-    @staticmethod
-    def _learned_latest(latest: int, conversation: _Conversation) -> None:
-        if latest > conversation.latest:
-            conversation.latest = latest
-        conversation.known = True
-
-    def _latest_unknown(self, failure, session: Session, dst: bytes) -> None:
-        """The store could not say: this conversation stays on the held way until a later try."""
-        failure.trap(StoreUnavailable)
-        if session.conversations is not None:
-            session.conversations.pop(dst, None)
-
-    def _delivered_live(self, recorded, src: bytes, dst: bytes, ts: bytes) -> None:
-        if recorded.status == DUPLICATE_PENDING:
-            # Stored before and still held for the reader, who has it now.
-            answer = _Answer(self._completed, (), self._kept, ())
-            self.store.mark_reached(recorded.msg_id, [dst.decode()], answer=answer)
-            return
-        self._notify(src, wire.delivered(dst, ts), HELD_DELIVERED, "", dst.decode(), int(ts))
 
     def _not_recorded(self, failure, session: Session, conversation: _Conversation | None) -> None:
         if conversation is not None:

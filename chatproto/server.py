@@ -87,6 +87,8 @@ class ChatProtocol(Protocol):
         self.congested = False
         self.flush = None
         self.conversations = None
+        #: The 05s of the frames being read, for the hub in one call.
+        self._sends: list[tuple] = []
         #: Frames waiting for the hub's cork to be taken out (see _write).
         self._unwritten: list[bytes] | None = None
         self._buffer = b""
@@ -307,6 +309,8 @@ class ChatProtocol(Protocol):
             )
             self._refilled = now
         received = self._received
+        sends = self._sends
+        send = wire.SEND
         for at, frame in enumerate(frames):
             code = frame[:2]
             received[code] += 1
@@ -317,6 +321,9 @@ class ChatProtocol(Protocol):
                     self._write(wire.error(code, wire.RATE_LIMITED))
                     continue
                 self._tokens -= 1
+            if code != send and sends:
+                # The 05s before this frame are handled before it.
+                self._send_collected()
             handlers[code](self, frame)
             if self._closing:
                 return
@@ -324,6 +331,8 @@ class ChatProtocol(Protocol):
                 # The rest waits, unframed again, for the stall to end.
                 self._buffer = b"".join(frames[at + 1 :]) + self._buffer
                 return
+        if sends:
+            self._send_collected()
         if self._refused_frames and self.clock.seconds() - self._limit_logged >= 1:
             # One line a second at most: a flood must not become a log flood.
             self.log.info(
@@ -408,7 +417,17 @@ class ChatProtocol(Protocol):
             return self.error(wire.SEND, wire.NOT_ONLINE)
         if src != self.user:
             return self.error(wire.SEND, wire.WRONG_SRC)
-        self.hub.send(self, src, dst, ts, text, wire.MESSAGE + frame[2:])
+        if self.hub.live_direct:
+            # Collected, to go to the hub with the read's other 05s (send_many).
+            self._sends.append((src, dst, ts, text, wire.MESSAGE + frame[2:]))
+        else:
+            # A cluster's hub may stall the connection on this one (an id to look up).
+            self.hub.send(self, src, dst, ts, text, wire.MESSAGE + frame[2:])
+
+    def _send_collected(self) -> None:
+        sends = self._sends
+        self.hub.send_many(self, sends[:])
+        sends.clear()
 
     def _seen(self, frame):
         peer, ts = frame[2:15], frame[15:25]

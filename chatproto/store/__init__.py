@@ -185,6 +185,14 @@ class IChatStore(Interface):
         crash is still held after it.
         """
 
+    def record_delivered(src, dst, stamped, answer=None):
+        """Deferred[None]: messages from src already written to dst (a list of (ts, text)).
+
+        Each is stored as delivered, with no hold; one that repeats a stored
+        message changes nothing but ends the hold it still had for dst. The
+        caller owes the 07s. ``answer`` as for record_message.
+        """
+
     def latest_timestamp(src, dst):
         """Deferred[int]: the highest TIMESTAMP stored for a message from src to dst, 0 if none."""
 

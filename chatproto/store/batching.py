@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from . import Snapshot, StoreUnavailable
+from . import DUPLICATE_PENDING, Snapshot, StoreUnavailable
 
 #: Operations per transaction at most: enough to amortize a commit, few
 #: enough that one batch's deliveries to one reader stay well under the
@@ -46,6 +46,26 @@ def load_snapshot(cur):
             read_marks[group_id][user_id] = mark
     held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id"))
     return Snapshot(users, groups, read_marks, low_marks, held)
+
+
+def record_delivered(store, cur, runs):
+    """Messages already written to their reader (the hub's live path): stored
+    with no hold. One that repeats a stored message adds nothing, and a hold
+    it still had for its reader ends here, the reader having it now."""
+    ops = store.ops
+    items = [(src, dst, ts, text, ()) for src, dst, stamped in runs for ts, text in stamped]
+    recorded = ops._record_messages(store, cur, items)
+    held = [
+        (r.msg_id, [item[1]])
+        for r, item in zip(recorded, items, strict=True)
+        if r.status == DUPLICATE_PENDING
+    ]
+    if held:
+        ops._mark_reached(store, cur, held)
+    return [None] * len(runs)
+
+
+record_delivered.bulk = True
 
 
 class BatchingStore:
@@ -174,6 +194,9 @@ class BatchingStore:
 
     def record_message(self, src, dst, ts, text, recipients, answer=None):
         return self._submit(self.ops._record_messages, src, dst, ts, text, recipients, answer=answer)
+
+    def record_delivered(self, src, dst, stamped, answer=None):
+        return self._submit(record_delivered, src, dst, stamped, answer=answer)
 
     def latest_timestamp(self, src, dst):
         return self._submit(self.ops._latest_timestamp, src, dst)

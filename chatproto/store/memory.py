@@ -43,6 +43,8 @@ class MemoryStore:
         self.low_marks: dict[str, int] = {}
         self.messages: dict[int, _Message] = {}
         self._by_key: dict[tuple, _Message] = {}
+        #: (src, dst) → the highest TIMESTAMP stored.
+        self._latest: dict[tuple[str, str], int] = {}
         self._inboxes: dict[str, dict[int, InboxItem]] = {}
         self._ids = count(1)
         self.closed = False
@@ -89,6 +91,8 @@ class MemoryStore:
             status = DUPLICATE_DELIVERED if known.remaining == 0 else DUPLICATE_PENDING
             return Recorded(known.id, status, known.remaining == 0)
         msg = _Message(next(self._ids), src, dst, ts, text, len(recipients))
+        if ts > self._latest.get((src, dst), 0):
+            self._latest[(src, dst)] = ts
         self.messages[msg.id] = msg
         self._by_key[key] = msg
         for user_id in recipients:
@@ -108,10 +112,15 @@ class MemoryStore:
                     done.append(Completed(msg.src, msg.dst, msg.ts))
         return done
 
+    def record_delivered(self, src, dst, stamped, answer=None):
+        for ts, text in stamped:
+            recorded = self._record(src, dst, ts, text, ())
+            if recorded.status == DUPLICATE_PENDING:
+                self._deliver(dst, [recorded.msg_id])
+        return _answered(None, answer)
+
     def latest_timestamp(self, src, dst):
-        return succeed(
-            max((m.ts for m in self.messages.values() if m.src == src and m.dst == dst), default=0)
-        )
+        return succeed(self._latest.get((src, dst), 0))
 
     def mark_delivered(self, user_id, msg_ids):
         return succeed(self._deliver(user_id, msg_ids))
