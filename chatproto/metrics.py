@@ -153,7 +153,7 @@ class ChatCollector:
         )
         yield GaugeMetricFamily(
             "chatproto_store_queue_operations",
-            "Store operations submitted and not yet committed.",
+            "Store operations submitted and not yet committed (a run of messages counts one per message).",
             value=self.store.backlog,
         )
         if self.queued is not None:

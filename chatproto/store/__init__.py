@@ -160,7 +160,10 @@ class Reconnected(NamedTuple):
 
 
 class IChatStore(Interface):
-    backlog = Attribute("int: operations submitted and not yet committed, for backpressure.")
+    backlog = Attribute(
+        "int: work submitted and not yet committed (an operation counts one, a run of messages "
+        "one per message), for backpressure."
+    )
 
     def load():
         """Deferred[Snapshot]: users (id → secret hash or None), groups and read marks."""

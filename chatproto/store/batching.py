@@ -18,9 +18,10 @@ from twisted.python.threadpool import ThreadPool
 
 from . import DUPLICATE_PENDING, Snapshot, StoreUnavailable
 
-#: Operations per transaction at most: enough to amortize a commit, few
-#: enough that one batch's deliveries to one reader stay well under the
-#: server's congestion threshold, and that latency stays in milliseconds.
+#: Work per transaction at most (an operation counts one, a run of messages
+#: one per message): enough to amortize a commit, few enough that one batch's
+#: deliveries to one reader stay well under the server's congestion
+#: threshold, and that latency stays in milliseconds.
 MAX_BATCH = 2000
 
 
@@ -89,6 +90,8 @@ class BatchingStore:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=thread_name)
         self._pool.start()
         self._queue: list[tuple] = []
+        #: The queue's work, counted as MAX_BATCH counts it.
+        self._queued = 0
         self._busy = False
         self._scheduled = False
         self._closing: Deferred | None = None
@@ -110,11 +113,13 @@ class BatchingStore:
         """One operation; a subclass catches the errors that fail it alone."""
         return True, fn(cur, *args)
 
-    def _submit(self, fn, *args, answer=None) -> Deferred | None:
+    def _submit(self, fn, *args, answer=None, weight=1) -> Deferred | None:
         """Queue an operation; its result goes to ``answer`` if given (anything
-        with ``callback`` and ``errback``), else to the Deferred returned."""
+        with ``callback`` and ``errback``), else to the Deferred returned.
+        ``weight``: the messages it carries, for the batch's size and the backlog."""
         d = Deferred() if answer is None else answer
-        self._queue.append((fn, args, d))
+        self._queue.append((fn, args, d, weight))
+        self._queued += weight
         if not self._busy and not self._scheduled:
             self._scheduled = True
             self._reactor.callLater(0, self._run)
@@ -124,7 +129,13 @@ class BatchingStore:
         self._scheduled = False
         if self._busy or not self._queue:
             return
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        queue = self._queue
+        taken = cut = 0
+        while cut < len(queue) and (cut == 0 or taken + queue[cut][3] <= MAX_BATCH):
+            taken += queue[cut][3]
+            cut += 1
+        batch, self._queue = queue[:cut], queue[cut:]
+        self._queued -= taken
         self._busy = True
         d = deferToThreadPool(self._reactor, self._pool, self._transaction, batch)
         d.addBoth(self._finished, batch)
@@ -134,7 +145,7 @@ class BatchingStore:
         results = []
         at, end = 0, len(batch)
         while at < end:
-            fn, args, _ = batch[at]
+            fn, args, _, _ = batch[at]
             if getattr(fn, "bulk", False):
                 stop = at + 1
                 while stop < end and batch[stop][0] is fn:
@@ -153,7 +164,7 @@ class BatchingStore:
                 self.log.warn("store unavailable: {error}", error=outcome.value)
             else:
                 self.log.failure("store transaction failed", outcome)
-            for _, _, d in batch:
+            for _, _, d, _ in batch:
                 d.errback(outcome)
         else:
             results, seconds = outcome
@@ -163,12 +174,12 @@ class BatchingStore:
             if self.on_commit is not None:
                 self.on_commit(len(batch), seconds)
             with self.answering:
-                for (ok, value), (_, _, d) in zip(results, batch, strict=True):
+                for (ok, value), (_, _, d, _) in zip(results, batch, strict=True):
                     if ok:
                         d.callback(value)
                     else:
                         d.errback(value)
-        if self._waiting and len(self._queue) <= MAX_BATCH:
+        if self._waiting and self._queued <= MAX_BATCH:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.callback(None)
@@ -196,7 +207,7 @@ class BatchingStore:
         return self._submit(self.ops._record_messages, src, dst, ts, text, recipients, answer=answer)
 
     def record_delivered(self, src, dst, stamped, answer=None):
-        return self._submit(record_delivered, src, dst, stamped, answer=answer)
+        return self._submit(self.ops._record_delivered, src, dst, stamped, answer=answer, weight=len(stamped))
 
     def latest_timestamp(self, src, dst):
         return self._submit(self.ops._latest_timestamp, src, dst)
@@ -230,14 +241,14 @@ class BatchingStore:
 
     @property
     def backlog(self):
-        return len(self._queue)
+        return self._queued
 
     def barrier(self):
         return self._submit(nothing)
 
     def caught_up(self):
         d = Deferred()
-        if len(self._queue) <= MAX_BATCH:
+        if self._queued <= MAX_BATCH:
             d.callback(None)
         else:
             self._waiting.append(d)
