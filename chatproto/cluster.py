@@ -228,7 +228,7 @@ class ClusterHub(Hub):
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         self._resolve(session, [dst], wire.SEND, lambda: Hub.send(self, session, src, dst, ts, text, frame))
 
-    def _recorded(self, recorded, src, dst, ts, frame, recipients) -> None:
+    def _recorded(self, recorded, src, dst, ts, frame, recipients, conversation=None) -> None:
         """Committed, with a hold per recipient (and the 07, if already due): the listener brings them."""
 
     def _completed(self, completed) -> None:

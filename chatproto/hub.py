@@ -111,22 +111,31 @@ def _new_id(first: bytes, taken) -> bytes:
 
 
 class _Conversation:
-    """What the hub knows of one sender's messages to one user, for the live path.
+    """What the hub knows of one session's messages to one user, for the live path.
 
     ``latest`` is at least the TIMESTAMP of every stored or submitted
     message of the pair, so a 05 past it cannot repeat a stored message
     (the contract's clients raise their TIMESTAMP per conversation).
     ``known`` turns true once the store has said its own latest.
-    ``pending`` counts messages on the held path not yet offered: a live
-    message must not overtake them.
+    ``pending`` counts messages on the held way not yet offered: a live
+    message must not overtake them, so while the store has not answered
+    one or the other, messages a reader could take now wait in
+    ``waiting`` (not written, not stored: a sender that goes meanwhile
+    sends them again), in order.
     """
 
-    __slots__ = ("latest", "known", "pending")
+    __slots__ = ("session", "latest", "known", "pending", "waiting")
 
-    def __init__(self):
+    def __init__(self, session):
+        self.session = session
         self.latest = 0
         self.known = False
         self.pending = 0
+        self.waiting: list[tuple] | None = None
+
+
+#: A latest no TIMESTAMP is past: the conversation takes the held way.
+_NEVER = 1 << 62
 
 
 class Cork:
@@ -201,6 +210,8 @@ class Hub:
         self.read_marks: dict[bytes, dict[bytes, int]] = {}
         self.low_marks: dict[bytes, int] = {}
         self.sessions: dict[bytes, Session] = {}
+        #: Messages waiting in conversations for the store's answer (``_Conversation``).
+        self.waiting = 0
 
     def load(self, snapshot: Snapshot) -> None:
         self.users = {u.encode(): h for u, h in snapshot.users.items()}
@@ -428,48 +439,77 @@ class Hub:
     def send_many(self, session: Session, items: list[tuple]) -> None:
         """A read's 05s from ``session``, in order: (src, dst, ts, text, 06 frame) each.
 
-        A run of messages to one reader who can take them now is written as
-        one frame block, stored in one operation and confirmed with one
-        block of 07s (``_send_live``); everything else goes one by one. Only
-        for a hub with ``live_direct``: this one never stalls a connection.
+        A run of messages to one user goes through its conversation
+        (``_converse``): to a reader who can take it now, it is one write of
+        06s, one store operation and one write of 07s. A group message goes
+        the held way. Only for a hub with ``live_direct``: this one never
+        stalls a connection.
         """
+        users = self.users
         at, end = 0, len(items)
         while at < end:
             dst = items[at][1]
             stop = at + 1
             while stop < end and items[stop][1] == dst:
                 stop += 1
-            at = self._send_live(session, items, at, stop)
-            while at < stop:
-                self.send(session, *items[at])
-                at += 1
+            if dst in users:
+                self._converse(self._conversation(session, items[at][0], dst), items[at:stop])
+            else:
+                for item in items[at:stop]:
+                    self.send(session, *item)
+            at = stop
 
-    def _send_live(self, session: Session, items: list[tuple], at: int, stop: int) -> int:
-        """Write ``items[at:stop]`` (one sender, one recipient) now if they may
-        go live; where the live ones end, the rest take the held way.
+    @property
+    def backlog(self) -> int:
+        """Messages read and not yet committed: the store's backlog and what waits for it."""
+        return self.store.backlog + self.waiting
 
-        A message goes live when its recipient is a user reading here (a
-        ready 03 session, not behind) and it cannot repeat a stored message:
-        its TIMESTAMP is past the conversation's latest, which the store has
-        said. It is written at once and stored as delivered (no hold) in the
-        next commit; the 07 follows that commit. A crash before the commit
-        leaves the 06 written and nothing stored: the sender, without a 07,
-        sends it again and the reader's client drops the repeat. A message
-        that might be a repeat, and every later one of the conversation
-        until it is stored and offered, takes the held way.
-        """
-        src, dst = items[at][0], items[at][1]
-        if dst not in self.users:
-            return at
-        conversation = self._conversation(session, src, dst)
-        if not conversation.known or conversation.pending:
-            return at
-        reader = self.sessions.get(dst)
+    def _reader(self, user: bytes) -> Session | None:
+        """``user``'s session if a message written to it now has reached them
+        (a ready 03 session, not behind); else None."""
+        reader = self.sessions.get(user)
         if reader is None or reader.flush is not None or reader.congested or reader.secret_session:
-            return at
+            return None
+        return reader
+
+    def _converse(self, conversation: _Conversation, items: list[tuple]) -> None:
+        """Send ``items`` (one sender, one user) in order: live where they can go live.
+
+        A message goes live when its reader can take it now and it cannot
+        repeat a stored message (its TIMESTAMP is past the conversation's
+        latest): it is written at once and stored as delivered, with no hold,
+        in the next commit; the 07 follows that commit. A crash before the
+        commit leaves the 06 written and nothing stored: the sender, without
+        a 07, sends it again and the reader's client drops the repeat. Any
+        other message takes the held way; while one is in flight, or the
+        store has not said the conversation's latest, the messages behind
+        it wait (``_Conversation``).
+        """
+        session = conversation.session
+        at, end = 0, len(items)
+        while at < end:
+            if conversation.waiting is not None:
+                conversation.waiting.extend(items[at:])
+                self.waiting += end - at
+                return
+            reader = self._reader(items[at][1])
+            if reader is not None:
+                if not conversation.known or conversation.pending:
+                    conversation.waiting = items[at:]
+                    self.waiting += end - at
+                    return
+                at = self._send_live(conversation, reader, items, at)
+                if at == end:
+                    return
+            self.send(session, *items[at])
+            at += 1
+
+    def _send_live(self, conversation: _Conversation, reader: Session, items: list[tuple], at: int) -> int:
+        """Write the messages from ``items[at]`` on that cannot be repeats, and
+        store them as delivered; where they end."""
         latest = conversation.latest
-        live = at
-        while live < stop:
+        live, end = at, len(items)
+        while live < end:
             when = int(items[live][2])
             if when <= latest:
                 break
@@ -479,13 +519,21 @@ class Hub:
             return at
         conversation.latest = latest
         run = items[at:live]
+        src, dst = run[0][0], run[0][1]
         self.store.record_delivered(
             src.decode(),
             dst.decode(),
             [(int(ts), text) for _, _, ts, text, _ in run],
-            answer=_Answer(self._delivered_live, (src, dst, run), self._live_failed, (session,)),
+            answer=_Answer(self._delivered_live, (src, dst, run), self._live_failed, (conversation.session,)),
         )
         return live
+
+    def _resume(self, conversation: _Conversation) -> None:
+        """The store answered: the messages that waited go on, in order."""
+        if conversation.waiting is not None and conversation.known and not conversation.pending:
+            waiting, conversation.waiting = conversation.waiting, None
+            self.waiting -= len(waiting)
+            self._converse(conversation, waiting)
 
     def _conversation(self, session: Session, src: bytes, dst: bytes) -> _Conversation:
         """The session's state for messages to ``dst``; the first time, the store is asked its latest."""
@@ -494,23 +542,24 @@ class Hub:
             conversations = session.conversations = {}
         conversation = conversations.get(dst)
         if conversation is None:
-            conversation = conversations[dst] = _Conversation()
+            conversation = conversations[dst] = _Conversation(session)
             self.store.latest_timestamp(src.decode(), dst.decode()).addCallbacks(
-                self._learned_latest, self._latest_unknown, (conversation,), errbackArgs=(session, dst)
+                self._learned_latest, self._latest_unknown, (conversation,), errbackArgs=(conversation,)
             )
         return conversation
 
-    @staticmethod
-    def _learned_latest(latest: int, conversation: _Conversation) -> None:
+    def _learned_latest(self, latest: int, conversation: _Conversation) -> None:
         if latest > conversation.latest:
             conversation.latest = latest
         conversation.known = True
+        self._resume(conversation)
 
-    def _latest_unknown(self, failure, session: Session, dst: bytes) -> None:
-        """The store could not say: this conversation stays on the held way until a later try."""
+    def _latest_unknown(self, failure, conversation: _Conversation) -> None:
+        """The store could not say: the conversation takes the held way from now on."""
         failure.trap(StoreUnavailable)
-        if session.conversations is not None:
-            session.conversations.pop(dst, None)
+        conversation.latest = _NEVER
+        conversation.known = True
+        self._resume(conversation)
 
     def _delivered_live(self, _, src: bytes, dst: bytes, run: list[tuple]) -> None:
         """Stored as delivered: the sender gets the run's 07s, in one write if it is reading."""
@@ -564,9 +613,12 @@ class Hub:
         )
 
     def _not_recorded(self, failure, session: Session, conversation: _Conversation | None) -> None:
-        if conversation is not None:
-            conversation.pending -= 1
-        self._busy(failure, session, wire.SEND)
+        try:
+            self._busy(failure, session, wire.SEND)
+        finally:
+            if conversation is not None:
+                conversation.pending -= 1
+                self._resume(conversation)
 
     def _within_cap(self, session: Session, dst: bytes, recipients: list[bytes]) -> list[bytes]:
         """Count what waits for offline recipients; refuse what would pass the cap.
@@ -591,8 +643,14 @@ class Hub:
 
     def _recorded(self, recorded, src, dst, ts, frame, recipients, conversation=None) -> None:
         """Committed: offer it to each recipient; each hold ends once it is written."""
-        if conversation is not None:
-            conversation.pending -= 1
+        try:
+            self._offer_recorded(recorded, src, dst, ts, frame, recipients)
+        finally:
+            if conversation is not None:
+                conversation.pending -= 1
+                self._resume(conversation)
+
+    def _offer_recorded(self, recorded, src, dst, ts, frame, recipients) -> None:
         if recorded.status == DUPLICATE_PENDING:
             return
         if recorded.complete:

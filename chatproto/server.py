@@ -340,7 +340,7 @@ class ChatProtocol(Protocol):
             )
             self._refused_frames = 0
             self._limit_logged = self.clock.seconds()
-        if self.hub.store.backlog > _STORE_BACKLOG and not self._throttled:
+        if self.hub.backlog > _STORE_BACKLOG and not self._throttled:
             # The store is behind: stop reading from this client until it
             # catches up, rather than queue its frames without bound.
             self._throttled = True

@@ -192,9 +192,9 @@ def test_the_endpoint_moves_with_two_clients_chatting(server):  # noqa: F811 - t
     assert moved("chatproto_errors_total", reason="malformed") == 1
     assert moved("chatproto_errors_total", reason="unknown_user") == 0
     assert value(after, "chatproto_connections_open") == 1
-    # Each message is recorded, then its delivery marked: at least one
-    # operation each, committed in however many transactions.
-    assert moved("chatproto_store_batch_operations_sum") >= 2 * (n_ab + n_ba)
+    # Each direction's messages are recorded (a read's run to an online
+    # reader in one operation), in however many transactions.
+    assert moved("chatproto_store_batch_operations_sum") >= 2
     assert moved("chatproto_store_transaction_seconds_count") >= 1
     assert value(after, "chatproto_messages_queued") == 0
     assert value(after, "process_resident_memory_bytes") > 0
