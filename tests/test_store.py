@@ -327,7 +327,7 @@ def test_a_message_marked_twice_in_one_batch_completes_once(backend):
 
 
 def test_two_texts_whose_hashes_collide_are_two_messages(sqlite_backend, monkeypatch):
-    """The identity index keys on 64 bits of the text's hash: a different text
+    """The identity index keys on the text's CRC-32: a different text
     with the same hash (made here by a constant hash) is still a new message,
     and a repeat of either one is still recognised."""
     monkeypatch.setattr(sqlite_store, "body_hash", lambda body: 7)

@@ -7,9 +7,9 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from hashlib import blake2b
 from importlib import resources
 from itertools import chain
+from zlib import crc32
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -84,8 +84,13 @@ def _connection_setup(conn: sqlite3.Connection) -> None:
 
 
 def body_hash(body: bytes) -> int:
-    """The identity index's key for a message's text: 64 bits of BLAKE2b, signed as SQLite's integers are."""
-    return int.from_bytes(blake2b(body, digest_size=8).digest(), "big", signed=True)
+    """The identity index's key for a message's text: its CRC-32.
+
+    Only messages with the same sender, destination and TIMESTAMP are told
+    apart by it, and a collision is settled by comparing the texts
+    (``_stored_as``), so a short, fast hash is enough.
+    """
+    return crc32(body)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -309,8 +314,8 @@ def _record_messages(store, cur, items):
     """Record a run of messages: one INSERT for all, per-item work only for resends.
 
     Ids come from the store's counter, so the new rows need no read-back; a
-    row the unique index refuses is a resend (or, once in 2**64, a different
-    text with the same hash), looked up on its own.
+    row the unique index refuses is a resend (or, rarely, a different text
+    with the same hash), looked up on its own.
     """
     first = store._next_msg_id
     store._next_msg_id += len(items)

@@ -32,11 +32,11 @@ CREATE TABLE messages (
     ts INTEGER NOT NULL,
     body BLOB NOT NULL,          -- UTF-8 text without its NUL padding
     remaining INTEGER NOT NULL,  -- recipients that have not got it yet
-    body_hash INTEGER            -- 64 bits of BLAKE2b of body; NULL after a collision
+    body_hash INTEGER            -- CRC-32 of body; NULL after a collision
 );
 -- A message is identified by (src, dst, ts, body): a resend is refused here,
--- by a short key. Since version 4 the index holds 64 bits of the body's hash,
--- not the body: a resend whose hash matches has its body compared in the
+-- by a short key. Since version 4 the index holds the body's CRC-32, not
+-- the body: a resend whose hash matches has its body compared in the
 -- code, and a different body with the same hash is stored with a NULL one.
 CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body_hash);
 -- Only group messages are looked up by destination (a group id starts with

@@ -1,5 +1,5 @@
--- From version 3 to 4: the identity index keys on 64 bits of the body's
--- hash instead of the body (a quarter of the size; inserts got cheaper).
+-- From version 3 to 4: the identity index keys on the body's CRC-32
+-- instead of the body (a quarter of the size; inserts got cheaper).
 -- chatproto_body_hash is the code's own function, registered on every
 -- connection the server opens. Run inside the upgrade's transaction;
 -- schema_version is set by the code.
