@@ -409,6 +409,8 @@ class Hub:
             self.log.info("{user} offline", user=user.decode())
         session.user = None
         session.ready = False
+        # What its conversations know is the old user's: a new login asks again.
+        session.conversations = None
 
     def _abandon(self, session: Session) -> None:
         """Hold the notices a session was waiting to be sent: they must not be lost."""
@@ -466,9 +468,15 @@ class Hub:
 
     def _reader(self, user: bytes) -> Session | None:
         """``user``'s session if a message written to it now has reached them
-        (a ready 03 session, not behind); else None."""
+        (a ready 03 session whose transport is taking what it is given); else None."""
         reader = self.sessions.get(user)
-        if reader is None or reader.flush is not None or reader.congested or reader.secret_session:
+        if (
+            reader is None
+            or reader.flush is not None
+            or reader.paused
+            or reader.congested
+            or reader.secret_session
+        ):
             return None
         return reader
 

@@ -317,8 +317,7 @@ class ChatProtocol(Protocol):
             if limited:
                 if self._tokens < 1:
                     self._refused_frames += 1
-                    self.stats.error(wire.RATE_LIMITED)
-                    self._write(wire.error(code, wire.RATE_LIMITED))
+                    self.error(code, wire.RATE_LIMITED, logged=False)
                     continue
                 self._tokens -= 1
             if code != send and sends:
@@ -353,6 +352,11 @@ class ChatProtocol(Protocol):
             self._refuse(wire.CREATE_GROUP, wire.MALFORMED)
 
     def _unthrottle(self, _):
+        if self.hub.backlog > _STORE_BACKLOG:
+            # Messages waiting in conversations (hub.waiting) go on as the
+            # store answers: wait for its next commit, and look again.
+            self.hub.store.barrier().addCallback(self._unthrottle)
+            return
         self._throttled = False
         if not self._closing and not self._refused:
             self.transport.resumeProducing()
@@ -371,13 +375,17 @@ class ChatProtocol(Protocol):
         # when it fires.
         self.hub.store.barrier().addCallback(lambda _: self.close_with(wire.error(ref, reason)))
 
-    def error(self, ref: bytes, reason: bytes) -> None:
-        self.log.info(
-            "error {reason} for a {ref} from {user}",
-            reason=reason.decode(),
-            ref=ref.decode("latin-1"),
-            user=self._who(),
-        )
+    def error(self, ref: bytes, reason: bytes, logged: bool = True) -> None:
+        if logged:
+            self.log.info(
+                "error {reason} for a {ref} from {user}",
+                reason=reason.decode(),
+                ref=ref.decode("latin-1"),
+                user=self._who(),
+            )
+        if self._sends:
+            # The 05s read before the refused frame are answered before it.
+            self._send_collected()
         self.stats.error(reason)
         self._write(wire.error(ref, reason))
 
@@ -425,9 +433,9 @@ class ChatProtocol(Protocol):
             self.hub.send(self, src, dst, ts, text, wire.MESSAGE + frame[2:])
 
     def _send_collected(self) -> None:
-        sends = self._sends
-        self.hub.send_many(self, sends[:])
-        sends.clear()
+        sends = self._sends[:]
+        self._sends.clear()
+        self.hub.send_many(self, sends)
 
     def _seen(self, frame):
         peer, ts = frame[2:15], frame[15:25]

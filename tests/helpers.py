@@ -141,6 +141,13 @@ class RecordingStore:
         self.inner = store
         self.deferreds: list = []
 
+    def __setattr__(self, name, value):
+        if name == "answering":
+            # The hub's cork goes to the store that runs the answers, as in the server.
+            setattr(self.inner, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __getattr__(self, name):
         attr = getattr(self.inner, name)
         if not callable(attr):
@@ -312,13 +319,25 @@ class Net:
             f(*args, **kwargs)
 
 
+class WritesTransport(StringTransport):
+    """A StringTransport that also keeps each ``write`` call's bytes, in ``writes``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
 class Conn:
-    """One client connection on a StringTransport."""
+    """One client connection on a StringTransport (one that counts its writes)."""
 
     def __init__(self, net: Net):
         self.net = net
         port = next(net._ports)
-        self.transport = StringTransport(
+        self.transport = WritesTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 7000),
             peerAddress=IPv4Address("TCP", "127.0.0.1", port),
         )

@@ -344,12 +344,44 @@ def test_two_texts_whose_hashes_collide_are_two_messages(sqlite_backend, monkeyp
     assert len(s.inbox(B)) == 2
 
 
-def test_latest_timestamp_is_per_sender_and_recipient(backend):
-    assert backend.latest_timestamp(A, B) == 0
-    backend.record_message(A, B, 100, b"one", [B])
-    backend.record_message(A, B, 250, b"two", [])
-    backend.record_message(A, C, 900, b"other", [C])
-    backend.record_message(B, A, 999, b"back", [A])
-    assert backend.latest_timestamp(A, B) == 250
-    assert backend.latest_timestamp(B, A) == 999
+def test_latest_timestamp_is_the_highest_of_that_pair_alone(backend):
+    """What the live path trusts: a 05 past this cannot repeat a stored message of the pair."""
+    assert backend.latest_timestamp(A, B) == 0, "nothing stored yet"
+    backend.record_message(A, B, 200, b"held", [B])
+    backend.record_message(A, B, 300, b"stored as delivered", [])
+    backend.record_message(A, B, 100, b"an older one, sent late", [B])
+    backend.record_message(A, B, 300, b"same second, other text", [B])
+    backend.record_message(B, A, 900, b"the other way", [A])
+    backend.record_message(A, C, 500, b"to someone else", [C])
+    backend.record_message(C, B, 700, b"from someone else", [B])
+    backend.record_message(A, G, 800, b"to a group", [B, C])
+    assert backend.latest_timestamp(A, B) == 300
+    assert backend.latest_timestamp(B, A) == 900
+    assert backend.latest_timestamp(A, C) == 500
+    assert backend.latest_timestamp(C, B) == 700
+    assert backend.latest_timestamp(A, G) == 800
     assert backend.latest_timestamp(C, A) == 0
+    assert backend.latest_timestamp(B, C) == 0
+
+
+def test_latest_timestamp_counts_delivered_messages_and_a_resend_changes_nothing(backend):
+    m = backend.record_message(A, B, 400, b"hi", [B]).msg_id
+    backend.mark_delivered(B, [m])
+    assert backend.latest_timestamp(A, B) == 400, "a delivered message is still stored"
+    backend.record_message(A, B, 400, b"hi", [B])
+    assert backend.latest_timestamp(A, B) == 400
+
+
+def test_latest_timestamp_answers_in_order_with_what_was_submitted_before_it(backend):
+    """Asked in the same commit as a message, it sees the message submitted before it."""
+    recorded = backend.store.record_message(A, B, 600, b"just before", [B])
+    latest = backend.store.latest_timestamp(A, B)
+    assert backend.run(latest) == 600
+    assert backend.run(recorded).status == NEW
+
+
+def test_latest_timestamp_survives_a_restart(sql_backend):
+    sql_backend.record_message(A, B, 1700000000, b"before the restart", [])
+    sql_backend.reopen()
+    assert sql_backend.latest_timestamp(A, B) == 1700000000
+    assert sql_backend.latest_timestamp(B, A) == 0
