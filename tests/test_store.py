@@ -7,7 +7,10 @@ answers back to the test, so no real reactor and no sleeping is needed.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import sys
+import threading
 
 import pytest
 from zope.interface.verify import verifyObject
@@ -385,3 +388,14 @@ def test_latest_timestamp_survives_a_restart(sql_backend):
     sql_backend.reopen()
     assert sql_backend.latest_timestamp(A, B) == 1700000000
     assert sql_backend.latest_timestamp(B, A) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_the_database_thread_gives_way_to_the_reactor(sqlite_backend):
+    """On a shared core the reactor, woken by a read, must not wait behind a commit."""
+    store = sqlite_backend.store
+
+    def priority(cur):
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert sqlite_backend.run(store._submit(priority)) == 10
