@@ -583,13 +583,15 @@ def _write_now(transport, data: bytes) -> None:
     buffered it sends at once and leaves only what the socket did not take
     to the transport.
     """
+    # The attributes are FileDescriptor's; should a Twisted rename one, the
+    # defaults turn this path off rather than break the server.
     if (
         type(transport) is tcp.Server
         and transport.connected
         and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport.dataBuffer
-        and not transport._tempDataLen
+        and not getattr(transport, "_writeDisconnecting", True)
+        and not getattr(transport, "dataBuffer", True)
+        and not getattr(transport, "_tempDataLen", True)
     ):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:

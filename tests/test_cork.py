@@ -179,3 +179,45 @@ def test_a_frame_written_outside_any_read_or_commit_goes_out_at_once():
     user = parse_server(transport.value())[0][2:15]
     proto.dataReceived(b"03" + user)
     assert [parse_server(data) for data in transport.writes] == [[b"04" + user]]
+
+
+class _NoReactor:
+    """Enough of a reactor for a tcp.Server that is never run."""
+
+    def addReader(self, reader):
+        pass
+
+    def removeReader(self, reader):
+        pass
+
+    def addWriter(self, writer):
+        self.writing = True
+
+    def removeWriter(self, writer):
+        pass
+
+
+def test_with_nothing_buffered_a_tcp_write_reaches_the_socket_without_a_reactor_turn():
+    """_write_now's fast path is taken with this Twisted (it reads private
+    attributes of its transport; were one renamed, this fails instead of the
+    server silently going back to a reactor turn per write)."""
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+
+    from chatproto.server import _write_now
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    reactor = _NoReactor()
+    transport = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)
+    try:
+        _write_now(transport, b"04" + b"1" * 13)
+        theirs.settimeout(1)
+        assert theirs.recv(100) == b"04" + b"1" * 13
+        assert not getattr(reactor, "writing", False), "written at once, not handed to the reactor"
+        assert not transport.dataBuffer and not transport._tempDataBuffer
+    finally:
+        ours.close()
+        theirs.close()
