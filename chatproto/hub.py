@@ -516,24 +516,22 @@ class Hub:
         """Write the messages from ``items[at]`` on that cannot be repeats, and
         store them as delivered; where they end."""
         latest = conversation.latest
+        stamped = []
         live, end = at, len(items)
         while live < end:
             when = int(items[live][2])
             if when <= latest:
                 break
             latest = when
+            stamped.append((when, items[live][3]))
             live += 1
         if live == at or not reader.emit_many([item[4] for item in items[at:live]]):
             return at
         conversation.latest = latest
         run = items[at:live]
         src, dst = run[0][0], run[0][1]
-        self.store.record_delivered(
-            src.decode(),
-            dst.decode(),
-            [(int(ts), text) for _, _, ts, text, _ in run],
-            answer=_Answer(self._delivered_live, (src, dst, run), self._live_failed, (conversation.session,)),
-        )
+        answer = _Answer(self._delivered_live, (src, dst, run), self._busy, (conversation.session, wire.SEND))
+        self.store.record_delivered(src.decode(), dst.decode(), stamped, answer=answer)
         return live
 
     def _resume(self, conversation: _Conversation) -> None:
@@ -578,11 +576,6 @@ class Hub:
         for frame, (_, _, ts, _, _) in zip(frames, run, strict=True):
             self._notify(src, frame, HELD_DELIVERED, "", dst.decode(), int(ts))
 
-    def _live_failed(self, failure, session: Session) -> None:
-        """Written but not stored: the sender is told to send again (the reader drops the repeats)."""
-        failure.trap(StoreUnavailable)
-        session.error(wire.SEND, wire.BUSY)
-
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src`` the held way; ``frame`` is the 06 to deliver."""
         if dst in self.users:
@@ -600,16 +593,16 @@ class Hub:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:
                 return
+        when = int(ts)
         conversation = None
         if self.live_direct and dst in self.users:
             conversation = self._conversation(session, src, dst)
             conversation.pending += 1
-            if int(ts) > conversation.latest:
-                conversation.latest = int(ts)
+            conversation.latest = max(conversation.latest, when)
         self.store.record_message(
             src.decode(),
             dst.decode(),
-            int(ts),
+            when,
             text,
             [user.decode() for user in recipients],
             answer=_Answer(
@@ -624,9 +617,13 @@ class Hub:
         try:
             self._busy(failure, session, wire.SEND)
         finally:
-            if conversation is not None:
-                conversation.pending -= 1
-                self._resume(conversation)
+            self._settled(conversation)
+
+    def _settled(self, conversation: _Conversation | None) -> None:
+        """A held message of the conversation is answered: the ones waiting behind it may go."""
+        if conversation is not None:
+            conversation.pending -= 1
+            self._resume(conversation)
 
     def _within_cap(self, session: Session, dst: bytes, recipients: list[bytes]) -> list[bytes]:
         """Count what waits for offline recipients; refuse what would pass the cap.
@@ -654,9 +651,7 @@ class Hub:
         try:
             self._offer_recorded(recorded, src, dst, ts, frame, recipients)
         finally:
-            if conversation is not None:
-                conversation.pending -= 1
-                self._resume(conversation)
+            self._settled(conversation)
 
     def _offer_recorded(self, recorded, src, dst, ts, frame, recipients) -> None:
         if recorded.status == DUPLICATE_PENDING:

@@ -426,12 +426,13 @@ class ChatProtocol(Protocol):
             return self.error(wire.SEND, wire.NOT_ONLINE)
         if src != self.user:
             return self.error(wire.SEND, wire.WRONG_SRC)
+        message = wire.MESSAGE + frame[2:]
         if self.hub.live_direct:
             # Collected, to go to the hub with the read's other 05s (send_many).
-            self._sends.append((src, dst, ts, text, wire.MESSAGE + frame[2:]))
+            self._sends.append((src, dst, ts, text, message))
         else:
             # A cluster's hub may stall the connection on this one (an id to look up).
-            self.hub.send(self, src, dst, ts, text, wire.MESSAGE + frame[2:])
+            self.hub.send(self, src, dst, ts, text, message)
 
     def _send_collected(self) -> None:
         sends = self._sends[:]
