@@ -1,4 +1,7 @@
--- chatproto schema, version 1. Ids are 13-digit text, timestamps Unix seconds.
+-- chatproto schema, version 1, as the first release made it: the tests build
+-- a first-release database from it to check the upgrades (upgrade_*.sql) end
+-- where a fresh one (the newest NNN.sql) starts. Ids are 13-digit text,
+-- timestamps Unix seconds.
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 INSERT INTO schema_version (version) VALUES (1);
 
