@@ -12,7 +12,9 @@ import pytest
 
 from chatproto.store.sqlite import (
     _COUNT_DOWN,
-    _END_HOLDS,
+    _COUNT_DOWN_BY,
+    _END_MESSAGE_HOLDS,
+    _END_USER_HOLDS,
     RETURNING,
     SCHEMA_VERSION,
     DatabaseTooNew,
@@ -272,10 +274,13 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         ("SELECT * FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq", 2),
     ]
     if RETURNING:
-        # Each pair of a JSON list is looked up (the list itself is read whole).
-        lookups += [(_END_HOLDS, 1), (_COUNT_DOWN, 1)]
+        # Each item of a JSON list is looked up (the list itself is read whole).
+        lookups += [(_END_USER_HOLDS, 2), (_END_MESSAGE_HOLDS, 2), (_COUNT_DOWN, 1), (_COUNT_DOWN_BY, 2)]
     for sql, params in lookups:
         steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ("[]",) * params)]
         plan = " / ".join(step for step in steps if "VIRTUAL TABLE" not in step)
         assert "SCAN" not in plan and "TEMP B-TREE" not in plan, (sql, plan)
+        if sql in (_END_USER_HOLDS, _END_MESSAGE_HOLDS):
+            # Not a walk through the user's inbox, which may hold 100,000 rows.
+            assert "inbox_by_message" in plan, (sql, plan)
     conn.close()
