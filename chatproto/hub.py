@@ -570,11 +570,20 @@ class Hub:
     def _delivered_live(self, _, src: bytes, dst: bytes, run: list[tuple]) -> None:
         """Stored as delivered: the sender gets the run's 07s, in one write if it is reading."""
         frames = [wire.delivered(dst, ts) for _, _, ts, _, _ in run]
-        sender = self.sessions.get(src)
-        if sender is not None and sender.flush is None and not sender.congested and sender.emit_many(frames):
-            return
-        for frame, (_, _, ts, _, _) in zip(frames, run, strict=True):
-            self._notify(src, frame, HELD_DELIVERED, "", dst.decode(), int(ts))
+        if not self._emit_to_reader(src, frames):
+            for frame, (_, _, ts, _, _) in zip(frames, run, strict=True):
+                self._notify(src, frame, HELD_DELIVERED, "", dst.decode(), int(ts))
+
+    def _emit_to_reader(self, user: bytes, frames: list[bytes]) -> bool:
+        """Notices for ``user`` in one write, if it is reading now (else the
+        caller goes through ``_notify``, which holds them as needed)."""
+        session = self.sessions.get(user)
+        return (
+            session is not None
+            and session.flush is None
+            and not session.congested
+            and session.emit_many(frames)
+        )
 
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src`` the held way; ``frame`` is the 06 to deliver."""
@@ -683,10 +692,16 @@ class Hub:
         return session.emit(frame) and not session.secret_session
 
     def _completed(self, completed: list[Completed]) -> None:
+        """Messages whose last recipient got them: 07s, each sender's in one write."""
+        by_sender: dict[str, list[tuple[str, int]]] = {}
         for src, dst, ts in completed:
-            self._notify(
-                src.encode(), wire.delivered(dst.encode(), wire.timestamp(ts)), HELD_DELIVERED, "", dst, ts
-            )
+            by_sender.setdefault(src, []).append((dst, ts))
+        for src, done in by_sender.items():
+            user = src.encode()
+            frames = [wire.delivered(dst.encode(), wire.timestamp(ts)) for dst, ts in done]
+            if not self._emit_to_reader(user, frames):
+                for frame, (dst, ts) in zip(frames, done, strict=True):
+                    self._notify(user, frame, HELD_DELIVERED, "", dst, ts)
 
     def received(self, session: Session, src: bytes, dst: bytes, ts: bytes) -> None:
         """A 16: only a session opened with 15 acknowledges; others got theirs on write."""

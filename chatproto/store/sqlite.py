@@ -510,15 +510,13 @@ def _hold(cur, user_id, code, src, dst, ts):
 
 
 def _inbox(cur, user_id, after, limit):
-    return [
-        InboxItem(*row)
-        for row in cur.execute(
-            "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
-            "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? AND i.seq > ? "
-            "ORDER BY i.seq LIMIT ?",
-            (user_id, after, -1 if limit is None else limit),
-        )
-    ]
+    rows = cur.execute(
+        "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
+        "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? AND i.seq > ? "
+        "ORDER BY i.seq LIMIT ?",
+        (user_id, after, -1 if limit is None else limit),
+    )
+    return list(map(InboxItem._make, rows))
 
 
 def _drop(cur, user_id, seqs):
