@@ -222,8 +222,10 @@ def cmd_user_delete(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         conn.execute(
             "UPDATE messages SET remaining = remaining - (SELECT count(*) FROM inbox i "
             "WHERE i.msg_id = messages.id AND i.user_id = ?1 AND i.code = ?2) "
-            "WHERE id IN (SELECT msg_id FROM inbox WHERE user_id = ?1 AND code = ?2)",
-            (user, HELD_MESSAGE),
+            "WHERE id IN (SELECT msg_id FROM inbox WHERE user_id = ?1 AND code = ?2) "
+            # Since schema version 5 only a group message counts its members down.
+            "AND (dst >= '1' OR ?3 < 5)",
+            (user, HELD_MESSAGE, schema_version(conn)),
         )
         held = conn.execute("DELETE FROM inbox WHERE user_id = ?", (user,)).rowcount
         groups = conn.execute("DELETE FROM members WHERE user_id = ?", (user,)).rowcount
@@ -338,11 +340,14 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
                     "SELECT version, applied, previous, backup FROM schema_history ORDER BY rowid"
                 )
             ]
-        # Every message's count of remaining recipients is its number of holds.
+        # A group message's count of remaining members is its number of holds;
+        # a direct message has at most one hold (its delivery is the hold's
+        # end) and a count of 0 (since schema version 5, 1 before while held).
         (miscounted,) = conn.execute(
-            "SELECT count(*) FROM messages m WHERE remaining != "
-            "(SELECT count(*) FROM inbox i WHERE i.msg_id = m.id AND i.code = ?)",
-            (HELD_MESSAGE,),
+            "SELECT count(*) FROM messages m WHERE CASE WHEN dst >= '1' OR ?2 < 5 THEN remaining != "
+            "(SELECT count(*) FROM inbox i WHERE i.msg_id = m.id AND i.code = ?1) ELSE remaining != 0 OR "
+            "(SELECT count(*) FROM inbox i WHERE i.msg_id = m.id AND i.code = ?1) > 1 END",
+            (HELD_MESSAGE, version),
         ).fetchone()
         (orphans,) = conn.execute(
             "SELECT count(*) FROM inbox WHERE user_id NOT IN (SELECT id FROM users)"

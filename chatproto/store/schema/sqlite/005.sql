@@ -1,8 +1,8 @@
--- chatproto schema, version 4, whole: a fresh database is made from this file,
+-- chatproto schema, version 5, whole: a fresh database is made from this file,
 -- an older one is brought here by the upgrade_*.sql files (tests/test_schema.py
 -- checks that both end the same). Ids are 13-digit text, timestamps Unix seconds.
 CREATE TABLE schema_version (version INTEGER NOT NULL);
-INSERT INTO schema_version (version) VALUES (4);
+INSERT INTO schema_version (version) VALUES (5);
 
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
@@ -31,7 +31,7 @@ CREATE TABLE messages (
     dst TEXT NOT NULL,           -- a user or a group
     ts INTEGER NOT NULL,
     body BLOB NOT NULL,          -- UTF-8 text without its NUL padding
-    remaining INTEGER NOT NULL,  -- recipients that have not got it yet
+    remaining INTEGER NOT NULL,  -- a group message's members that have not got it yet; 0 for a direct one
     body_hash INTEGER            -- CRC-32 of body; NULL after a collision
 );
 -- A message is identified by (src, dst, ts, body): a resend is refused here,
@@ -39,6 +39,9 @@ CREATE TABLE messages (
 -- the body: a resend whose hash matches has its body compared in the
 -- code, and a different body with the same hash is stored with a NULL one.
 CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body_hash);
+-- Since version 5 a direct message's delivery is its hold's end alone: it
+-- is delivered when no inbox row holds it, and its remaining stays 0 (one
+-- row operation a delivery, not two).
 -- Only group messages are looked up by destination (a group id starts with
 -- 1, a user id with 0); since version 3 a direct message adds no entry here.
 CREATE INDEX messages_by_dst ON messages (dst, ts) WHERE dst >= '1';
