@@ -80,8 +80,11 @@ class Session(Protocol):
     def emit(self, frame: bytes) -> bool:
         """Write a frame; False when it was not written (the reader was dropped)."""
 
-    def emit_many(self, frames: list[bytes]) -> bool:
-        """The frames in one write: a flush page is one syscall, not a thousand."""
+    def emit_many(self, frames: list[bytes], code: bytes | None = None) -> bool:
+        """The frames in one write: a flush page is one syscall, not a thousand.
+
+        ``code``: every frame's, when the caller knows it (counted once, not per frame).
+        """
 
     def stall(self, d) -> None:
         """Handle none of the connection's frames until ``d`` fires: they must stay in order.
@@ -315,7 +318,7 @@ class Hub:
             else:
                 frames.append(self._notice_frame(item.code, item.src, item.dst, item.ts))
                 notices.append(item.seq)
-        if not session.emit_many(frames):
+        if not session.emit_many(frames, None if notices else wire.MESSAGE):
             return False
         if notices:
             self.store.drop(user.decode(), notices)
@@ -525,7 +528,7 @@ class Hub:
             latest = when
             stamped.append((when, items[live][3]))
             live += 1
-        if live == at or not reader.emit_many([item[4] for item in items[at:live]]):
+        if live == at or not reader.emit_many([item[4] for item in items[at:live]], wire.MESSAGE):
             return at
         conversation.latest = latest
         run = items[at:live]
@@ -575,14 +578,14 @@ class Hub:
                 self._notify(src, frame, HELD_DELIVERED, "", dst.decode(), int(ts))
 
     def _emit_to_reader(self, user: bytes, frames: list[bytes]) -> bool:
-        """Notices for ``user`` in one write, if it is reading now (else the
+        """07s for ``user`` in one write, if it is reading now (else the
         caller goes through ``_notify``, which holds them as needed)."""
         session = self.sessions.get(user)
         return (
             session is not None
             and session.flush is None
             and not session.congested
-            and session.emit_many(frames)
+            and session.emit_many(frames, wire.DELIVERED)
         )
 
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from collections import Counter
 from dataclasses import dataclass
 
 from twisted.internet import tcp
@@ -57,11 +56,11 @@ class Stats:
 
     def __init__(self):
         #: Frames read from clients, by code (including those refused by the rate limit).
-        self.received: Counter[bytes] = Counter(dict.fromkeys(wire.CLIENT_FRAME_LEN, 0))
+        self.received: dict[bytes, int] = dict.fromkeys(wire.CLIENT_FRAME_LEN, 0)
         #: Frames handed to a transport, by code: each frame of a flush page counts.
-        self.sent: Counter[bytes] = Counter(dict.fromkeys(wire.SERVER_FRAME_LEN, 0))
+        self.sent: dict[bytes, int] = dict.fromkeys(wire.SERVER_FRAME_LEN, 0)
         #: 12 frames sent, by reason.
-        self.errors: Counter[bytes] = Counter(dict.fromkeys(wire.REASON_TEXT, 0))
+        self.errors: dict[bytes, int] = dict.fromkeys(wire.REASON_TEXT, 0)
 
     def error(self, reason: bytes) -> None:
         self.errors[reason] += 1
@@ -117,7 +116,7 @@ class ChatProtocol(Protocol):
         self._write(frame)
         return True
 
-    def emit_many(self, frames: list[bytes]) -> bool:
+    def emit_many(self, frames: list[bytes], code: bytes | None = None) -> bool:
         """Several frames in one write (a flush page); each counts by its code."""
         if self._closing:
             return False
@@ -125,8 +124,11 @@ class ChatProtocol(Protocol):
         if self.paused and self._overflowed(len(data)):
             return False
         sent = self._sent
-        for frame in frames:
-            sent[frame[:2]] += 1
+        if code is not None:
+            sent[code] += len(frames)
+        else:
+            for frame in frames:
+                sent[frame[:2]] += 1
         self._write(data)
         return True
 
