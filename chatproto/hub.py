@@ -114,7 +114,7 @@ def _new_id(first: bytes, taken) -> bytes:
 
 
 class _Conversation:
-    """What the hub knows of one session's messages to one user, for the live path.
+    """What the hub knows of one session's messages to one user or group, for the live path.
 
     ``latest`` is at least the TIMESTAMP of every stored or submitted
     message of the pair, so a 05 past it cannot repeat a stored message
@@ -444,24 +444,25 @@ class Hub:
     def send_many(self, session: Session, items: list[tuple]) -> None:
         """A read's 05s from ``session``, in order: (src, dst, ts, text, 06 frame) each.
 
-        A run of messages to one user goes through its conversation
-        (``_converse``): to a reader who can take it now, it is one write of
-        06s, one store operation and one write of 07s. A group message goes
-        the held way. Only for a hub with ``live_direct``: this one never
-        stalls a connection.
+        A run of messages to one user, or to a group the sender is in, goes
+        through its conversation (``_converse``): to readers who can take it
+        now, it is one write of 06s each, one store operation and one write
+        of 07s. Only for a hub with ``live_direct``: this one never stalls a
+        connection.
         """
         users = self.users
+        groups = self.groups
         at, end = 0, len(items)
         while at < end:
-            dst = items[at][1]
+            src, dst = items[at][0], items[at][1]
             stop = at + 1
             while stop < end and items[stop][1] == dst:
                 stop += 1
-            if dst in users:
-                self._converse(self._conversation(session, items[at][0], dst), items[at:stop])
+            if dst in users or src in groups.get(dst, ()):
+                self._converse(self._conversation(session, src, dst), items[at:stop])
             else:
                 for item in items[at:stop]:
-                    self.send(session, *item)
+                    self.send(session, *item)  # refused there: no such group, or not a member
             at = stop
 
     @property
@@ -483,13 +484,31 @@ class Hub:
             return None
         return reader
 
-    def _converse(self, conversation: _Conversation, items: list[tuple]) -> None:
-        """Send ``items`` (one sender, one user) in order: live where they can go live.
+    def _live_readers(self, src: bytes, dst: bytes) -> list[Session] | None:
+        """Who a message from ``src`` to ``dst`` goes to live: its reader, or
+        every other member of the group; None unless each can take it now."""
+        members = self.groups.get(dst)
+        if members is None:
+            reader = self._reader(dst)
+            return None if reader is None else [reader]
+        readers = []
+        for member in members:
+            if member != src:
+                reader = self._reader(member)
+                if reader is None:
+                    return None
+                readers.append(reader)
+        return readers
 
-        A message goes live when its reader can take it now and it cannot
-        repeat a stored message (its TIMESTAMP is past the conversation's
-        latest): it is written at once and stored as delivered, with no hold,
-        in the next commit; the 07 follows that commit. A crash before the
+    def _converse(self, conversation: _Conversation, items: list[tuple]) -> None:
+        """Send ``items`` (one sender, one user or group) in order: live where they can go live.
+
+        A message goes live when its readers (the user, or every other
+        member of the group) can take it now and it cannot repeat a stored
+        message (its TIMESTAMP is past the conversation's latest): it is
+        written at once and stored as delivered, with no hold, in the next
+        commit; the 07 follows that commit. A group with a member offline,
+        flushing or behind takes the held way, as before. A crash before the
         commit leaves the 06 written and nothing stored: the sender, without
         a 07, sends it again and the reader's client drops the repeat. Any
         other message takes the held way; while one is in flight, or the
@@ -503,21 +522,28 @@ class Hub:
                 conversation.waiting.extend(items[at:])
                 self.waiting += end - at
                 return
-            reader = self._reader(items[at][1])
-            if reader is not None:
+            readers = self._live_readers(items[at][0], items[at][1])
+            if readers is not None:
                 if not conversation.known or conversation.pending:
                     conversation.waiting = items[at:]
                     self.waiting += end - at
                     return
-                at = self._send_live(conversation, reader, items, at)
+                at = self._send_live(conversation, readers, items, at)
                 if at == end:
                     return
             self.send(session, *items[at])
             at += 1
 
-    def _send_live(self, conversation: _Conversation, reader: Session, items: list[tuple], at: int) -> int:
+    def _send_live(
+        self, conversation: _Conversation, readers: list[Session], items: list[tuple], at: int
+    ) -> int:
         """Write the messages from ``items[at]`` on that cannot be repeats, and
-        store them as delivered; where they end."""
+        store them as delivered; where they end.
+
+        A reader whose write fails is being dropped: for a user, the run
+        takes the held way instead; in a group, the run is held for that
+        member alone (the others have it).
+        """
         latest = conversation.latest
         stamped = []
         live, end = at, len(items)
@@ -528,11 +554,19 @@ class Hub:
             latest = when
             stamped.append((when, items[live][3]))
             live += 1
-        if live == at or not reader.emit_many([item[4] for item in items[at:live]], wire.MESSAGE):
+        if live == at:
             return at
-        conversation.latest = latest
+        frames = [item[4] for item in items[at:live]]
+        missed = [reader.user for reader in readers if not reader.emit_many(frames, wire.MESSAGE)]
         run = items[at:live]
         src, dst = run[0][0], run[0][1]
+        if missed:
+            if dst in self.users:
+                return at
+            for item in run:
+                self._hold_message(conversation.session, conversation, item, missed)
+            return live
+        conversation.latest = latest
         answer = _Answer(self._delivered_live, (src, dst, run), self._busy, (conversation.session, wire.SEND))
         self.store.record_delivered(src.decode(), dst.decode(), stamped, answer=answer)
         return live
@@ -605,10 +639,17 @@ class Hub:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:
                 return
+        conversation = self._conversation(session, src, dst) if self.live_direct else None
+        self._hold_message(session, conversation, (src, dst, ts, text, frame), recipients)
+
+    def _hold_message(
+        self, session: Session, conversation: _Conversation | None, item: tuple, recipients: list[bytes]
+    ) -> None:
+        """Store a message held for ``recipients``; each gets it once it is
+        committed, if it can take it then (``_recorded``)."""
+        src, dst, ts, text, frame = item
         when = int(ts)
-        conversation = None
-        if self.live_direct and dst in self.users:
-            conversation = self._conversation(session, src, dst)
+        if conversation is not None:
             conversation.pending += 1
             conversation.latest = max(conversation.latest, when)
         self.store.record_message(

@@ -1,5 +1,6 @@
-"""The live path: a direct 05 to a reader online here is written to the
-reader at once and stored as delivered, its 07 following that commit.
+"""The live path: a direct 05 to a reader online here (or a group 05 whose
+other members are all reading here) is written at once and stored as
+delivered, its 07 following that commit.
 
 It may be taken only for a message that cannot repeat a stored one (its
 TIMESTAMP past the conversation's latest, which the store must have said),
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from chatproto.server import Limits
 
 from .helpers import (
+    f_group,
     f_online,
     f_received,
     f_send,
@@ -303,3 +305,133 @@ def test_a_flood_waiting_for_the_store_is_read_no_further_until_it_answers(make_
     assert ca.transport.producerState == "producing"
     assert cb.take() == [s_message(a, b, ts(i), b"m%d" % i) for i in range(1, count + 1)]
     assert len(ca.take()) == count
+
+
+# -- groups: live when every other member can take it now ---------------------
+
+
+def group_online(net, members: int = 3):
+    """``members`` users online and a group of all of them made by the first;
+    each has had its 11."""
+    users = [net.register()[0] for _ in range(members)]
+    conns = [net.online(user) for user in users]
+    conns[0].send(f_group(users[0], ts(1), users[1:]))
+    (added,) = conns[0].take()
+    group = added[2:15]
+    for conn in conns[1:]:
+        assert conn.take() == [added]
+    return group, users, conns
+
+
+def test_a_group_message_to_members_all_reading_is_written_before_its_commit_with_no_holds(make_net):
+    net = make_net("sqlite")
+    group, (a, b, c), (ca, cb, cc) = group_online(net)
+    ca.send(f_send(a, group, ts(5), b"first"))  # the conversation's latest: asked once
+    net.settle()
+    assert cb.take() == cc.take() == [s_message(a, group, ts(5), b"first")]
+    assert ca.take() == [s_delivered(group, ts(5))]
+    ca.send(f_send(a, group, ts(6), b"live"))
+    assert written(cb) == written(cc) == [s_message(a, group, ts(6), b"live")], "written at once"
+    assert stored(net.path, a, group, ts(6)) == [], "not committed yet"
+    net.reactor.advance(0)
+    f, args, kwargs = net.reactor.from_threads.get(timeout=10)
+    committed, before = stored(net.path, a, group, ts(6)), written(ca)
+    f(*args, **kwargs)
+    assert committed == [(0, 0)], "stored as delivered: nothing held for b or c"
+    assert before == [], "no 07 before the commit"
+    assert ca.take() == [s_delivered(group, ts(6))]
+    assert cb.take() == cc.take() == []
+
+
+def test_a_resend_of_a_live_group_message_reaches_no_member_twice(net):
+    group, (a, b, c), (ca, cb, cc) = group_online(net)
+    frame = f_send(a, group, ts(5), b"once")
+    ca.send(frame)
+    assert cb.take() == cc.take() == [s_message(a, group, ts(5), b"once")]
+    assert ca.take() == [s_delivered(group, ts(5))]
+    ca.send(frame)
+    assert ca.take() == [s_delivered(group, ts(5))], "its 07 again"
+    cb.lose()
+    assert net.online(b).held == [], "nothing held for the next login either"
+    assert cc.take() == []
+
+
+def test_a_group_with_a_member_away_takes_the_held_way_and_keeps_each_members_order(net):
+    """c is away for m1 (held for c, no 07 yet); once c is back, m2 can go
+    live to everyone, but c gets m1 first; the 07s follow each message's
+    last reader."""
+    group, (a, b, c), (ca, cb, cc) = group_online(net)
+    cc.lose()
+    ca.send(f_send(a, group, ts(5), b"m1"))
+    assert cb.take() == [s_message(a, group, ts(5), b"m1")]
+    assert ca.take() == [], "c has not got it: no 07"
+    cc = net.online(c)
+    assert cc.held == [s_message(a, group, ts(5), b"m1")]
+    assert ca.take() == [s_delivered(group, ts(5))]
+    ca.send(f_send(a, group, ts(6), b"m2"))
+    assert cb.take() == cc.take() == [s_message(a, group, ts(6), b"m2")]
+    assert ca.take() == [s_delivered(group, ts(6))]
+
+
+def test_group_messages_during_a_members_flush_come_after_what_was_held(make_net):
+    """c is being sent what was held for it: it is not ready, so what comes
+    meanwhile takes the held way, and reaches c (and b) in order."""
+    net = make_net("sqlite")
+    group, (a, b, c), (ca, cb, cc) = group_online(net)
+    ca.send(f_send(a, group, ts(5), b"m0"))
+    net.settle()
+    ca.take(), cb.take(), cc.take()
+    cc.lose()
+    ca.send(f_send(a, group, ts(6), b"held for c"))
+    net.settle()
+    cc = net.connect()
+    cc.send(f_online(c))  # its flush asks the store; c is not ready yet
+    ca.send(f_send(a, group, ts(7), b"m1"), f_send(a, group, ts(8), b"m2"))
+    assert cc.take() == [
+        b"04" + c,
+        s_message(a, group, ts(6), b"held for c"),
+        s_message(a, group, ts(7), b"m1"),
+        s_message(a, group, ts(8), b"m2"),
+    ]
+    assert cb.take() == [
+        s_message(a, group, ts(6), b"held for c"),
+        s_message(a, group, ts(7), b"m1"),
+        s_message(a, group, ts(8), b"m2"),
+    ]
+    assert sorted(ca.take()) == [s_delivered(group, ts(i)) for i in (6, 7, 8)]
+
+
+def test_a_member_whose_write_fails_gets_the_group_message_held(net):
+    """c's connection is closing when the message is written: b has it live,
+    c gets it at its next login, and the 07 waits for c."""
+    group, (a, b, c), (ca, cb, cc) = group_online(net)
+    ca.send(f_send(a, group, ts(5), b"m0"))
+    assert cb.take() == cc.take() == [s_message(a, group, ts(5), b"m0")]
+    assert ca.take() == [s_delivered(group, ts(5))]
+    cc.proto._closing = True  # its transport is shutting: writes are refused
+    ca.send(f_send(a, group, ts(6), b"m1"))
+    assert cb.take() == [s_message(a, group, ts(6), b"m1")]
+    assert ca.take() == [], "no 07 before c has it"
+    cc.lose()
+    assert net.online(c).held == [s_message(a, group, ts(6), b"m1")]
+    assert ca.take() == [s_delivered(group, ts(6))]
+    assert cb.take() == []
+
+
+def test_a_live_group_message_does_not_overtake_a_held_one_in_flight(make_net):
+    """m1 takes the held way (c's transport is full for a moment); c can take
+    messages again before m1 is committed, so m2 could go live to everyone:
+    it waits for m1, and each member gets m1 first."""
+    net = make_net("sqlite")
+    group, (a, b, c), (ca, cb, cc) = group_online(net)
+    ca.send(f_send(a, group, ts(5), b"m0"))
+    net.settle()
+    ca.take(), cb.take(), cc.take()
+    cc.proto.pauseProducing()
+    ca.send(f_send(a, group, ts(6), b"m1"))
+    cc.proto.resumeProducing()
+    ca.send(f_send(a, group, ts(7), b"m2"))
+    assert written(cb) == [], "m2 waits for m1's commit"
+    net.settle()
+    assert cb.take() == cc.take() == [s_message(a, group, ts(6), b"m1"), s_message(a, group, ts(7), b"m2")]
+    assert ca.take() == [s_delivered(group, ts(6)), s_delivered(group, ts(7))]
