@@ -245,6 +245,12 @@ def test_while_the_database_restarts_nodes_answer_busy_then_recover_by_themselve
     ca, cb = a_node.client(), b_node.client()
     ca.login(a)
     cb.login(b)
+    # Both logins are done (flushes included) before the database goes: a
+    # login whose flush meets the outage is told to come back (12 03 11),
+    # and b would then be offline for the rest, with no 07 for a.
+    ca.send(f_send(a, b, ts(1700000700), b"before"))
+    assert cb.read(1) == [s_message(a, b, ts(1700000700), b"before")]
+    assert ca.read(1) == [s_delivered(b, ts(1700000700))]
     postgres.stop()
     try:
         ca.send(f_send(a, b, ts(1700000800), b"while the database is down"))
