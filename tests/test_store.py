@@ -247,6 +247,24 @@ def test_deliveries_submitted_together_each_answer_for_their_own_messages(backen
     assert backend.run(second) == [Completed(A, C, 2)]
 
 
+def test_reaches_submitted_together_each_answer_for_their_own_messages(backend):
+    """Messages written after their commit, marked reached one reader at a time
+    in one batch (SQLite ends each reader's in one statement): every message
+    completes exactly once, the group's when its second member is marked,
+    and each op answers only for a message it named."""
+    m1 = backend.record_message(A, B, 1, b"one", [B]).msg_id
+    m2 = backend.record_message(A, B, 2, b"two", [B]).msg_id
+    m3 = backend.record_message(A, C, 3, b"three", [C]).msg_id
+    g = backend.record_message(A, G, 4, b"group", [B, C]).msg_id
+    done = {m1: Completed(A, B, 1), m2: Completed(A, B, 2), m3: Completed(A, C, 3), g: Completed(A, G, 4)}
+    ops = [(m1, B), (m2, B), (g, B), (m3, C), (m1, B), (g, C)]
+    answers = [backend.run(d) for d in [backend.store.mark_reached(msg_id, [user]) for msg_id, user in ops]]
+    assert all(answer in ([], [done[msg_id]]) for answer, (msg_id, _) in zip(answers, ops, strict=True))
+    assert sorted(c for answer in answers for c in answer) == sorted(done.values())
+    assert answers[2] == [], "the group's message waits for its second member"
+    assert backend.inbox(B) == backend.inbox(C) == []
+
+
 def test_operations_submitted_together_all_commit(backend):
     ds = [backend.store.record_message(A, B, ts, b"burst", [B]) for ts in range(1, 51)]
     ids = [backend.run(d).msg_id for d in ds]

@@ -460,7 +460,12 @@ _COUNT_DOWN_BY = (
 
 
 def _ended(cur, statement: str, args: tuple) -> list[Completed]:
-    """End holds with one of the DELETEs above; answer the messages completed, in record order.
+    """End holds with one of the DELETEs above; answer the messages completed, in record order."""
+    return [Completed(src, dst, ts) for _, src, dst, ts in _ended_rows(cur, statement, args)]
+
+
+def _ended_rows(cur, statement: str, args: tuple) -> list[tuple[int, str, str, int]]:
+    """``_ended``'s work: (msg_id, src, dst, ts) of each message completed.
 
     A direct message is completed by its hold's end. A group message is
     counted down by the rows actually deleted, so one marked twice is
@@ -482,7 +487,7 @@ def _ended(cur, statement: str, args: tuple) -> list[Completed]:
             counted = [cur.execute(_COUNT_DOWN_BY, (n, msg_id)).fetchone() for msg_id, n in counts.items()]
         done += [row[:4] for row in counted if row[4] == 0]
     done.sort()
-    return [Completed(src, dst, ts) for _, src, dst, ts in done]
+    return done
 
 
 def _end_holds_by_trigger(cur, ops):
@@ -505,9 +510,22 @@ def _mark_delivered(store, cur, items):
 
 
 def _mark_reached(store, cur, items):
+    """A batch's ops that each name one reader (a message held the slow way,
+    written after its commit) end that reader's holds in one DELETE a
+    reader, not one an op; a completion is owed to the last op naming it."""
     if not RETURNING:
         return _end_holds_by_trigger(cur, [[(msg_id, user_id) for user_id in ids] for msg_id, ids in items])
-    return [_ended(cur, _END_MESSAGE_HOLDS, (msg_id, json.dumps(user_ids))) for msg_id, user_ids in items]
+    results: list[list[Completed]] = [[] for _ in items]
+    alone: dict[str, dict[int, int]] = {}
+    for at, (msg_id, user_ids) in enumerate(items):
+        if len(user_ids) == 1:
+            alone.setdefault(user_ids[0], {})[msg_id] = at
+        else:
+            results[at] = _ended(cur, _END_MESSAGE_HOLDS, (msg_id, json.dumps(user_ids)))
+    for user_id, owner in alone.items():
+        for msg_id, src, dst, ts in _ended_rows(cur, _END_USER_HOLDS, (json.dumps(list(owner)), user_id)):
+            results[owner[msg_id]].append(Completed(src, dst, ts))
+    return results
 
 
 _mark_delivered.bulk = True
