@@ -344,9 +344,9 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         # a direct message has at most one hold (its delivery is the hold's
         # end) and a count of 0 (since schema version 5, 1 before while held).
         (miscounted,) = conn.execute(
-            "SELECT count(*) FROM messages m WHERE CASE WHEN dst >= '1' OR ?2 < 5 THEN remaining != "
-            "(SELECT count(*) FROM inbox i WHERE i.msg_id = m.id AND i.code = ?1) ELSE remaining != 0 OR "
-            "(SELECT count(*) FROM inbox i WHERE i.msg_id = m.id AND i.code = ?1) > 1 END",
+            "SELECT count(*) FROM (SELECT dst, remaining, "
+            "(SELECT count(*) FROM inbox i WHERE i.msg_id = m.id AND i.code = ?1) AS held FROM messages m) "
+            "WHERE CASE WHEN dst >= '1' OR ?2 < 5 THEN remaining != held ELSE remaining != 0 OR held > 1 END",
             (HELD_MESSAGE, version),
         ).fetchone()
         (orphans,) = conn.execute(

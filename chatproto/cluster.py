@@ -43,7 +43,7 @@ class ClusterHub(Hub):
     log = Logger()
     track_flushes = True
     #: A sender's messages may come through other nodes: every one takes the held way.
-    live_direct = False
+    live_path = False
 
     def __init__(
         self, store, clock, require_secrets: bool = False, handover_timeout: float = HANDOVER_TIMEOUT

@@ -190,10 +190,10 @@ class Hub:
     log = Logger()
     #: Whether a flush remembers the seqs it sent (see _Flush).
     track_flushes = False
-    #: Whether a direct message to a reader online here may be written before
-    #: its commit (``_send_live``): only where this hub sees every message of
-    #: its senders, i.e. one server.
-    live_direct = True
+    #: Whether a message to readers online here (a user, or every other member
+    #: of a group) may be written before its commit (``_send_live``): only
+    #: where this hub sees every message of its senders, i.e. one server.
+    live_path = True
 
     def __init__(self, store, require_secrets: bool = False, max_held: int = 0):
         self.store = store
@@ -447,7 +447,7 @@ class Hub:
         A run of messages to one user, or to a group the sender is in, goes
         through its conversation (``_converse``): to readers who can take it
         now, it is one write of 06s each, one store operation and one write
-        of 07s. Only for a hub with ``live_direct``: this one never stalls a
+        of 07s. Only for a hub with ``live_path``: this one never stalls a
         connection.
         """
         users = self.users
@@ -556,9 +556,9 @@ class Hub:
             live += 1
         if live == at:
             return at
-        frames = [item[4] for item in items[at:live]]
-        missed = [reader.user for reader in readers if not reader.emit_many(frames, wire.MESSAGE)]
         run = items[at:live]
+        frames = [item[4] for item in run]
+        missed = [reader.user for reader in readers if not reader.emit_many(frames, wire.MESSAGE)]
         src, dst = run[0][0], run[0][1]
         if missed:
             if dst in self.users:
@@ -639,7 +639,7 @@ class Hub:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:
                 return
-        conversation = self._conversation(session, src, dst) if self.live_direct else None
+        conversation = self._conversation(session, src, dst) if self.live_path else None
         self._hold_message(session, conversation, (src, dst, ts, text, frame), recipients)
 
     def _hold_message(

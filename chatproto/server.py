@@ -429,7 +429,7 @@ class ChatProtocol(Protocol):
         if src != self.user:
             return self.error(wire.SEND, wire.WRONG_SRC)
         message = wire.MESSAGE + frame[2:]
-        if self.hub.live_direct:
+        if self.hub.live_path:
             # Collected, to go to the hub with the read's other 05s (send_many).
             self._sends.append((src, dst, ts, text, message))
         else:

@@ -1189,7 +1189,7 @@ def test_a_stalled_connection_handles_its_later_frames_in_order_once_the_stall_e
     net.hub.send = stalling_send
     # As a cluster's hub: each 05 goes to send as it is read (this hub's live
     # path takes a read's 05s together and never stalls).
-    net.hub.live_direct = False
+    net.hub.live_path = False
     conn.send(f_send(a, b, ts(1700000001), b"first"), f_send(a, b, ts(1700000002), b"second"))
     conn.send(f_send(a, b, ts(1700000003), b"third"))
     assert seen == [b"first"] and cb.take() == []

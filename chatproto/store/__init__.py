@@ -189,11 +189,12 @@ class IChatStore(Interface):
         """
 
     def record_delivered(src, dst, stamped, answer=None):
-        """Deferred[None]: messages from src already written to dst (a list of (ts, text)).
+        """Deferred[None]: messages from src already written to dst, a user or
+        every other member of a group (a list of (ts, text)).
 
         Each is stored as delivered, with no hold; one that repeats a stored
-        message changes nothing but ends the hold it still had for dst. The
-        caller owes the 07s. ``answer`` as for record_message.
+        message changes nothing but ends the hold it still had for a user
+        dst. The caller owes the 07s. ``answer`` as for record_message.
         """
 
     def latest_timestamp(src, dst):
