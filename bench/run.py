@@ -1,7 +1,7 @@
 """Run the whole benchmark and write bench/results.md.
 
     python bench/run.py            # the full run (about 20 minutes, 10 of them chatproto-pg and -pg2)
-    python bench/run.py --quick    # smaller counts, one run each (about 3 minutes)
+    python bench/run.py --quick    # smaller counts, one run each (about 2 minutes)
     python bench/run.py --systems chatproto,mosquitto --workloads throughput
 
 Every server runs pinned to core 0 and this process (the load generator) to
