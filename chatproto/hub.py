@@ -605,22 +605,24 @@ class Hub:
         self._resume(conversation)
 
     def _delivered_live(self, _, src: bytes, dst: bytes, run: list[tuple]) -> None:
-        """Stored as delivered: the sender gets the run's 07s, in one write if it is reading."""
+        """Stored as delivered: the sender gets the run's 07s."""
         frames = [wire.delivered(dst, ts) for _, _, ts, _, _ in run]
-        if not self._emit_to_reader(src, frames):
-            for frame, (_, _, ts, _, _) in zip(frames, run, strict=True):
-                self._notify(src, frame, HELD_DELIVERED, "", dst.decode(), int(ts))
+        self._confirm(src, frames, ((dst.decode(), int(ts)) for _, _, ts, _, _ in run))
 
-    def _emit_to_reader(self, user: bytes, frames: list[bytes]) -> bool:
-        """07s for ``user`` in one write, if it is reading now (else the
-        caller goes through ``_notify``, which holds them as needed)."""
+    def _confirm(self, user: bytes, frames: list[bytes], done) -> None:
+        """07s for ``user``: in one write if it is reading now, else each
+        through ``_notify``, which holds them as needed. ``done``: each
+        frame's (dst, ts), read only then."""
         session = self.sessions.get(user)
-        return (
+        if (
             session is not None
             and session.flush is None
             and not session.congested
             and session.emit_many(frames, wire.DELIVERED)
-        )
+        ):
+            return
+        for frame, (dst, ts) in zip(frames, done, strict=True):
+            self._notify(user, frame, HELD_DELIVERED, "", dst, ts)
 
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src`` the held way; ``frame`` is the 06 to deliver."""
@@ -741,11 +743,8 @@ class Hub:
         for src, dst, ts in completed:
             by_sender.setdefault(src, []).append((dst, ts))
         for src, done in by_sender.items():
-            user = src.encode()
             frames = [wire.delivered(dst.encode(), wire.timestamp(ts)) for dst, ts in done]
-            if not self._emit_to_reader(user, frames):
-                for frame, (dst, ts) in zip(frames, done, strict=True):
-                    self._notify(user, frame, HELD_DELIVERED, "", dst, ts)
+            self._confirm(src.encode(), frames, done)
 
     def received(self, session: Session, src: bytes, dst: bytes, ts: bytes) -> None:
         """A 16: only a session opened with 15 acknowledges; others got theirs on write."""

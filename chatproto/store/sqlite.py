@@ -320,6 +320,7 @@ _INSERT_MESSAGES = (
     "INSERT OR IGNORE INTO messages (id, src, dst, ts, body, remaining, body_hash)\n"
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_HOLDS = "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 def _remaining(dst: str, held) -> int:
@@ -365,9 +366,6 @@ def _record_messages(store, cur, items):
     if inbox:
         cur.executemany(_INSERT_HOLDS, inbox)
     return results
-
-
-_INSERT_HOLDS = "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 _record_messages.bulk = True
