@@ -3,7 +3,7 @@
     python bench/floor.py [--messages 50000] [--batch 2000] [--run 10] [--output bench/floor.txt]
 
 1. The protocol alone: 100 sender→receiver pairs logged in to a real
-   ChatFactory and Hub over transports that only count bytes, the memory
+   ChatFactory and Domain over transports that only count bytes, the memory
    store answering at once (its own bookkeeping, a few dict operations a
    message, counts here). Every 05 is parsed, routed, written as an 06,
    stored and answered with a 07, as in the server (each sender's messages
@@ -35,7 +35,8 @@ from twisted.internet.testing import StringTransport
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from chatproto.hub import Hub  # noqa: E402
+from chatproto.cork import Cork  # noqa: E402
+from chatproto.domain import Domain  # noqa: E402
 from chatproto.server import ChatFactory, Limits  # noqa: E402
 from chatproto.store.memory import MemoryStore  # noqa: E402
 from chatproto.store.sqlite import SQLiteStore  # noqa: E402
@@ -77,9 +78,9 @@ def _login(factory, clock, transports):
 def protocol_alone(messages: int) -> float:
     clock = Clock()
     store = MemoryStore()
-    hub = Hub(store)
-    hub.load(store.load().result)
-    factory = ChatFactory(hub, clock, Limits(frame_rate=0))
+    domain = Domain(store)
+    domain.load(store.load().result)
+    factory = ChatFactory(domain, Cork(), clock, Limits(frame_rate=0))
     senders, receivers = [], []
     for _ in range(PAIRS):
         senders.append(_login(factory, clock, []))

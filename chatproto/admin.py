@@ -21,7 +21,7 @@ import time
 import urllib.request
 from datetime import datetime, timezone
 
-from .hub import hash_secret
+from .domain import hash_secret
 from .service import DEFAULT_DB
 from .store import HELD_MESSAGE
 from .store.sqlite import SCHEMA_VERSION, schema_version

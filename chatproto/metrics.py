@@ -92,9 +92,9 @@ class QueuedMessages:
 class ChatCollector:
     """Turns the server's plain counters and state into metric families."""
 
-    def __init__(self, factory, hub, store, queued: QueuedMessages | None):
+    def __init__(self, factory, domain, store, queued: QueuedMessages | None):
         self.factory = factory
-        self.hub = hub
+        self.domain = domain
         self.store = store
         self.queued = queued
 
@@ -118,7 +118,7 @@ class ChatCollector:
             "chatproto_connections_open", "Client connections open.", value=self.factory.connections
         )
         yield GaugeMetricFamily(
-            "chatproto_users_online", "Users logged in (03 or 15).", value=len(self.hub.sessions)
+            "chatproto_users_online", "Users logged in (03 or 15).", value=len(self.domain.sessions)
         )
         yield _by_label(
             CounterMetricFamily(
@@ -173,35 +173,42 @@ def _by_label(family, counts, label):
     return family
 
 
-class Metrics:
-    """The registry of one server: its collector, the store's histograms and
-    the process's own figures (CPU, memory, file descriptors)."""
+class StoreFigures:
+    """The store's histograms, made before the store so that it is built
+    with ``committed`` as its ``on_commit``."""
 
-    def __init__(self, factory, hub, store):
-        self.registry = CollectorRegistry(auto_describe=True)
-        path = getattr(store, "path", ":memory:")
-        self.queued = QueuedMessages(path) if path != ":memory:" else None
-        self.registry.register(ChatCollector(factory, hub, store, self.queued))
-        ProcessCollector(registry=self.registry)
+    def __init__(self):
         self.transaction_seconds = Histogram(
             "chatproto_store_transaction_seconds",
             "Time one group-commit transaction took on the database thread.",
             buckets=TRANSACTION_BUCKETS,
-            registry=self.registry,
+            registry=None,
         )
         self.batch_operations = Histogram(
             "chatproto_store_batch_operations",
             "Operations committed together in one transaction (group commit batch size).",
             buckets=BATCH_BUCKETS,
-            registry=self.registry,
+            registry=None,
         )
-        if hasattr(store, "on_commit"):
-            store.on_commit = self.committed
 
     def committed(self, operations: int, seconds: float) -> None:
         """Once per transaction, not per frame: a locked observe is cheap enough."""
         self.transaction_seconds.observe(seconds)
         self.batch_operations.observe(operations)
+
+
+class Metrics:
+    """The registry of one server: its collector, the store's histograms and
+    the process's own figures (CPU, memory, file descriptors)."""
+
+    def __init__(self, factory, domain, store, figures: StoreFigures):
+        self.registry = CollectorRegistry(auto_describe=True)
+        path = getattr(store, "path", ":memory:")
+        self.queued = QueuedMessages(path) if path != ":memory:" else None
+        self.registry.register(ChatCollector(factory, domain, store, self.queued))
+        ProcessCollector(registry=self.registry)
+        self.registry.register(figures.transaction_seconds)
+        self.registry.register(figures.batch_operations)
 
     def site(self) -> Site:
         # Imported here: it imports the global reactor, which must not be

@@ -1,4 +1,4 @@
-"""One connection: bytes in, frames checked field by field, handed to the hub."""
+"""One connection: bytes in, frames checked field by field, handed to the domain."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import wire
-from .hub import Hub
+from .cork import Cork
+from .domain import Domain, IConnection
 
-_MEMBER_AT = wire.GROUP_HEADER_LEN
 _NO_FRAME = b"00"  # REF of an error that answers no frame (a refused connection)
 #: Store operations waiting past which clients are read no further for now.
 _STORE_BACKLOG = 4000
@@ -67,33 +67,31 @@ class Stats:
         self.sent[wire.ERROR] += 1
 
 
-@implementer(IPushProducer, IHalfCloseableProtocol)
+@implementer(IPushProducer, IHalfCloseableProtocol, IConnection)
 class ChatProtocol(Protocol):
-    """One connection. It registers itself with its transport as a producer,
-    so the transport tells it when the reader falls behind."""
+    """One connection: bytes, framing and its own limits. It registers itself
+    with its transport as a producer, so the transport tells it when the
+    reader falls behind; everything about its user is its domain session's."""
 
     log = Logger()
 
-    def __init__(self, hub: Hub, clock, limits: Limits, stats: Stats | None = None):
-        self.hub = hub
+    def __init__(self, domain: Domain, cork: Cork, clock, limits: Limits, stats: Stats | None = None):
+        self.domain = domain
+        self.cork = cork
         self.clock = clock
         self.limits = limits
         self.stats = stats if stats is not None else Stats()
         self._received = self.stats.received
         self._sent = self.stats.sent
-        self.user: bytes | None = None
-        self.secret_session = False
-        self.ready = False
-        self.congested = False
-        self.flush = None
-        self.conversations = None
-        #: The 05s of the frames being read, for the hub in one call.
+        self.session = domain.open(self)
+        #: The 05s of the frames being read, for the domain in one call.
         self._sends: list[tuple] = []
-        #: Frames waiting for the hub's cork to be taken out (see _write).
+        #: Frames waiting for the cork to be taken out (see _write).
         self._unwritten: list[bytes] | None = None
         self._buffer = b""
         self._closing = False
         self._refused = False
+        #: The transport asked us to stop writing for now (IConnection.paused).
         self.paused = False
         self._throttled = False
         #: Stalls not yet over (see stall): frames wait while any is.
@@ -105,9 +103,9 @@ class ChatProtocol(Protocol):
         self._refilled = 0.0
         self._login_timer = None
 
-    # -- what the hub calls ----------------------------------------------
+    # -- IConnection: what the domain calls ------------------------------
 
-    def emit(self, frame: bytes) -> bool:
+    def write(self, frame: bytes) -> bool:
         if self._closing:
             return False
         if self.paused and self._overflowed(len(frame)):
@@ -116,7 +114,7 @@ class ChatProtocol(Protocol):
         self._write(frame)
         return True
 
-    def emit_many(self, frames: list[bytes], code: bytes | None = None) -> bool:
+    def write_many(self, frames: list[bytes], code: bytes | None = None) -> bool:
         """Several frames in one write (a flush page); each counts by its code."""
         if self._closing:
             return False
@@ -135,12 +133,12 @@ class ChatProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         """Every frame to this client goes through here, so they stay in order.
 
-        While the hub's writes are corked (a read's frames, a commit's
-        answers), they wait in a list and go out as one write per
-        connection when it ends: a read of a few hundred 05s costs the
-        reader one write, not a few hundred.
+        While the cork is in (a read's frames, a commit's answers), they
+        wait in a list and go out as one write per connection when it
+        ends: a read of a few hundred 05s costs the reader one write, not a
+        few hundred.
         """
-        cork = self.hub.cork
+        cork = self.cork
         if cork.depth:
             if self._unwritten is None:
                 self._unwritten = [data]
@@ -166,10 +164,9 @@ class ChatProtocol(Protocol):
                 self.log.warn("dropping {user}: {bytes} bytes unread", user=self._who(), bytes=self._backlog)
                 self._closing = True
                 self.transport.abortConnection()
-                self.hub.logout(self)
+                self.domain.logout(self.session, closed=True)
                 return True
-            if not self.congested:
-                self.hub.congested(self)
+            self.domain.behind(self.session)
         return False
 
     def close_with(self, frame: bytes) -> None:
@@ -200,7 +197,7 @@ class ChatProtocol(Protocol):
         self._stalled -= 1
         if self._stalled:
             return result
-        if self.user is not None:
+        if self.session.user is not None:
             self._cancel_login_timer()
         if not self._closing and not self._refused:
             if not self._throttled:
@@ -258,7 +255,7 @@ class ChatProtocol(Protocol):
             self.factory.lost(self)
         self._closing = True
         self._cancel_login_timer()
-        self.hub.logout(self)
+        self.domain.logout(self.session, closed=True)
         self.log.info("connection from {peer} closed", peer=_describe(self.transport.getPeer()))
 
     def _cancel_login_timer(self):
@@ -268,7 +265,7 @@ class ChatProtocol(Protocol):
 
     def _login_expired(self):
         self._login_timer = None
-        if self.user is None:
+        if self.session.user is None:
             self.log.info("closing {peer}: no login", peer=_describe(self.transport.getPeer()))
             self._closing = True
             self.transport.loseConnection()
@@ -283,13 +280,13 @@ class ChatProtocol(Protocol):
     def resumeProducing(self):
         self.paused = False
         self._backlog = 0
-        self.hub.drained(self)
+        self.domain.drained(self.session)
 
     def stopProducing(self):
         pass
 
     def dataReceived(self, data: bytes):
-        with self.hub.cork:
+        with self.cork:
             self._read(data)
 
     def _read(self, data: bytes):
@@ -326,6 +323,9 @@ class ChatProtocol(Protocol):
             if code != send and sends:
                 # The 05s before this frame are handled before it.
                 self._send_collected()
+                if self._stalled:
+                    self._buffer = b"".join(frames[at:]) + self._buffer
+                    return
             handlers[code](self, frame)
             if self._closing:
                 return
@@ -342,12 +342,12 @@ class ChatProtocol(Protocol):
             )
             self._refused_frames = 0
             self._limit_logged = self.clock.seconds()
-        if self.hub.backlog > _STORE_BACKLOG and not self._throttled:
+        if self.domain.backlog > _STORE_BACKLOG and not self._throttled:
             # The store is behind: stop reading from this client until it
             # catches up, rather than queue its frames without bound.
             self._throttled = True
             self.transport.pauseProducing()
-            self.hub.store.caught_up().addCallback(self._unthrottle)
+            self.domain.store.caught_up().addCallback(self._unthrottle)
         if status == -1:
             self._refuse(self._buffer[:2], wire.UNKNOWN_CODE)
         elif status == -2:
@@ -355,10 +355,10 @@ class ChatProtocol(Protocol):
             self._refuse(wire.CREATE_GROUP, wire.MALFORMED)
 
     def _unthrottle(self, _):
-        if self.hub.backlog > _STORE_BACKLOG:
-            # Messages waiting in conversations (hub.waiting) go on as the
-            # store answers: wait for its next commit, and look again.
-            self.hub.store.barrier().addCallback(self._unthrottle)
+        if self.domain.backlog > _STORE_BACKLOG:
+            # Messages waiting in conversations go on as the store answers:
+            # wait for its next commit, and look again.
+            self.domain.store.barrier().addCallback(self._unthrottle)
             return
         self._throttled = False
         if not self._closing and not self._refused:
@@ -376,7 +376,7 @@ class ChatProtocol(Protocol):
         # Answers to the frames before this one (a 02 waits for its commit)
         # go out first: everything submitted before the barrier is committed
         # when it fires.
-        self.hub.store.barrier().addCallback(lambda _: self.close_with(wire.error(ref, reason)))
+        self.domain.store.barrier().addCallback(lambda _: self.close_with(wire.error(ref, reason)))
 
     def error(self, ref: bytes, reason: bytes, logged: bool = True) -> None:
         if logged:
@@ -393,81 +393,78 @@ class ChatProtocol(Protocol):
         self._write(wire.error(ref, reason))
 
     def _who(self) -> str:
-        return self.user.decode() if self.user else _describe(self.transport.getPeer())
+        user = self.session.user
+        return user.decode() if user else _describe(self.transport.getPeer())
 
-    # -- frames ----------------------------------------------------------
+    # -- frames: each checked field by field, then handed to the domain ----
 
     def _register(self, frame):
-        self.hub.register(self, with_secret=False)
+        self.domain.register(self.session, with_secret=False)
 
     def _register_secret(self, frame):
-        self.hub.register(self, with_secret=True)
+        self.domain.register(self.session, with_secret=True)
 
     def _online(self, frame):
-        user = frame[2:15]
+        user = wire.decode_online(frame).user
         if not wire.is_id(user):
             return self.error(wire.ONLINE, wire.MALFORMED)
-        self.hub.login(self, user, None, wire.ONLINE)
-        if self.user is not None:
+        self.domain.login(self.session, user, None, wire.ONLINE)
+        if self.session.user is not None:
             self._cancel_login_timer()
 
     def _online_secret(self, frame):
-        user, secret = frame[2:15], frame[15:47]
+        user, secret = wire.decode_online(frame)
         if not (wire.is_id(user) and wire.is_secret(secret)):
             return self.error(wire.ONLINE_SECRET, wire.MALFORMED)
-        self.hub.login(self, user, secret, wire.ONLINE_SECRET)
-        if self.user is not None:
+        self.domain.login(self.session, user, secret, wire.ONLINE_SECRET)
+        if self.session.user is not None:
             self._cancel_login_timer()
 
     def _send(self, frame):
-        src, dst, ts = frame[2:15], frame[15:28], frame[28:38]
-        text = wire.unpad_text(frame[38:])
+        src, dst, ts, field = wire.decode_send(frame)
+        text = wire.unpad_text(field)
         if text is None or not (src.isdigit() and dst.isdigit() and ts.isdigit()):
             return self.error(wire.SEND, wire.MALFORMED)
-        if self.user is None:
+        user = self.session.user
+        if user is None:
             return self.error(wire.SEND, wire.NOT_ONLINE)
-        if src != self.user:
+        if src != user:
             return self.error(wire.SEND, wire.WRONG_SRC)
-        message = wire.MESSAGE + frame[2:]
-        if self.hub.live_path:
-            # Collected, to go to the hub with the read's other 05s (send_many).
-            self._sends.append((src, dst, ts, text, message))
-        else:
-            # A cluster's hub may stall the connection on this one (an id to look up).
-            self.hub.send(self, src, dst, ts, text, message)
+        # Collected, to go to the domain with the read's other 05s.
+        self._sends.append((src, dst, ts, text, wire.MESSAGE + frame[2:]))
 
     def _send_collected(self) -> None:
         sends = self._sends[:]
         self._sends.clear()
-        self.hub.send_many(self, sends)
+        self.domain.send_many(self.session, sends)
 
     def _seen(self, frame):
-        peer, ts = frame[2:15], frame[15:25]
+        peer, ts = wire.decode_seen(frame)
         if not (peer.isdigit() and ts.isdigit()):
             return self.error(wire.SEEN, wire.MALFORMED)
-        if self.user is None:
+        if self.session.user is None:
             return self.error(wire.SEEN, wire.NOT_ONLINE)
-        self.hub.seen(self, peer, ts)
+        self.domain.seen(self.session, peer, ts)
 
     def _create_group(self, frame):
-        src, ts, count = frame[2:15], frame[15:25], int(frame[25:27])
-        if count == 0 or len(frame) != _MEMBER_AT + wire.ID_LEN * count:
+        src, ts, count, members = wire.decode_group(frame)
+        if count == b"00" or len(frame) != wire.GROUP_HEADER_LEN + wire.ID_LEN * int(count):
             return self.error(wire.CREATE_GROUP, wire.MALFORMED)
-        members = [frame[at : at + wire.ID_LEN] for at in range(_MEMBER_AT, len(frame), wire.ID_LEN)]
         if not (wire.is_id(src) and wire.is_timestamp(ts) and all(map(wire.is_id, members))):
             return self.error(wire.CREATE_GROUP, wire.MALFORMED)
-        if self.user is None:
+        user = self.session.user
+        if user is None:
             return self.error(wire.CREATE_GROUP, wire.NOT_ONLINE)
-        if src != self.user:
+        if src != user:
             return self.error(wire.CREATE_GROUP, wire.WRONG_SRC)
-        self.hub.create_group(self, ts, members)
+        self.domain.create_group(self.session, ts, members)
 
     def _received(self, frame):
-        src, dst, ts = frame[2:15], frame[15:28], frame[28:38]
+        src, dst, ts = wire.decode_received(frame)
         if not (src.isdigit() and dst.isdigit() and ts.isdigit()):
             return self.error(wire.RECEIVED, wire.MALFORMED)
-        if self.user is not None:
-            self.hub.received(self, src, dst, ts)
+        if self.session.user is not None:
+            self.domain.received(self.session, src, dst, ts)
 
     _handlers = {
         wire.REGISTER: _register,
@@ -497,8 +494,9 @@ class ChatFactory(Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, hub: Hub, clock, limits: Limits | None = None):
-        self.hub = hub
+    def __init__(self, domain: Domain, cork: Cork, clock, limits: Limits | None = None):
+        self.domain = domain
+        self.cork = cork
         self.clock = clock
         self.limits = limits or Limits()
         self.connections = 0
@@ -517,7 +515,7 @@ class ChatFactory(Factory):
             )
             return _Refused(self.stats)
         self.connections += 1
-        protocol = ChatProtocol(self.hub, self.clock, self.limits, self.stats)
+        protocol = ChatProtocol(self.domain, self.cork, self.clock, self.limits, self.stats)
         protocol.factory = self
         self.protocols.add(protocol)
         return protocol

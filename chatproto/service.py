@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from functools import partial
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -12,8 +13,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from .cluster import ClusterHub
-from .hub import Hub
+from .cork import Cork
+from .domain import DatabaseRouting, Domain, LocalRouting
 from .server import ChatFactory, Limits
 from .store import StoreUnavailable
 from .store.sqlite import SchemaError, SQLiteStore
@@ -108,35 +109,34 @@ class Options(usage.Options):
 
 
 class ChatService(Service):
-    """Opens the store, loads it into the hub, and only then listens."""
+    """Loads the store into the domain, and only then listens; stops in an order that loses nothing."""
 
     log = Logger()
 
     def __init__(
-        self, reactor, endpoint, store, hub, limits, metrics_endpoint=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        self,
+        reactor,
+        endpoint,
+        domain,
+        factory,
+        metrics=None,
+        metrics_endpoint=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
     ):
         self._reactor = reactor
         self._endpoint = endpoint
-        self.store = store
-        self.hub = hub
-        self.factory = ChatFactory(hub, reactor, limits)
+        self.domain = domain
+        self.store = domain.store
+        self.factory = factory
         self.port = None
         self.shutdown_timeout = shutdown_timeout
         self._metrics_endpoint = metrics_endpoint
-        self.metrics = None
+        self.metrics = metrics
         self.metrics_port = None
-        if metrics_endpoint is not None:
-            from .metrics import Metrics  # only with --metrics: it needs prometheus_client
-
-            self.metrics = Metrics(self.factory, hub, store)
 
     def startService(self):
         super().startService()
-        if isinstance(self.hub, ClusterHub):
-            d = self.hub.start()
-        else:
-            d = self.store.load()
-            d.addCallback(self.hub.load)
+        d = self.domain.start()
         d.addCallback(lambda _: _tune_garbage_collector())
         d.addCallback(lambda _: self._endpoint.listen(self.factory))
         d.addCallback(self._listening)
@@ -199,8 +199,8 @@ class ChatService(Service):
         return d
 
     def _log_out_everyone(self) -> None:
-        for session in list(self.hub.sessions.values()):
-            self.hub.logout(session)
+        for session in list(self.domain.sessions.values()):
+            self.domain.logout(session)
 
     def _out_of_time(self) -> None:
         self._aborted = self.factory.abort_all()
@@ -240,31 +240,41 @@ def is_postgres_url(db: str) -> bool:
     return db.startswith(("postgresql://", "postgres://"))
 
 
-def _postgres_store(url: str, reactor):
+def _postgres_store(url: str, reactor, **kwargs):
     try:
         from .store.postgres import PostgresStore
     except ImportError as e:
         raise SystemExit(
             f"chatproto: --db {url} needs psycopg: pip install 'chatproto[postgres]' ({e})"
         ) from None
-    return PostgresStore(url, reactor)
+    return PostgresStore(url, reactor, **kwargs)
 
 
 def makeService(options, reactor=None):
+    """Wire the store, the domain and the listeners together; nothing else."""
     if reactor is None:
         from twisted.internet import reactor
     db = options["db"]
+    cork = Cork()
+    figures = None
+    if options["metrics"]:
+        from .metrics import StoreFigures  # only with --metrics: it needs prometheus_client
+
+        figures = StoreFigures()
+    on_commit = figures.committed if figures is not None else None
     try:
         if is_postgres_url(db):
-            store = _postgres_store(db, reactor)
-            hub = ClusterHub(store, reactor, require_secrets=bool(options["require-secrets"]))
+            store = _postgres_store(db, reactor, answering=cork, on_commit=on_commit)
+            routing = partial(DatabaseRouting, clock=reactor)
+            max_held = 0  # each node's count of what is held would be its own guess
         else:
-            store = SQLiteStore(db, reactor)
-            hub = Hub(store, require_secrets=bool(options["require-secrets"]), max_held=options["max-held"])
+            store = SQLiteStore(db, reactor, answering=cork, on_commit=on_commit)
+            routing = LocalRouting
+            max_held = options["max-held"]
     except (SchemaError, StoreUnavailable) as e:
         # Said in one line, not a traceback: the operator has a decision to make.
         raise SystemExit(f"chatproto: {e}") from None
-    endpoint = serverFromString(reactor, options["port"])
+    domain = Domain(store, routing, require_secrets=bool(options["require-secrets"]), max_held=max_held)
     limits = Limits(
         frame_rate=options["max-frame-rate"],
         frame_burst=options["frame-burst"],
@@ -272,13 +282,19 @@ def makeService(options, reactor=None):
         login_timeout=options["login-timeout"],
         max_buffer=options["max-buffer"],
     )
-    metrics = serverFromString(reactor, options["metrics"]) if options["metrics"] else None
+    factory = ChatFactory(domain, cork, reactor, limits)
+    metrics = metrics_endpoint = None
+    if figures is not None:
+        from .metrics import Metrics
+
+        metrics = Metrics(factory, domain, store, figures)
+        metrics_endpoint = serverFromString(reactor, options["metrics"])
     return ChatService(
         reactor,
-        endpoint,
-        store,
-        hub,
-        limits,
-        metrics_endpoint=metrics,
+        serverFromString(reactor, options["port"]),
+        domain,
+        factory,
+        metrics=metrics,
+        metrics_endpoint=metrics_endpoint,
         shutdown_timeout=options["shutdown-timeout"],
     )

@@ -1,12 +1,14 @@
 """The wire contract: codes, field widths, frame encoders and field checks.
 
-Frames are plain ``bytes`` built by concatenation and read by slicing: on the
-hot path a frame object per message would cost more than the whole parse.
-Both the server and the client import from here, so the widths live in one
-place.
+Frames are plain ``bytes`` built by concatenation. Each code's fields are
+read by one decoder here (``decode_send`` and the rest), into a named tuple
+of the raw field bytes: the server and the client both read frames through
+them, so every field offset is written once, in this module.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 REGISTER = b"01"
 REGISTERED = b"02"
@@ -247,3 +249,99 @@ def split_frames(lengths: dict[bytes, int], buf: bytes) -> tuple[list[bytes], by
         frames.append(buf[at : at + length])
         at += length
     return frames, buf[at:], 0
+
+
+# Decoders: each code's fields, as the raw bytes of the frame (checks are the reader's).
+
+
+class Online(NamedTuple):
+    """03 and 15 (``secret`` empty for a 03)."""
+
+    user: bytes
+    secret: bytes
+
+
+class Send(NamedTuple):
+    """05, and the 06 it becomes: ``field`` is the padded MSG field (``unpad_text``)."""
+
+    src: bytes
+    dst: bytes
+    ts: bytes
+    field: bytes
+
+
+class Seen(NamedTuple):
+    """08 (``peer``: the sender or group) and 09 (``peer``: the reader or group)."""
+
+    peer: bytes
+    ts: bytes
+
+
+class Group(NamedTuple):
+    """10 (``ident``: its creator) and 11 (``ident``: the group); ``count`` is N."""
+
+    ident: bytes
+    ts: bytes
+    count: bytes
+    members: list[bytes]
+
+
+class Received(NamedTuple):
+    """16, and the same fields of a 07 (``src`` empty)."""
+
+    src: bytes
+    dst: bytes
+    ts: bytes
+
+
+class Error(NamedTuple):
+    ref: bytes
+    reason: bytes
+
+
+class Registered(NamedTuple):
+    """02 and 04 (``secret`` empty), 14."""
+
+    user: bytes
+    secret: bytes
+
+
+_ID_END = 2 + ID_LEN  # 15
+_DST_END = _ID_END + ID_LEN  # 28
+_TS_END = _DST_END + TS_LEN  # 38
+
+
+def decode_online(frame: bytes) -> Online:
+    return Online(frame[2:_ID_END], frame[_ID_END : _ID_END + SECRET_LEN])
+
+
+def decode_send(frame: bytes) -> Send:
+    return Send(frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END], frame[_TS_END:])
+
+
+def decode_seen(frame: bytes) -> Seen:
+    return Seen(frame[2:_ID_END], frame[_ID_END : _ID_END + TS_LEN])
+
+
+def decode_group(frame: bytes) -> Group:
+    """A 10 or 11; ``members`` holds only whole ids (a short frame is the caller's to refuse)."""
+    at = GROUP_HEADER_LEN
+    members = [frame[i : i + ID_LEN] for i in range(at, len(frame) - ID_LEN + 1, ID_LEN)]
+    return Group(frame[2:_ID_END], frame[_ID_END : _ID_END + TS_LEN], frame[at - N_LEN : at], members)
+
+
+def decode_received(frame: bytes) -> Received:
+    return Received(frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END])
+
+
+def decode_delivered(frame: bytes) -> Received:
+    """A 07: ``dst`` and ``ts`` of the message it confirms."""
+    return Received(b"", frame[2:_ID_END], frame[_ID_END : _ID_END + TS_LEN])
+
+
+def decode_error(frame: bytes) -> Error:
+    return Error(frame[2:4], frame[4:6])
+
+
+def decode_registered(frame: bytes) -> Registered:
+    return Registered(frame[2:_ID_END], frame[_ID_END : _ID_END + SECRET_LEN])

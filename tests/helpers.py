@@ -1,4 +1,4 @@
-"""Test doubles shared by the server tests: a hub on fake transports, and a
+"""Test doubles shared by the server tests: the domain on fake transports, and a
 reactor that lets the SQLite store's database thread be driven step by step.
 
 Frames are spelled out here from the contract's table, not taken from
@@ -17,7 +17,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from chatproto.hub import Hub
+from chatproto.cork import Cork
+from chatproto.domain import Domain, LocalRouting
 from chatproto.server import ChatFactory
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SQLiteStore
@@ -134,19 +135,12 @@ class RecordingStore:
     """Wraps a store to remember every Deferred it hands out.
 
     Lets a test wait until the store is idle, and fail when a callback chain
-    in the hub ends in an error that would otherwise vanish.
+    in the domain ends in an error that would otherwise vanish.
     """
 
     def __init__(self, store):
         self.inner = store
         self.deferreds: list = []
-
-    def __setattr__(self, name, value):
-        if name == "answering":
-            # The hub's cork goes to the store that runs the answers, as in the server.
-            setattr(self.inner, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def __getattr__(self, name):
         attr = getattr(self.inner, name)
@@ -157,7 +151,7 @@ class RecordingStore:
             if answer is None:
                 d = attr(*args, **kwargs)
             else:
-                # A Deferred is an answer too: the hub's handlers run on it,
+                # A Deferred is an answer too: the domain's handlers run on it,
                 # so an error in them is kept for failures() to report.
                 d = Deferred()
                 d.addCallbacks(
@@ -182,30 +176,57 @@ class RecordingStore:
 
 
 class Net:
-    """A hub with its store, and connections to it on fake transports.
+    """The domain with its store, and connections to it on fake transports.
 
     ``kind`` is "memory" (the MemoryStore, which fires at once) or "sqlite"
     (a real SQLite file whose thread the test drives through ``settle``).
     """
 
-    def __init__(self, kind: str = "memory", path: str | None = None, require_secrets: bool = False):
+    def __init__(
+        self,
+        kind: str = "memory",
+        path: str | None = None,
+        require_secrets: bool = False,
+        max_held: int = 0,
+        on_commit=None,
+        routing=LocalRouting,
+        memory=None,
+        busy_timeout_ms: int | None = None,
+    ):
         self.kind = kind
+        self.busy_timeout_ms = busy_timeout_ms
+        self.routing = routing
+        self.max_held = max_held
+        self.on_commit = on_commit
         self.path = path
         self.require_secrets = require_secrets
         self.reactor = ThreadedClock()
         self._ports = count(40000)
         self.conns: list[Conn] = []
-        self._memory = MemoryStore() if kind == "memory" else None
+        self._memory = (memory or MemoryStore()) if kind == "memory" else None
         self._old_stores: list[RecordingStore] = []
         self._late: list = []
         self._start()
 
     def _start(self):
-        inner = self._memory if self.kind == "memory" else SQLiteStore(self.path, self.reactor)
+        # The cork goes to the store that runs the answers, as in the server.
+        self.cork = Cork()
+        if self.kind == "memory":
+            inner = self._memory
+        else:
+            inner = SQLiteStore(
+                self.path,
+                self.reactor,
+                answering=self.cork,
+                on_commit=self.on_commit,
+                busy_timeout_ms=self.busy_timeout_ms,
+            )
         self.store = RecordingStore(inner)
-        self.hub = Hub(self.store, require_secrets=self.require_secrets)
-        self.hub.load(self.result(self.store.load()))
-        self.factory = ChatFactory(self.hub, self.reactor)
+        self.domain = Domain(
+            self.store, self.routing, require_secrets=self.require_secrets, max_held=self.max_held
+        )
+        self.domain.load(self.result(self.store.load()))
+        self.factory = ChatFactory(self.domain, self.cork, self.reactor)
 
     def settle(self, limit: float = 10.0) -> None:
         """Run the reactor and the database thread until the store has nothing in flight."""
@@ -231,6 +252,12 @@ class Net:
         if isinstance(box[0], Failure):
             box[0].raiseException()
         return box[0]
+
+    def step(self) -> None:
+        """Run the reactor until the store answers once, and that one answer only."""
+        self.reactor.advance(0)
+        f, args, kwargs = self.reactor.from_threads.get(timeout=10)
+        f(*args, **kwargs)
 
     def connect(self) -> Conn:
         conn = Conn(self)
@@ -259,7 +286,7 @@ class Net:
         return conn
 
     def restart(self, require_secrets: bool | None = None) -> None:
-        """Every connection drops, the store closes, and a new hub loads it again."""
+        """Every connection drops, the store closes, and a new domain loads it again."""
         if require_secrets is not None:
             self.require_secrets = require_secrets
         self.settle()
@@ -278,7 +305,7 @@ class Net:
         With ``after_commit``, it dies just after the database thread finished
         the transaction it was running, before the reactor saw the answer.
         The old store's late answers are kept aside and run against the dead
-        hub at shutdown, so its thread can be stopped.
+        domain at shutdown, so its thread can be stopped.
         """
         if after_commit:
             self._late.append(self.reactor.from_threads.get(timeout=10))

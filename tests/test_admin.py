@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 import pytest
 
 from chatproto.admin import main
-from chatproto.hub import hash_secret
+from chatproto.domain import hash_secret
 from chatproto.store.sqlite import SCHEMA_VERSION, connect, ensure_schema
 
 from .helpers import Net, f_group, f_received, f_send, s_error, ts
@@ -131,7 +131,7 @@ def test_user_delete_takes_effect_when_the_server_restarts(chat, capsys):
         conn = net.connect()
         conn.send(b"03" + chat["b"].encode())
         assert conn.take() == [s_error(b"03", b"04")]
-        assert net.hub.groups[chat["group"]] == [chat["a"].encode(), chat["c"].encode()]
+        assert net.domain.directory.groups[chat["group"]] == [chat["a"].encode(), chat["c"].encode()]
     finally:
         net.shutdown()
 

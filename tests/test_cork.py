@@ -13,7 +13,8 @@ import pytest
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 
-from chatproto.hub import Hub
+from chatproto.cork import Cork
+from chatproto.domain import Domain
 from chatproto.server import ChatFactory, Limits
 from chatproto.store.memory import MemoryStore
 
@@ -161,8 +162,8 @@ class SlowStore(MemoryStore):
 
 def test_a_frame_written_outside_any_read_or_commit_goes_out_at_once():
     clock = task.Clock()
-    hub = Hub(SlowStore(clock))
-    factory = ChatFactory(hub, clock)
+    cork = Cork()
+    factory = ChatFactory(Domain(SlowStore(clock)), cork, clock)
     transport = WritesTransport(
         hostAddress=IPv4Address("TCP", "127.0.0.1", 7000), peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)
     )
@@ -171,7 +172,7 @@ def test_a_frame_written_outside_any_read_or_commit_goes_out_at_once():
     proto.dataReceived(b"01" + b"13")
     assert transport.writes == [], "the accounts are not committed yet"
     clock.advance(1)
-    assert hub.cork.depth == 0 and hub.cork.waiting == []
+    assert cork.depth == 0 and cork.waiting == []
     assert [[f[:2] for f in parse_server(data)] for data in transport.writes] == [[b"02"], [b"14"]], (
         "each written when its answer came, not held for a later read"
     )

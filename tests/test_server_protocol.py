@@ -1116,7 +1116,7 @@ def test_a_reader_dropped_for_its_backlog_earns_its_sender_no_07(net):
 
 def test_held_data_for_an_offline_user_is_capped(net):
     """Past the cap a direct message is refused as busy, a group message skips that member."""
-    net.hub.max_held = 2
+    net.domain.delivery.max_held = 2
     a, b, ca, cb = two_online(net)
     c, _ = net.register()
     cc = net.online(c)
@@ -1142,7 +1142,7 @@ def test_the_held_data_cap_counts_what_was_held_before_a_restart(net):
     ca.send(f_send(a, b, ts(2), b"one"), f_send(a, b, ts(3), b"two"))
     ca.take()
     net.restart()
-    net.hub.max_held = 2
+    net.domain.delivery.max_held = 2
     ca = net.online(a)
     ca.send(f_send(a, b, ts(4), b"three"))
     assert ca.take() == [s_error(b"05", b"11")]
@@ -1161,11 +1161,29 @@ def test_a_07_not_written_to_a_dropped_sender_waits_for_its_next_login(net):
     assert net.online(a).held == [s_delivered(b, ts(1))]
 
 
-def test_a_stalled_connection_handles_its_later_frames_in_order_once_the_stall_ends(net):
-    """What a clustered hub does while it asks the database about an id: the
+def test_a_stalled_connection_handles_its_later_frames_in_order_once_the_stall_ends(make_net):
+    """What a cluster's routing does while it asks the database about an id: the
     frames behind it, in the same read or in later ones, wait their turn."""
     from twisted.internet.defer import Deferred
 
+    from chatproto.domain import LocalRouting
+
+    lookup = Deferred()
+    handed = []
+
+    class Asking(LocalRouting):
+        """Holds the first read's 05s until ``lookup`` fires, as a lookup would."""
+
+        def send_many(self, session, items):
+            handed.append([item[3] for item in items])
+            if lookup.called:
+                return super().send_many(session, items)
+            # The continuation first, then the stall: the later frames follow it.
+            lookup.addCallback(lambda _: LocalRouting.send_many(self, session, items))
+            session.connection.stall(lookup)
+            return None
+
+    net = make_net("memory", routing=Asking)
     a, _ = net.register()
     b, _ = net.register()
     cb = net.connect()
@@ -1173,33 +1191,16 @@ def test_a_stalled_connection_handles_its_later_frames_in_order_once_the_stall_e
     conn = net.connect()
     conn.send(f_online(a))
     assert conn.take() == [b"04" + a] and cb.take() == [b"04" + b]
-    lookup = Deferred()
-    seen = []
-    send = net.hub.send
-
-    def stalling_send(session, src, dst, when, text, frame):
-        seen.append(text)
-        if text == b"first":
-            # The continuation first, then the stall: the later frames follow it.
-            lookup.addCallback(lambda _: send(session, src, dst, when, text, frame))
-            session.stall(lookup)
-        else:
-            send(session, src, dst, when, text, frame)
-
-    net.hub.send = stalling_send
-    # As a cluster's hub: each 05 goes to send as it is read (this hub's live
-    # path takes a read's 05s together and never stalls).
-    net.hub.live_path = False
     conn.send(f_send(a, b, ts(1700000001), b"first"), f_send(a, b, ts(1700000002), b"second"))
     conn.send(f_send(a, b, ts(1700000003), b"third"))
-    assert seen == [b"first"] and cb.take() == []
+    assert handed == [[b"first", b"second"]] and cb.take() == []
     # Still read (a close would be seen), until what waits passes 64 KiB.
     assert conn.transport.producerState == "producing"
     flood = [f_send(a, b, ts(1700000004 + i), b"more %d" % i) for i in range(300)]
     conn.send(*flood)
-    assert seen == [b"first"] and conn.transport.producerState == "paused"
+    assert len(handed) == 1 and conn.transport.producerState == "paused"
     lookup.callback(None)
-    assert seen == [b"first", b"second", b"third"] + [b"more %d" % i for i in range(300)]
-    assert conn.transport.producerState == "producing"
     texts = [b"first", b"second", b"third"] + [b"more %d" % i for i in range(300)]
+    assert [t for read in handed for t in read] == texts
+    assert conn.transport.producerState == "producing"
     assert cb.take() == [s_message(a, b, ts(1700000001 + i), t) for i, t in enumerate(texts)]

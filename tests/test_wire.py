@@ -67,7 +67,7 @@ def session_net() -> Net:
     """A hub whose store already knows A and B, so their ids are fixed across runs."""
     net = Net("memory")
     net._memory.users.update({A.decode(): None, B.decode(): None})
-    net.hub.load(net.result(net.store.load()))
+    net.domain.load(net.result(net.store.load()))
     return net
 
 

@@ -94,15 +94,15 @@ class BatchingStore:
     """
 
     log = Logger()
-    #: Called on the reactor thread after each commit with (operations, seconds
-    #: the transaction took): the service's metrics set it, the store needs none.
-    on_commit = None
-    #: Entered around the answers of each commit: the hub's cork, so that
-    #: the frames they write go out as one write per connection.
-    answering = nullcontext()
 
-    def __init__(self, reactor, thread_name: str):
+    def __init__(self, reactor, thread_name: str, answering=None, on_commit=None):
+        """``answering``: entered around the answers of each commit (the server's
+        cork, so that the frames they write go out as one write per connection).
+        ``on_commit``: called on the reactor thread after each commit with
+        (operations, seconds the transaction took), for the metrics."""
         self._reactor = reactor
+        self.answering = answering if answering is not None else nullcontext()
+        self.on_commit = on_commit
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=thread_name)
         self._pool.start()
         self._pool.callInThread(_give_way)

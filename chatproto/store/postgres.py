@@ -170,7 +170,7 @@ class PostgresStore(BatchingStore):
     ops = sys.modules[__name__]
     clustered = True
 
-    def __init__(self, dsn: str, reactor, node: str | None = None):
+    def __init__(self, dsn: str, reactor, node: str | None = None, answering=None, on_commit=None):
         self.dsn = dsn
         self.node = node or secrets.token_hex(4)
         self._conn: psycopg.Connection | None = None
@@ -185,7 +185,7 @@ class PostgresStore(BatchingStore):
         self._sync_ids = count(1)
         self._handler = None
         self._listener: _Listener | None = None
-        super().__init__(reactor, "chatproto-postgres")
+        super().__init__(reactor, "chatproto-postgres", answering, on_commit)
 
     # -- the connection and the transaction ----------------------------------
 

@@ -26,6 +26,7 @@ from . import (
     InboxItem,
     Recorded,
     SchemaError,
+    StoreUnavailable,
     UpgradeFailed,
 )
 from .batching import BatchingStore, load_snapshot
@@ -98,11 +99,16 @@ def body_hash(body: bytes) -> int:
     return crc32(body)
 
 
-def connect(path: str) -> sqlite3.Connection:
+#: Milliseconds a transaction waits for a lock another process holds (a
+#: backup, chatproto-admin) before its batch is answered 12 XX 11.
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: str, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
     """Open ``path`` with the settings every user of the database needs."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.create_function("chatproto_body_hash", 1, body_hash, deterministic=True)
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms or BUSY_TIMEOUT_MS)}")
     if path != ":memory:":
         conn.execute("PRAGMA journal_mode = WAL")
     # NORMAL in WAL mode survives a crash of the process (kill -9); FULL
@@ -251,25 +257,32 @@ def _record(conn: sqlite3.Connection, version: int, previous: int | None, backup
 class SQLiteStore(BatchingStore):
     ops = sys.modules[__name__]
 
-    def __init__(self, path: str, reactor):
+    def __init__(self, path: str, reactor, answering=None, on_commit=None, busy_timeout_ms=None):
         self.path = path
-        self._conn = connect(path)
+        self._conn = connect(path, busy_timeout_ms)
         ensure_schema(self._conn)
         _connection_setup(self._conn)
         (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         self._next_msg_id = last + 1
-        super().__init__(reactor, "chatproto-sqlite")
+        super().__init__(reactor, "chatproto-sqlite", answering, on_commit)
 
     def _transaction(self, batch):
         started = time.perf_counter()
         cur = self._conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
         try:
+            cur.execute("BEGIN IMMEDIATE")
             results = self._apply(cur, batch)
             cur.execute("COMMIT")
-        except BaseException:
+        except BaseException as e:
             if self._conn.in_transaction:
-                self._conn.rollback()
+                try:
+                    self._conn.rollback()
+                except sqlite3.Error:
+                    pass  # SQLite rolls a failed transaction back itself
+            if isinstance(e, sqlite3.OperationalError | sqlite3.DatabaseError):
+                # Locked past the busy timeout, a full disk, an I/O error: the
+                # batch is answered 12 XX 11 and the next one tries again.
+                raise StoreUnavailable(f"{self.path}: {e}") from e
             raise
         return results, time.perf_counter() - started
 

@@ -1,0 +1,65 @@
+"""Who exists and who is online: users, groups and the sessions of the logged-in.
+
+The other domain modules share one Directory; its dicts are filled in place
+(``load``), so a module may keep a reference to them.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from twisted.logger import Logger
+
+from ..store import Snapshot
+
+#: The first digit of a user's id and of a group's (wire.is_user_id, wire.is_group_id).
+USER_FIRST = b"0"
+GROUP_FIRST = b"1"
+
+
+def new_id(first: bytes, taken) -> bytes:
+    while True:
+        candidate = first + b"%012d" % secrets.randbelow(10**12)
+        if candidate not in taken:
+            return candidate
+
+
+class Directory:
+    log = Logger()
+
+    def __init__(self):
+        #: user id → secret hash (str), or None for an account made with 01.
+        self.users: dict[bytes, str | None] = {}
+        #: group id → members, creator first.
+        self.groups: dict[bytes, list[bytes]] = {}
+        #: user id → the session it is logged in on (here).
+        self.sessions: dict = {}
+
+    def load(self, snapshot: Snapshot) -> None:
+        self.users.clear()
+        self.users.update((u.encode(), h) for u, h in snapshot.users.items())
+        self.groups.clear()
+        self.groups.update((g.encode(), [m.encode() for m in ms]) for g, ms in snapshot.groups.items())
+        self.log.info(
+            "loaded {users} users and {groups} groups", users=len(self.users), groups=len(self.groups)
+        )
+
+    def learn(self, users: dict[str, str | None], groups: dict[str, list[str]]) -> None:
+        """Users and groups another node made (a cluster's lookup or events)."""
+        for user, secret_hash in users.items():
+            self.users[user.encode()] = secret_hash
+        for group, members in groups.items():
+            self.groups[group.encode()] = [m.encode() for m in members]
+
+    def known(self, ident: bytes) -> bool:
+        return ident in self.users or ident in self.groups
+
+    def new_user_id(self) -> bytes:
+        return new_id(USER_FIRST, self.users)
+
+    def new_group_id(self) -> bytes:
+        return new_id(GROUP_FIRST, self.groups)
+
+    def online(self, user: bytes):
+        """``user``'s session here, if it is logged in here."""
+        return self.sessions.get(user)
