@@ -7,7 +7,6 @@ import json
 import re
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from importlib.metadata import entry_points
@@ -18,8 +17,9 @@ from chatproto.admin import main
 from chatproto.domain import hash_secret
 from chatproto.store.sqlite import SCHEMA_VERSION, connect, ensure_schema
 
+from . import installed
 from .helpers import Net, f_group, f_received, f_send, s_error, ts
-from .test_e2e_server import REPO, Server
+from .test_e2e_server import Server
 from .test_schema import make_v1
 
 
@@ -42,7 +42,11 @@ def admin_json(capsys, *args: str) -> dict:
 def run_admin(*args: str) -> subprocess.CompletedProcess:
     """Run the command as its own process, as a cron job would."""
     return subprocess.run(
-        [sys.executable, "-m", "chatproto.admin", *args], cwd=REPO, capture_output=True, text=True, timeout=30
+        [installed.python(), "-m", "chatproto.admin", *args],
+        cwd=installed.outside(),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 

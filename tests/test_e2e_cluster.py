@@ -9,11 +9,11 @@ from __future__ import annotations
 import select
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from . import installed
 from .helpers import (
     f_group,
     f_online,
@@ -29,7 +29,7 @@ from .helpers import (
     s_seen_by,
     ts,
 )
-from .test_e2e_server import REPO, free_port
+from .test_e2e_server import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -278,9 +278,9 @@ def test_while_the_database_restarts_nodes_answer_busy_then_recover_by_themselve
 
 def test_a_database_that_cannot_be_reached_is_one_line_at_start(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "twisted", "chat", "--port", "tcp:0:interface=127.0.0.1"]
+        [installed.python(), "-m", "twisted", "chat", "--port", "tcp:0:interface=127.0.0.1"]
         + ["--db", f"postgresql://postgres@127.0.0.1:{free_port()}/chat"],
-        cwd=REPO,
+        cwd=installed.outside(),
         capture_output=True,
         text=True,
         timeout=30,

@@ -10,7 +10,6 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from chatproto.service import Options
 
+from . import installed
 from .helpers import (
     SERVER_FRAME_LEN,
     f_online,
@@ -54,9 +54,9 @@ class Server:
         self.port = free_port()
         self._log_file = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "chat"]
+            [installed.python(), "-m", "twisted", "chat"]
             + ["--port", f"tcp:{self.port}:interface=127.0.0.1", "--db", self.db, *self.extra],
-            cwd=REPO,
+            cwd=installed.outside(),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
@@ -234,7 +234,7 @@ def test_garbage_closes_only_its_own_connection(server):
 
 
 def test_memory_database_works_and_leaves_no_file(server, tmp_path):
-    before = set(REPO.iterdir())
+    before = set(installed.outside().iterdir())
     srv = server(db=":memory:")
     conn = srv.client()
     a = conn.register()
@@ -242,14 +242,18 @@ def test_memory_database_works_and_leaves_no_file(server, tmp_path):
     conn.send(f_send(a, a, ts(1), b"note to self"))
     assert conn.read(2) == [s_message(a, a, ts(1), b"note to self"), s_delivered(a, ts(1))]
     assert srv.stop() in (0, -signal.SIGTERM)
-    assert not [p for p in set(REPO.iterdir()) - before if "memory" in p.name]
+    assert not [p for p in set(installed.outside().iterdir()) - before if "memory" in p.name]
+
+
+def test_the_real_process_tests_run_the_installed_package_not_the_checkout():
+    assert installed.running_installed()
 
 
 def test_help_lists_every_option():
     """``twist chat --help`` documents every option the plugin accepts."""
     out = subprocess.run(
-        [sys.executable, "-m", "twisted", "chat", "--help"],
-        cwd=REPO,
+        [installed.python(), "-m", "twisted", "chat", "--help"],
+        cwd=installed.outside(),
         capture_output=True,
         text=True,
         timeout=DEADLINE,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from chatproto import wire
+
+from . import installed
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "protocol.md"
@@ -326,7 +327,7 @@ def test_by_hand_session_works_against_a_real_server(tmp_path):
     with open(log_path, "wb") as log, start(port, tmp_path, log) as server:
         wait_listening(port, server, log_path)
         run = subprocess.run(
-            [sys.executable, "-c", by_hand_script(port)], capture_output=True, text=True, timeout=30
+            [installed.python(), "-c", by_hand_script(port)], capture_output=True, text=True, timeout=30
         )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
@@ -338,9 +339,9 @@ def test_by_hand_session_works_against_a_real_server(tmp_path):
 def start(port: int, tmp_path: Path, log):
     """``twist chat`` from this checkout on a loopback port, stopped afterwards."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "chat", "--port", f"tcp:{port}:interface=127.0.0.1"]
+        [installed.python(), "-m", "twisted", "chat", "--port", f"tcp:{port}:interface=127.0.0.1"]
         + ["--db", str(tmp_path / "chat.sqlite3")],
-        cwd=ROOT,
+        cwd=installed.outside(),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

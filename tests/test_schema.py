@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import sys
 
 import pytest
 
@@ -29,8 +28,8 @@ from chatproto.store.sqlite import (
     upgrade_sql,
 )
 
+from . import installed
 from .helpers import Net, s_added, s_message, ts
-from .test_e2e_server import REPO
 
 A, B, C = b"0000000000001", b"0000000000002", b"0000000000003"
 GROUP = b"1000000000001"
@@ -230,8 +229,8 @@ def test_twist_chat_refuses_a_newer_database_in_one_line(tmp_path):
     path = str(tmp_path / "new.sqlite3")
     make_too_new(path)
     done = subprocess.run(
-        [sys.executable, "-m", "twisted", "chat", "--port", "tcp:0:interface=127.0.0.1", "--db", path],
-        cwd=REPO,
+        [installed.python(), "-m", "twisted", "chat", "--port", "tcp:0:interface=127.0.0.1", "--db", path],
+        cwd=installed.outside(),
         capture_output=True,
         text=True,
         timeout=30,

@@ -15,7 +15,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -25,7 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .test_e2e_server import DEADLINE, REPO, free_port
+from . import installed
+from .test_e2e_server import DEADLINE, free_port
 
 TEXT = "hello over TLS 🔒"
 
@@ -74,9 +74,9 @@ def tls_server(tmp_path):
     port = free_port()
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "chat", "--db", str(tmp_path / "chat.sqlite3")]
+        [installed.python(), "-m", "twisted", "chat", "--db", str(tmp_path / "chat.sqlite3")]
         + ["--port", f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"],
-        cwd=REPO,
+        cwd=installed.outside(),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -170,9 +170,9 @@ def test_the_client_library_talks_over_tls_trusting_the_test_certificate(tls_ser
     trust = str(tmp_path / "trust")
     endpoint = f"tls:localhost:{port}:trustRoots={trust}"
     out = subprocess.run(
-        [sys.executable, "-c", CLIENT_SCRIPT, endpoint, str(tmp_path / "alice"), str(tmp_path / "bob")]
+        [installed.python(), "-c", CLIENT_SCRIPT, endpoint, str(tmp_path / "alice"), str(tmp_path / "bob")]
         + [TEXT, str(DEADLINE)],
-        cwd=REPO,
+        cwd=installed.outside(),
         capture_output=True,
         text=True,
         timeout=DEADLINE + 10,
