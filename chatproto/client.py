@@ -691,32 +691,33 @@ class ChatClientProtocol(Protocol):
     def _dispatch(self, frame: bytes) -> None:
         code = frame[:2]
         if code == wire.REGISTERED_SECRET and self.phase == "register":
-            self.model.registered(frame[2:15].decode(), frame[15:47].decode())
+            user, secret = wire.decode_registered(frame)
+            self.model.registered(user.decode(), secret.decode())
             self._send_login()
         elif code == wire.ONLINE_OK and self.phase == "login":
             self.phase = "ready"
             self._finish_login(self)
         elif code == wire.ERROR:
-            self._error(frame[2:4], frame[4:6])
+            self._error(*wire.decode_error(frame))
         elif self.phase != "ready":
             self.log.info("ignored a {code!r} before login", code=code)
         elif code == wire.MESSAGE:
-            src, dst, ts = frame[2:15], frame[15:28], frame[28:38]
-            text = wire.unpad_text(frame[38:])
+            src, dst, ts, field = wire.decode_send(frame)
+            text = wire.unpad_text(field)
             if text is None or not (wire.is_id(src) and wire.is_id(dst) and wire.is_timestamp(ts)):
                 self.log.warn("a malformed 06 from the server, acknowledged and dropped")
                 self.write(wire.received(src, dst, ts))
                 return
             self.model.on_message(self, src.decode(), dst.decode(), int(ts), text.decode("utf-8"))
         elif code == wire.DELIVERED:
-            self.model.on_delivered(frame[2:15].decode(), int(frame[15:25]))
+            _, dst, ts = wire.decode_delivered(frame)
+            self.model.on_delivered(dst.decode(), int(ts))
         elif code == wire.SEEN_BY:
-            self.model.on_seen(frame[2:15].decode(), int(frame[15:25]))
+            peer, ts = wire.decode_seen(frame)
+            self.model.on_seen(peer.decode(), int(ts))
         elif code == wire.ADDED_TO_GROUP:
-            members = [
-                frame[at : at + wire.ID_LEN].decode() for at in range(wire.GROUP_HEADER_LEN, len(frame), 13)
-            ]
-            self.model.on_group(frame[2:15].decode(), int(frame[15:25]), members)
+            group, ts, _, members = wire.decode_group(frame)
+            self.model.on_group(group.decode(), int(ts), [m.decode() for m in members])
 
     def _error(self, ref: bytes, reason: bytes) -> None:
         if reason == wire.BUSY and self.phase in ("register", "login"):

@@ -171,7 +171,7 @@ class ChatProtocol(Protocol):
 
     def close_with(self, frame: bytes) -> None:
         if frame[:2] == wire.ERROR:
-            self.stats.errors[frame[4:6]] += 1
+            self.stats.errors[wire.decode_error(frame).reason] += 1
         self._sent[frame[:2]] += 1
         self._write(frame)
         self.uncork()
