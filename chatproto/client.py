@@ -202,7 +202,8 @@ class LocalStore:
 
     Writes are small and autocommitted (WAL, synchronous=NORMAL): each call
     returns once its row is durable against a crash of this process, which is
-    what the 16 after a 06 needs.
+    what the 16 after a 06 needs. Between :meth:`begin` and :meth:`commit` they
+    are one transaction instead: a burst of frames costs one commit, not one a row.
     """
 
     def __init__(self, directory: str):
@@ -221,8 +222,17 @@ class LocalStore:
         self.db.executescript(_SCHEMA)
 
     def close(self) -> None:
+        self.commit()
         self.db.close()
         self._lock.close()
+
+    def begin(self) -> None:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+
+    def commit(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
 
     def load(self):
         names = dict(self.db.execute("SELECT id, nickname FROM names"))
@@ -340,6 +350,12 @@ class ClientModel:
         self._known.update(c.id for c in self.conversations.values() if c.newest_incoming())
         self._pending_groups: dict[int, str] = {}
         self._last_group_ts = 0
+        #: Frames from the server are stored in one transaction per reactor turn (see flush):
+        #: their 16s wait here for its commit, and the open conversation's 08 goes once a batch.
+        self._flush_call = None
+        self._acks: list[tuple[ChatClientProtocol, bytes]] = []
+        self._batch_convs: dict[str, Conversation] = {}
+        self._batch_reads: set[str] = set()
 
     # -- reading ---------------------------------------------------------
 
@@ -376,6 +392,34 @@ class ClientModel:
         for listener in list(self.listeners):
             listener(event, **data)
 
+    # -- batching the frame path -------------------------------------------
+
+    def _batch(self) -> None:
+        """Writes from now on are one transaction, committed by flush() at the end of this reactor turn."""
+        if self._flush_call is None:
+            self.store.begin()
+            self._flush_call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Commit the batch, then send its 16s (never before the commit) and its 08s."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        for conv in self._batch_convs.values():
+            self.store.save_conversation(conv)
+        self._batch_convs.clear()
+        self.store.commit()
+        acks, self._acks = self._acks, []
+        by_connection: dict[ChatClientProtocol, list[bytes]] = {}
+        for connection, frame in acks:
+            by_connection.setdefault(connection, []).append(frame)
+        for connection, frames in by_connection.items():
+            connection.write(b"".join(frames))
+        reads, self._batch_reads = self._batch_reads, set()
+        for cid in sorted(reads):
+            if cid in self.conversations:
+                self._send_read(self.conversations[cid])
+
     # -- user actions ----------------------------------------------------
 
     def conversation(self, cid: str) -> Conversation:
@@ -387,6 +431,7 @@ class ClientModel:
 
     def add_contact(self, who: str, nickname: str) -> Conversation:
         """Name a user (or a group) and give it a conversation; raises ValueError for a bad id."""
+        self.flush()
         who = who.strip()
         nickname = nickname.strip() or who
         if not wire.is_id(who.encode()):
@@ -403,6 +448,7 @@ class ClientModel:
         """Split, stamp, keep in the outbox, and write now if online."""
         if self.me is None:
             raise ValueError("This profile has no id yet: it gets one the first time it reaches the server.")
+        self.flush()
         conv = self.conversation(cid)
         sent = []
         for part in split_text(text):
@@ -425,6 +471,7 @@ class ClientModel:
 
     def open(self, cid: str | None) -> None:
         """The front end shows ``cid`` now: its unread count goes and its readers learn it was read."""
+        self.flush()
         self.open_id = cid
         if cid is None or cid not in self.conversations:
             return
@@ -439,6 +486,7 @@ class ClientModel:
         """Ask the server for a group of ``members`` and us; its 11 makes the conversation."""
         if self.connection is None or self.me is None:
             raise ValueError("Groups can be created only while connected.")
+        self.flush()
         listed = [m for m in dict.fromkeys(members) if m != self.me.user]
         if not listed or len(listed) + 1 > wire.MAX_MEMBERS:
             raise ValueError(f"A group needs 1 to {wire.MAX_MEMBERS - 1} other members.")
@@ -464,6 +512,7 @@ class ClientModel:
 
     def logged_in(self, connection: ChatClientProtocol) -> None:
         """Resend the whole outbox, then every read receipt the server has not had."""
+        self.flush()
         self.connection = connection
         self._in_flight = []
         self.set_status(CONNECTED)
@@ -482,6 +531,7 @@ class ClientModel:
             self._write_messages(self.connection, list(self.outbox))
 
     def disconnected(self, connection: ChatClientProtocol) -> None:
+        self.flush()
         if self.connection is connection:
             self.connection = None
             self._in_flight = []
@@ -512,8 +562,9 @@ class ClientModel:
         """Keep it (unless it is a duplicate), then acknowledge it with 16: never the other way round."""
         cid = dst if dst.startswith("1") else src
         m = Message(cid, src, dst, ts, text, False, DELIVERED, self.now())
+        self._batch()
         is_new = self.store.add_message(m)
-        connection.write(wire.received(src.encode(), dst.encode(), wire.timestamp(ts)))
+        self._acks.append((connection, wire.received(src.encode(), dst.encode(), wire.timestamp(ts))))
         if not is_new:
             self.log.debug("dropped a duplicate message from {src}", src=src)
             return
@@ -524,14 +575,14 @@ class ClientModel:
         is_open = cid == self.open_id
         if is_open:
             conv.read_upto = max(conv.read_upto, ts)
+            self._batch_reads.add(cid)
         else:
             conv.unread += 1
-        self.store.save_conversation(conv)
-        if is_open:
-            self._send_read(conv)
+        self._batch_convs[cid] = conv
         self._emit("incoming", conv=conv, message=m, notify=not is_open)
 
     def on_delivered(self, dst: str, ts: int) -> None:
+        self._batch()
         self._busy_delay = BUSY_RETRY
         self._known.add(dst)
         m = self._outgoing.get((dst, ts))
@@ -542,6 +593,7 @@ class ClientModel:
 
     def on_seen(self, reader: str, ts: int) -> None:
         """``reader`` (a user, or a group's low mark) has read our messages up to ``ts``."""
+        self._batch()
         self._known.add(reader)
         conv = self.conversations.get(reader)
         if conv is None:
@@ -561,6 +613,7 @@ class ClientModel:
         self._emit("ticks", messages=moved)
 
     def on_group(self, group: str, ts: int, members: list[str]) -> None:
+        self._batch()
         self.groups[group] = members
         self.store.set_group(group, members)
         self._known.add(group)
@@ -572,10 +625,11 @@ class ClientModel:
             self.store.set_name(group, name)
         conv = self.conversation(group)
         conv.last_activity = self.now()
-        self.store.save_conversation(conv)
+        self._batch_convs[group] = conv
         self._emit("group", conv=conv, created_by_me=bool(mine))
 
     def on_error(self, ref: bytes, reason: bytes) -> None:
+        self._batch()
         sentence = error_sentence(ref, reason)
         if ref == wire.SEND and reason == wire.BUSY:
             # The server could not take it now (its database is away, or the

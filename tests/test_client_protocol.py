@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 
 import pytest
@@ -279,6 +280,7 @@ def test_every_06_is_acknowledged_and_duplicates_are_dropped(tmp_path):
     for at in range(0, len(frame), 7):
         protocol.dataReceived(frame[at : at + 7])
     protocol.dataReceived(frame)
+    client.clock.advance(0)
     assert frames(transport) == [wire.received(b(BOB), b(ME), wire.timestamp(T0 - 5))] * 2
     conv = model.conversations[BOB]
     assert [m.text for m in conv.messages] == ["hi there"]
@@ -288,11 +290,30 @@ def test_every_06_is_acknowledged_and_duplicates_are_dropped(tmp_path):
     assert model.conversations[BOB].unread == 1
 
 
+def test_a_burst_of_06s_is_one_commit_and_its_16s_follow_it(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    model.open(BOB)
+    transport.clear()
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, f"n{i}") for i in range(50)))
+    # Nothing acknowledged before the commit at the end of the reactor turn.
+    assert frames(transport) == [] and model.store.db.in_transaction
+    client.clock.advance(0)
+    assert not model.store.db.in_transaction
+    acks = [wire.received(b(BOB), b(ME), wire.timestamp(T0 + i)) for i in range(50)]
+    # One write for the 16s, then one 08 for the newest, not one for each message.
+    assert transport.value() == b"".join(acks) + wire.seen(b(BOB), wire.timestamp(T0 + 49))
+    other = sqlite3.connect(str(tmp_path / "profile" / "client.sqlite3"))
+    assert other.execute("SELECT count(*) FROM messages").fetchone() == (50,)
+
+
 def test_opening_a_conversation_sends_08_for_the_newest_message(tmp_path):
     client, endpoint, transport = online(tmp_path)
     protocol, _ = endpoint.last
     model = client.model
     protocol.dataReceived(incoming(BOB, ME, T0 - 9, "one") + incoming(BOB, ME, T0 - 3, "two"))
+    client.clock.advance(0)
     transport.clear()
     model.open(BOB)
     assert frames(transport) == [wire.seen(b(BOB), wire.timestamp(T0 - 3))]
@@ -301,6 +322,7 @@ def test_opening_a_conversation_sends_08_for_the_newest_message(tmp_path):
     assert frames(transport) == []
     # While it is open, a new message is read at once.
     protocol.dataReceived(incoming(BOB, ME, T0, "three"))
+    client.clock.advance(0)
     assert frames(transport) == [
         wire.received(b(BOB), b(ME), wire.timestamp(T0)),
         wire.seen(b(BOB), wire.timestamp(T0)),
@@ -312,6 +334,7 @@ def test_no_read_receipts_when_turned_off(tmp_path):
     client, endpoint, transport = online(tmp_path, read_receipts=False)
     protocol, _ = endpoint.last
     protocol.dataReceived(incoming(BOB, ME, T0, "psst"))
+    client.clock.advance(0)
     transport.clear()
     client.model.open(BOB)
     assert frames(transport) == []
@@ -387,6 +410,7 @@ def test_group_creation_messages_and_group_ticks(tmp_path):
     assert model.display_name(GROUP) == "Friends" and ("group", True) in events
 
     protocol.dataReceived(incoming(CAROL, GROUP, T0 + 2, "hello all"))
+    client.clock.advance(0)
     assert frames(transport) == [wire.received(b(CAROL), b(GROUP), wire.timestamp(T0 + 2))]
     (got,) = model.conversations[GROUP].messages
     assert (got.src, got.conv) == (CAROL, GROUP) and model.display_name(got.src) == "Carol"

@@ -229,3 +229,31 @@ def test_three_people_make_a_group_and_group_ticks_wait_for_everyone(world):
     tmux.keys("c", "Enter")
     tmux.wait("a", r"Carol: hey")
     tmux.wait("b", ids["c"] + ": hey")
+
+
+def sessions(tmux: Tmux) -> list[str]:
+    try:
+        return tmux.run("list-sessions", "-F", "#S").split()
+    except subprocess.CalledProcessError:  # the last session ended, and the tmux server with it
+        return []
+
+
+def test_the_quit_dialog_answers_n_esc_and_y(world):
+    server, tmux, tmp = world
+    tmux.start("a", client_command(server, tmp, "alice"))
+    tmux.wait("a", r"● connected")
+    tmux.type("a", "half a thought")
+    tmux.wait("a", r"> half a thought")
+    tmux.keys("a", "C-q")
+    tmux.wait("a", r"Quit anyway\?")
+    tmux.keys("a", "n")
+    wait_for("the dialog to close on n", lambda: "Quit anyway" not in tmux.screen("a"))
+    tmux.keys("a", "C-q")
+    tmux.wait("a", r"Quit anyway\?")
+    tmux.keys("a", "Escape")
+    wait_for("the dialog to close on Esc", lambda: "Quit anyway" not in tmux.screen("a"))
+    assert "> half a thought" in tmux.screen("a")
+    tmux.keys("a", "C-q")
+    tmux.wait("a", r"Quit anyway\?")
+    tmux.keys("a", "y")
+    wait_for("the client to exit on y", lambda: "a" not in sessions(tmux))

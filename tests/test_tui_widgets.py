@@ -210,6 +210,26 @@ def test_quit_asks_only_when_something_is_unsent(tmp_path):
         app.press("y")
 
 
+def test_every_dialog_answers_esc_through_urwids_own_dispatch(live):
+    app, _, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("x")
+    for opener in ("f1", "f2", "f3", "ctrl q"):
+        app.press(opener)
+        assert app.dialog is not None, opener
+        app.press("esc")
+        assert app.dialog is None, opener
+    assert app.input.edit_text == "x"
+    app.press("ctrl q", "N")
+    assert app.dialog is None
+    for key in ("enter", "a", "ctrl q", "f10"):
+        app.press("ctrl q", key)
+        assert app.dialog is not None and "Quit?" in app.render_text(), key
+        app.press("esc")
+    with pytest.raises(urwid.ExitMainLoop):
+        app.press("ctrl q", "Y")
+
+
 @pytest.mark.parametrize("size", [(80, 24), (40, 12), (200, 60), (20, 6)])
 def test_any_size_renders(live, size):
     app, protocol, _ = live

@@ -45,16 +45,25 @@ class InputLine(urwid.Edit):
 
 
 class Dialog(urwid.WidgetWrap):
-    """A box over the main screen; ``on_key`` sees every key before its widgets do."""
+    """A box over the main screen; ``on_key`` sees every key before its widgets do.
+
+    Always selectable: urwid hands keys only to a selectable top widget, and a
+    dialog of plain text (Quit?) has nothing selectable inside it.
+    """
 
     def __init__(self, title: str, body: urwid.Widget, on_key=None, height: int | None = None):
         self.on_key = on_key
         self.height = height
         super().__init__(urwid.AttrMap(urwid.LineBox(body, title=title), "dialog"))
 
+    def selectable(self) -> bool:
+        return True
+
     def keypress(self, size, key):
         if self.on_key is not None and self.on_key(key):
             return None
+        if not self._w.selectable():
+            return key
         return super().keypress(size, key)
 
 
@@ -126,9 +135,9 @@ class App:
         self.loop.run()
 
     def press(self, *keys: str, size=(80, 24)) -> None:
-        """Feed keys as the terminal would (tests use it; the loop calls the same path)."""
-        for key in keys:
-            self.top.keypress(size, key)
+        """Feed keys through urwid's own dispatch, as the running loop does (tests use it)."""
+        loop = urwid.MainLoop(self.top, screen=_SizedScreen(size), handle_mouse=False)
+        loop.process_input(list(keys))
 
     def redraw(self) -> None:
         if self.loop is not None and self.loop.screen.started:
@@ -506,12 +515,33 @@ class App:
         return True
 
 
+class _SizedScreen(urwid.display.common.BaseScreen):
+    """A screen that is never started: MainLoop.process_input needs only its size."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def get_cols_rows(self):
+        return self.size
+
+    def draw_screen(self, size, canvas) -> None:
+        pass
+
+
 class _KeyRoot(urwid.WidgetWrap):
-    """The top widget: the key table first, then whatever has the focus."""
+    """The top widget: the key table first, then whatever has the focus.
+
+    Always selectable, whatever is on top: MainLoop gives keys only to a
+    selectable top widget, and the key table must see every one.
+    """
 
     def __init__(self, app: App):
         self.app = app
         super().__init__(app.root)
+
+    def selectable(self) -> bool:
+        return True
 
     def keypress(self, size, key):
         if self.app.handle_key(key):
