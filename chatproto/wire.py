@@ -261,15 +261,6 @@ class Online(NamedTuple):
     secret: bytes
 
 
-class Send(NamedTuple):
-    """05, and the 06 it becomes: ``field`` is the padded MSG field (``unpad_text``)."""
-
-    src: bytes
-    dst: bytes
-    ts: bytes
-    field: bytes
-
-
 class Seen(NamedTuple):
     """08 (``peer``: the sender or group) and 09 (``peer``: the reader or group)."""
 
@@ -315,8 +306,15 @@ def decode_online(frame: bytes) -> Online:
     return Online(frame[2:_ID_END], frame[_ID_END : _ID_END + SECRET_LEN])
 
 
-def decode_send(frame: bytes) -> Send:
-    return Send(frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END], frame[_TS_END:])
+def decode_send(frame: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """A 05, or the 06 it becomes: (src, dst, ts, field), ``field`` the padded MSG (``unpad_text``).
+
+    A plain tuple, not a NamedTuple like the other decoders: this runs once
+    a message, and a NamedTuple's constructor cost 0.59 us more a call
+    (timeit, a million calls: 0.99 s against 0.40 s), about 6% of the
+    server's time a message at 110,000 msg/s.
+    """
+    return frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END], frame[_TS_END:]
 
 
 def decode_seen(frame: bytes) -> Seen:
