@@ -846,7 +846,9 @@ class App:
         self.model.visible = True
         cid = self.model.open_id
         if cid in self.model.conversations and self.model.conversations[cid].unread:
-            self.open(cid)
+            # What came meanwhile is on screen now: read, without moving the view.
+            self.model.open(cid)
+            self._dirty_rows.add(cid)
         return True
 
 
