@@ -139,7 +139,8 @@ def flood(tmux: Tmux, port: int, data_dir: Path, messages: int, size=(100, 30), 
         wait_for("the help", lambda: "Ticks on your messages" in tmux.screen("v"), timeout=60, interval=0.002)
         probes.append(time.monotonic() - pressed)
         tmux.keys("v", "Escape")
-        wait_for("the help to close", lambda: "Ticks on your" not in tmux.screen("v"), timeout=60, interval=0.002)
+        closed = lambda: "Ticks on your" not in tmux.screen("v")  # noqa: E731
+        wait_for("the help to close", closed, timeout=60, interval=0.002)
     acked = sender.last_delivered or time.monotonic()
     try:
         wait_for("the last message", lambda: last_text in tmux.screen("v"), timeout=30, interval=0.002)
@@ -206,9 +207,8 @@ def main() -> int:
         print(line, flush=True)
         lines.append(line)
     if args.output is not None:
-        commit = subprocess.run(
-            ["git", "-C", str(args.client_root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
+        git = ["git", "-C", str(args.client_root), "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
         with open(args.output, "a", encoding="utf-8") as f:
             f.write(f"\n## client at {args.client_root} ({commit or 'not a git checkout'})\n\n")
             for line in lines:
