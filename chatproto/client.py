@@ -326,6 +326,8 @@ class ClientModel:
         self.status = OFFLINE
         self.status_detail = ""
         self.open_id: str | None = None
+        #: False while the front end covers the open conversation (a dialog): nothing is read then.
+        self.visible = True
         self.listeners: list[Callable[..., None]] = []
         #: Every outgoing message without its 07, oldest first: resent after each login.
         self.outbox = [
@@ -572,7 +574,7 @@ class ClientModel:
         conv = self.conversation(cid)
         conv.messages.append(m)
         conv.last_activity = self.now()
-        is_open = cid == self.open_id
+        is_open = cid == self.open_id and self.visible
         if is_open:
             conv.read_upto = max(conv.read_upto, ts)
             self._batch_reads.add(cid)

@@ -169,11 +169,16 @@ def test_bell_only_for_a_conversation_that_is_not_open(live, monkeypatch):
     app.model.add_contact(BOB, "Bob")
     app.press("meta down")
     protocol.dataReceived(incoming(BOB, ME, T0, "seen at once"))
+    app.clock.advance(1)
     assert rings == []
-    protocol.dataReceived(incoming(CAROL, ME, T0, "elsewhere"))
+    # Several at once ring once, when they are drawn.
+    protocol.dataReceived(incoming(CAROL, ME, T0, "elsewhere") + incoming(CAROL, ME, T0 + 1, "again"))
+    assert rings == []
+    app.clock.advance(1)
     assert rings == [1]
     app.bell = False
-    protocol.dataReceived(incoming(CAROL, ME, T0 + 1, "quiet"))
+    protocol.dataReceived(incoming(CAROL, ME, T0 + 2, "quiet"))
+    app.clock.advance(1)
     assert rings == [1]
 
 

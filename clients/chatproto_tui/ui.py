@@ -1,35 +1,61 @@
 """The screen: a conversation list, the open conversation, an input line, a status line.
 
-Widgets only display what the model holds (unread counts, ticks, order); every
-change comes back from the model as an event, after which the affected parts
-are rebuilt and the screen is drawn: urwid's Twisted loop redraws only after
-its own callbacks, not after a network event.
+Widgets only display what the model holds (unread counts, ticks, order). A
+model event only notes what changed; the screen is brought up to date at most
+once a reactor turn (and at most every ``DRAW_INTERVAL``), and then only the
+changed parts: new messages are appended to the open conversation, ticks
+re-drawn on their own line, and only the list rows whose text changed are set
+again. A flood of frames therefore costs a little per frame and one draw per
+read, and the keyboard is answered between reads.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import urwid
 from twisted.logger import Logger
 
-from chatproto.client import CONNECTED, FAILED, READ, ChatClient, ClientModel
+from chatproto import wire
+from chatproto.client import CONNECTED, FAILED, OFFLINE, READ, ChatClient, ClientModel, Message
 
 from .keys import KEYS, commands_for, help_lines
 from .theme import DOT, TICK_MEANING, TICKS, palette
+from .widgets import Dialog, MessageList, Row, SizedScreen, StatusLine, safe
 
 SIDEBAR_WIDTH = 24
-#: Older history stays in the store; drawing it all on every event would not scale.
+#: Below this width the conversation list folds away (a key brings it back).
+NARROW = 60
+#: How many of a conversation's newest messages are drawn when it opens (Alt-Home draws all).
 SHOWN_MESSAGES = 500
+#: The open conversation keeps at most this many more before its oldest lines are dropped.
+TRIM_AFTER = 200
+#: Seconds between two draws at most as often: a flood costs one draw per read, not per frame.
+DRAW_INTERVAL = 0.01
+NOTICE_SECONDS = 5.0
+ERROR_SECONDS = 10.0
+IDLE_NOTICE = ("notice", "F1 or ? lists every key.")
+#: A sender's clock this far from ours is not believed: the message is filed by its arrival.
+SKEW_LIMIT = 24 * 3600
+#: Split parts of one long message arrive with consecutive timestamps within this many seconds.
+PART_GAP = 1.0
 
 
-class _Row(urwid.Text):
-    """A selectable line of text (urwid.Text is not selectable)."""
+def is_part(prev: Message | None, m: Message) -> bool:
+    """``m`` is the next part of the long message ``prev`` began (split_text cut there):
+    sent together, and the next word would not have fitted."""
+    if prev is None or not (m.outgoing and prev.outgoing and m.ts == prev.ts + 1):
+        return False
+    if abs(m.at - prev.at) > PART_GAP:
+        return False
+    word = m.text.split(" ", 1)[0].split("\n", 1)[0]
+    return len(prev.text.encode()) + 1 + len(word.encode()) > wire.MSG_LEN
 
-    _selectable = True
 
-    def keypress(self, size, key):
-        return key
+def filed_time(m: Message) -> float:
+    """When a message is filed: its timestamp, unless that is more than a day from its arrival."""
+    return m.ts if abs(m.ts - m.at) <= SKEW_LIMIT else m.at
 
 
 class InputLine(urwid.Edit):
@@ -44,26 +70,33 @@ class InputLine(urwid.Edit):
         return super().keypress(size, key)
 
 
-class Dialog(urwid.WidgetWrap):
-    """A box over the main screen; ``on_key`` sees every key before its widgets do.
+class Body(urwid.WidgetPlaceholder):
+    """The list and the conversation side by side, or, below NARROW columns, one of them."""
 
-    Always selectable: urwid hands keys only to a selectable top widget, and a
-    dialog of plain text (Quit?) has nothing selectable inside it.
-    """
+    def __init__(self, app: App, columns, sidebar, main):
+        self.app = app
+        self.columns, self.sidebar, self.main = columns, sidebar, main
+        self.maxcol = 80
+        super().__init__(columns)
 
-    def __init__(self, title: str, body: urwid.Widget, on_key=None, height: int | None = None):
-        self.on_key = on_key
-        self.height = height
-        super().__init__(urwid.AttrMap(urwid.LineBox(body, title=title), "dialog"))
+    def layout(self, maxcol: int) -> str:
+        mode = self.app.list_mode
+        if maxcol >= NARROW:
+            return "main" if mode == "hidden" else "both"
+        return "list" if mode == "shown" else "main"
 
-    def selectable(self) -> bool:
-        return True
+    def _arrange(self, size) -> None:
+        self.maxcol = size[0]
+        want = {"both": self.columns, "list": self.sidebar, "main": self.main}[self.layout(size[0])]
+        if self.original_widget is not want:
+            self.original_widget = want
+
+    def render(self, size, focus=False):
+        self._arrange(size)
+        return super().render(size, focus)
 
     def keypress(self, size, key):
-        if self.on_key is not None and self.on_key(key):
-            return None
-        if not self._w.selectable():
-            return key
+        self._arrange(size)
         return super().keypress(size, key)
 
 
@@ -82,30 +115,65 @@ class App:
     ):
         self.model = model
         self.client = client
+        self.clock = model.clock
         self.bell = bell
         self.glyphs = "ascii" if ascii_only else "unicode"
+        self.marker = "?" if ascii_only else "\ufffd"
         self.theme = theme
         self.loop: urwid.MainLoop | None = None
         self.pasting = False
-        self.notice: tuple[str, str] = ("notice", "F1 or ? lists every key.")
+        self.notice: tuple[str, str] = IDLE_NOTICE
+        self._notice_call = None
         self.dialog: Dialog | None = None
+        #: "auto" (the list shows when there is room), "shown" or "hidden" (the list key).
+        self.list_mode = "auto"
 
-        self.status = urwid.Text("")
+        # What changed since the last draw, noted by model events.
+        self._draw_call = None
+        self._last_draw = -math.inf
+        self._all_rows = True
+        self._dirty_rows: set[str] = set()
+        self._dirty_ticks: list[Message] = []
+        self._tick_all = False
+        self._rebuild = True
+        self._ring = False
+        self._tick_call = None
+
+        # The open conversation as drawn: which one, how many of its messages, and each line.
+        self._view_cid: str | None = None
+        self._view_n = 0
+        self._view_day: str | None = None
+        self._view_last: Message | None = None
+        self._lines: dict[int, tuple[urwid.Text, bool]] = {}
+        self._unread_from: dict[str, int] = {}
+        self._below = 0
+        self._show_all = False
+
+        # The conversation list as drawn: a row per conversation, in order.
+        self._rows: dict[str, urwid.AttrMap] = {}
+        self._row_markup: dict[str, list] = {}
+        self._row_order: list[str] = []
+
+        self.status = StatusLine()
         self.conv_walker = urwid.SimpleFocusListWalker([])
         self.conv_list = urwid.ListBox(self.conv_walker)
-        self.title = urwid.Text("")
+        self.title = urwid.Text("", wrap="clip")
         self.msg_walker = urwid.SimpleFocusListWalker([])
-        self.msg_list = urwid.ListBox(self.msg_walker)
+        self.msg_list = MessageList(self.msg_walker)
+        self.hint = urwid.AttrMap(urwid.Text("", wrap="clip"), "unread")
         self.input = InputLine()
         self.notice_text = urwid.Text("")
         sidebar = urwid.Frame(
             urwid.AttrMap(self.conv_list, "sidebar"),
-            header=urwid.AttrMap(urwid.Text("Conversations"), "title"),
+            header=urwid.AttrMap(urwid.Text("Conversations", wrap="clip"), "title"),
         )
-        main = urwid.Frame(urwid.AttrMap(self.msg_list, "text"), header=urwid.AttrMap(self.title, "title"))
-        self.columns = urwid.Columns([("given", SIDEBAR_WIDTH, sidebar), main], dividechars=1)
+        self.main = urwid.Frame(
+            urwid.AttrMap(self.msg_list, "text"), header=urwid.AttrMap(self.title, "title")
+        )
+        self.columns = urwid.Columns([("given", SIDEBAR_WIDTH, sidebar), self.main], dividechars=1)
+        self.body = Body(self, self.columns, sidebar, self.main)
         self.frame = urwid.Frame(
-            self.columns,
+            self.body,
             header=urwid.AttrMap(self.status, "header"),
             footer=urwid.Pile(
                 [urwid.AttrMap(self.input, "input"), urwid.AttrMap(self.notice_text, "notice")]
@@ -115,7 +183,7 @@ class App:
         self.root = urwid.WidgetPlaceholder(self.frame)
         self.top = _KeyRoot(self)
         model.listeners.append(self._on_model_event)
-        self.refresh()
+        self.apply()
 
     # -- running -----------------------------------------------------------------
 
@@ -136,7 +204,7 @@ class App:
 
     def press(self, *keys: str, size=(80, 24)) -> None:
         """Feed keys through urwid's own dispatch, as the running loop does (tests use it)."""
-        loop = urwid.MainLoop(self.top, screen=_SizedScreen(size), handle_mouse=False)
+        loop = urwid.MainLoop(self.top, screen=SizedScreen(size), handle_mouse=False)
         loop.process_input(list(keys))
 
     def redraw(self) -> None:
@@ -145,77 +213,196 @@ class App:
 
     def render_text(self, size=(80, 24)) -> str:
         """What the screen shows at ``size``, as plain text (for tests and screenshots)."""
+        self.apply()
         canvas = self.top.render(size, focus=True)
         return "\n".join(line.decode("utf-8") for line in canvas.text)
 
-    # -- model events --------------------------------------------------------------
+    # -- model events: note what changed, draw later ---------------------------------
 
     def _on_model_event(self, event: str, **data) -> None:
         """Called from the network: never let an exception reach the reactor."""
         try:
             if event == "error":
                 self.say(data["text"], error=True)
-            elif event == "incoming" and data.get("notify") and self.bell:
+            elif event == "incoming":
+                self._dirty_rows.add(data["conv"].id)
+                if data.get("notify") and self.bell:
+                    self._ring = True
+            elif event == "ticks":
+                self._dirty_ticks.extend(data["messages"])
+            elif event == "messages":
+                conv = data.get("conv")
+                if conv is None:
+                    self._tick_all = True
+                    self._all_rows = True
+                else:
+                    self._dirty_rows.add(conv.id)
+            elif event == "group":
+                self._dirty_rows.add(data["conv"].id)
+                if data.get("created_by_me"):
+                    self.open(data["conv"].id)
+                    self.say(f"Group {self.model.display_name(data['conv'].id)} created.")
+            elif event == "status":
+                if self.model.status == CONNECTED and self.notice[1] == "Reconnecting…":
+                    self.clear_notice()
+            else:  # conversations, identity: names or order may have changed anywhere
+                self._all_rows = True
+                if self.model.open_id is None:
+                    self._rebuild = True
+            self.schedule_draw()
+        except Exception:
+            self.log.failure("noting a {event} event", event=event)
+
+    def schedule_draw(self) -> None:
+        """One draw for everything that happens in this reactor turn (and the next few ms)."""
+        if self._draw_call is not None and self._draw_call.active():
+            return
+        delay = max(0.0, self._last_draw + DRAW_INTERVAL - self.clock.seconds())
+        self._draw_call = self.clock.callLater(delay, self._draw_now)
+
+    def _draw_now(self) -> None:
+        self._draw_call = None
+        self._last_draw = self.clock.seconds()
+        try:
+            self.apply()
+            if self._ring:
+                self._ring = False
                 self.ring()
-            elif event == "group" and data.get("created_by_me"):
-                self.open(data["conv"].id)
-                self.say(f"Group {self.model.display_name(data['conv'].id)} created.")
-            self.refresh()
             self.redraw()
         except Exception:
-            self.log.failure("drawing after a {event} event", event=event)
+            self.log.failure("drawing the screen")
 
     def ring(self) -> None:
         if self.loop is not None and self.loop.screen.started:
             self.loop.screen.write("\a")
             self.loop.screen.flush()
 
-    def say(self, text: str, error: bool = False) -> None:
-        self.notice = ("error" if error else "notice", text)
+    # -- notices -------------------------------------------------------------------
+
+    def say(self, text: str, error: bool = False, seconds: float | None = None) -> None:
+        """A line under the input; it goes after a few seconds, or at the next key."""
+        self.notice = ("error" if error else "notice", safe(text, self.marker))
+        self.notice_text.set_text(self.notice)
+        if self._notice_call is not None and self._notice_call.active():
+            self._notice_call.cancel()
+        wait = seconds if seconds is not None else (ERROR_SECONDS if error else NOTICE_SECONDS)
+        self._notice_call = self.clock.callLater(wait, self._notice_expired)
+
+    def _notice_expired(self) -> None:
+        self._notice_call = None
+        self.clear_notice()
+        self.schedule_draw()
+
+    def clear_notice(self) -> None:
+        if self._notice_call is not None and self._notice_call.active():
+            self._notice_call.cancel()
+        self._notice_call = None
+        self.notice = IDLE_NOTICE
         self.notice_text.set_text(self.notice)
 
     # -- drawing -------------------------------------------------------------------
 
-    def refresh(self) -> None:
+    def apply(self) -> None:
+        """Bring the widgets up to date with the model: only what changed."""
         self._draw_status()
-        self._draw_conversations()
-        self._draw_messages()
+        if self._all_rows or self._dirty_rows:
+            self._draw_conversations()
+        if self._rebuild or self._view_cid != self.model.open_id:
+            self._rebuild_messages()
+        else:
+            self._append_messages()
+            self._update_ticks()
+        self._draw_hint()
         self.notice_text.set_text(self.notice)
+
+    # status line
+
+    def _address(self) -> str:
+        return getattr(self.client, "address", None) or "the server"
 
     def _draw_status(self) -> None:
         model = self.model
         me = model.me.user if model.me else "(registering…)"
+        dot = DOT[self.glyphs]
         good = model.status == CONNECTED
-        state = model.status + (f": {model.status_detail}" if model.status_detail and not good else "")
-        self.status.set_text(
+        style = "status_ok" if good else "status_bad"
+        detail = model.status_detail
+        short = getattr(model, "status_short", "") or detail
+        retry_at = getattr(model, "retry_at", None)
+        wait = None
+        if not good and retry_at is not None:
+            wait = max(0, math.ceil(retry_at - self.clock.seconds()))
+        if good:
+            long, brief = f"{dot} connected to {self._address()}", f"{dot} connected"
+        elif model.status == OFFLINE:
+            why = detail or "not connected"
+            long, brief = f"{dot} offline: {why} F5 reconnects", f"{dot} offline, F5"
+        else:
+            why = detail or f"reconnecting to {self._address()}"
+            if wait:
+                long = f"{dot} {why}, retrying in {wait} s, F5 now"
+                brief = f"{dot} {short}, {wait} s, F5"
+            else:
+                long, brief = f"{dot} {why}", f"{dot} {short or 'reconnecting'}"
+        header = "header"
+        self.status.set_variants(
             [
-                ("header", f" you: {me}  "),
-                ("status_ok" if good else "status_bad", f"{DOT[self.glyphs]} {state}"),
-                ("header", "   F1 help"),
+                [(header, f" you: {me}  "), (style, long), (header, "   F1 help")],
+                [(header, f" you: {me}  "), (style, long)],
+                [(header, f" {me} "), (style, long)],
+                [(header, f" {me} "), (style, brief)],
+                [(style, f" {brief}")],
             ]
         )
+        # A countdown on screen is kept true once a second, only while there is one.
+        if wait and (self._tick_call is None or not self._tick_call.active()):
+            self._tick_call = self.clock.callLater(1.0, self._status_tick)
+
+    def _status_tick(self) -> None:
+        self._tick_call = None
+        self.schedule_draw()
+
+    # conversation list
+
+    def _name(self, who: str) -> str:
+        return safe(self.model.display_name(who), self.marker).replace("\n", " ")
+
+    def _row(self, conv) -> list:
+        name = self._name(conv.id)
+        is_open = conv.id == self.model.open_id
+        style = "open" if is_open else "sidebar"
+        markup = [(style, ("▸ " if self.glyphs == "unicode" else "> ") if is_open else "  ")]
+        count = f" ({conv.unread})" if conv.unread else ""
+        room = SIDEBAR_WIDTH - 2 - len(count)
+        markup.append((style, name[:room].ljust(room)))
+        if count:
+            markup.append(("unread", count))
+        return markup
 
     def _draw_conversations(self) -> None:
-        focused = self._selected_id()
-        rows = []
-        focus_at = 0
-        for i, conv in enumerate(self.model.ordered()):
-            name = self.model.display_name(conv.id)
-            style = "open" if conv.id == self.model.open_id else "sidebar"
-            markup = [(style, ("▸ " if self.glyphs == "unicode" else "> ") if style == "open" else "  ")]
-            count = f" ({conv.unread})" if conv.unread else ""
-            room = SIDEBAR_WIDTH - 2 - len(count)
-            markup.append((style, name[:room].ljust(room)))
-            if count:
-                markup.append(("unread", count))
-            row = urwid.AttrMap(_Row(markup, wrap="clip"), None, focus_map="selected")
-            row.conv_id = conv.id
-            rows.append(row)
-            if conv.id == (focused or self.model.open_id):
-                focus_at = i
-        self.conv_walker[:] = rows
-        if rows:
-            self.conv_walker.set_focus(focus_at)
+        ordered = self.model.ordered()
+        changed = None if self._all_rows else self._dirty_rows
+        self._all_rows, self._dirty_rows = False, set()
+        for conv in ordered:
+            if changed is not None and conv.id in self._rows and conv.id not in changed:
+                continue
+            markup = self._row(conv)
+            row = self._rows.get(conv.id)
+            if row is None:
+                row = urwid.AttrMap(Row(markup, wrap="clip"), None, focus_map="selected")
+                row.conv_id = conv.id
+                self._rows[conv.id] = row
+                self._row_markup[conv.id] = markup
+            elif self._row_markup.get(conv.id) != markup:
+                row.original_widget.set_text(markup)
+                self._row_markup[conv.id] = markup
+        order = [c.id for c in ordered]
+        if order != self._row_order:
+            focused = self._selected_id() or self.model.open_id
+            self._row_order = order
+            self.conv_walker[:] = [self._rows[cid] for cid in order]
+            if focused in self._rows:
+                self.conv_walker.set_focus(order.index(focused))
 
     def _selected_id(self) -> str | None:
         if not self.conv_walker:
@@ -223,56 +410,169 @@ class App:
         widget, _ = self.conv_walker.get_focus()
         return getattr(widget, "conv_id", None)
 
-    def _draw_messages(self) -> None:
+    # the open conversation
+
+    def _welcome(self) -> None:
+        self.title.set_text(" No conversation open")
+        me = self.model.me.user if self.model.me else "(not yet known: it comes with the first connection)"
+        self.msg_walker[:] = [
+            urwid.Text(line)
+            for line in (
+                "",
+                f" Your id is {me}.",
+                " Give it to the people who want to write to you.",
+                "",
+                " F2 adds a contact by id; Alt-Up/Down or Tab and Enter open a conversation;",
+                " F3 makes a group; F1 lists every key; Ctrl-Q quits.",
+            )
+        ]
+
+    def _rebuild_messages(self) -> None:
         model = self.model
-        cid = model.open_id
-        at_end = not self.msg_walker or self.msg_walker.focus == len(self.msg_walker) - 1
+        self._rebuild = False
+        self._view_cid = cid = model.open_id
+        self._view_n, self._view_day, self._view_last = 0, None, None
+        self._lines = {}
+        self._below = 0
         if cid is None or cid not in model.conversations:
-            self.title.set_text(" No conversation open")
-            me = model.me.user if model.me else "(not yet known: it comes with the first connection)"
-            self.msg_walker[:] = [
-                urwid.Text(line)
-                for line in (
-                    "",
-                    f" Your id is {me}.",
-                    " Give it to the people who want to write to you.",
-                    "",
-                    " F2 adds a contact by id; Alt-Up/Down or Tab and Enter open a conversation;",
-                    " F3 makes a group; F1 lists every key.",
-                )
-            ]
+            self._welcome()
             return
         conv = model.conversations[cid]
         kind = "group" if conv.is_group else "id"
-        self.title.set_text(f" {model.display_name(cid)}  ({kind} {cid})")
-        widgets = []
-        day = None
-        for m in conv.messages[-SHOWN_MESSAGES:]:
-            local = time.localtime(m.ts)
-            if time.strftime("%Y-%m-%d", local) != day:
-                day = time.strftime("%Y-%m-%d", local)
-                heading = f"— {time.strftime('%a %d %b %Y', local)} —"
-                widgets.append(urwid.Text(("time", heading), align="center"))
-            markup = [("time", time.strftime("%H:%M ", local))]
+        self.title.set_text(f" {self._name(cid)}  ({kind} {cid})")
+        start = 0 if self._show_all else max(0, len(conv.messages) - SHOWN_MESSAGES)
+        marker_at = self._unread_from.get(cid)
+        items: list[urwid.Widget] = []
+        marker = None
+        for i in range(start, len(conv.messages)):
+            if i == marker_at:
+                marker = urwid.Text(("unread", "─── new messages ───"), align="center")
+                items.append(marker)
+            items.extend(self._lines_for(conv.messages[i]))
+        self._view_n = len(conv.messages)
+        self.msg_walker[:] = items
+        if marker is not None:
+            self.msg_list.set_focus(items.index(marker))
+            self.msg_list.set_focus_valign("top")
+        else:
+            self.msg_list.to_end()
+
+    def _lines_for(self, m: Message) -> list[urwid.Widget]:
+        """A day heading when the day changes, then the message's line."""
+        out = []
+        filed = time.localtime(filed_time(m))
+        day = time.strftime("%Y-%m-%d", filed)
+        if day != self._view_day:
+            self._view_day = day
+            out.append(urwid.Text(("time", f"— {time.strftime('%a %d %b %Y', filed)} —"), align="center"))
+            self._view_last = None
+        part = is_part(self._view_last, m)
+        line = urwid.Text(self._markup(m, part))
+        line.message = m
+        self._lines[id(m)] = (line, part)
+        self._view_last = m
+        out.append(line)
+        return out
+
+    def _markup(self, m: Message, part: bool = False) -> list:
+        if part:
+            # The rest of one long message: shown with its first part, as one text.
+            markup = [("time", " " * 6), ("me", " " * 4)]
+        else:
+            markup = [("time", time.strftime("%H:%M ", time.localtime(filed_time(m))))]
+            if filed_time(m) != m.ts:
+                stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.ts)) if 0 <= m.ts < 1e11 else m.ts
+                markup.append(("time", f"(sent {stamp}) "))
             if m.outgoing:
                 markup.append(("me", "me: "))
             else:
-                markup.append(("them", f"{model.display_name(m.src)}: "))
-            markup.append(("text", m.text))
-            if m.outgoing:
-                style = {READ: "tick_read", FAILED: "failed"}.get(m.state, "tick")
-                markup.append((style, " " + TICKS[self.glyphs][m.state]))
-            widgets.append(urwid.Text(markup))
-        self.msg_walker[:] = widgets
-        if widgets and at_end:
-            self.msg_walker.set_focus(len(widgets) - 1)
+                markup.append(("them", f"{self._name(m.src)}: "))
+        markup.append(("text", safe(m.text, self.marker)))
+        if m.outgoing:
+            style = {READ: "tick_read", FAILED: "failed"}.get(m.state, "tick")
+            markup.append((style, " " + TICKS[self.glyphs][m.state]))
+        return markup
+
+    def _append_messages(self) -> None:
+        cid = self._view_cid
+        if cid is None or cid not in self.model.conversations:
+            return
+        messages = self.model.conversations[cid].messages
+        if len(messages) <= self._view_n:
+            return
+        at_end = self.msg_list.at_end()
+        new = messages[self._view_n :]
+        self._view_n = len(messages)
+        items = []
+        for m in new:
+            items.extend(self._lines_for(m))
+        self.msg_walker.extend(items)
+        if len(self.msg_walker) > SHOWN_MESSAGES + TRIM_AFTER and not self._show_all:
+            self._trim()
+        if at_end:
+            self.msg_list.to_end()
+            self._below = 0
+        else:
+            self._below += sum(1 for m in new if not m.outgoing)
+
+    def _trim(self) -> None:
+        drop = len(self.msg_walker) - SHOWN_MESSAGES
+        focus = self.msg_walker.focus
+        for widget in self.msg_walker[:drop]:
+            m = getattr(widget, "message", None)
+            if m is not None:
+                self._lines.pop(id(m), None)
+        del self.msg_walker[:drop]
+        if focus >= drop:
+            self.msg_walker.set_focus(focus - drop)
+
+    def _update_ticks(self) -> None:
+        if self._tick_all:
+            messages = [w.message for w in self.msg_walker if getattr(w, "message", None) is not None]
+        else:
+            messages = self._dirty_ticks
+        self._tick_all, self._dirty_ticks = False, []
+        for m in messages:
+            found = self._lines.get(id(m))
+            if found is not None and m.outgoing:
+                line, part = found
+                line.set_text(self._markup(m, part))
+
+    def _draw_hint(self) -> None:
+        if self._below and self.msg_list.at_end():
+            self._below = 0
+        if self._below:
+            n = self._below
+            keys = "Alt-End" if self.body.maxcol >= NARROW else "M-End"
+            text = f"▼ {n} new message{'s' if n > 1 else ''} below ({keys} or Page-Down)"
+            self.hint.original_widget.set_text(text if self.glyphs == "unicode" else "v" + text[1:])
+            if self.main.footer is None:
+                self.main.footer = self.hint
+        elif self.main.footer is not None:
+            self.main.footer = None
 
     # -- actions -------------------------------------------------------------------
 
     def open(self, cid: str | None) -> None:
+        conv = self.model.conversations.get(cid) if cid is not None else None
+        self._unread_from.pop(cid, None)
+        if conv is not None and conv.unread:
+            # The first unread message: the unread-th incoming one from the end.
+            left = conv.unread
+            for i in range(len(conv.messages) - 1, -1, -1):
+                if not conv.messages[i].outgoing:
+                    left -= 1
+                    if left == 0:
+                        self._unread_from[cid] = i
+                        break
+        previous = self.model.open_id
+        self._show_all = False
         self.model.open(cid)
-        self.msg_walker[:] = []
-        self.refresh()
+        self._rebuild = True
+        self._dirty_rows.update(x for x in (previous, cid) if x is not None)
+        if self.body.maxcol < NARROW and self.list_mode == "shown":
+            self.list_mode = "auto"
+        self.apply()
         self._focus_input()
 
     def _focus_input(self) -> None:
@@ -309,6 +609,8 @@ class App:
             elif isinstance(key, str) and len(key) == 1:
                 self.input.insert_text(key)
             return True
+        if self.notice is not IDLE_NOTICE:
+            self.clear_notice()  # the next action clears a notice
         if self.dialog is not None:
             return False
         context = "input" if self._input_focused() else "list"
@@ -316,18 +618,23 @@ class App:
             command = KEYS[name]
             if not command.typing and context == "input" and self.input.edit_text and len(key) == 1:
                 continue
-            getattr(self, "do_" + name.lower())()
+            if getattr(self, "do_" + name.lower())() is False:
+                continue  # not for this place (e.g. Up inside a multi-line message)
             return True
         return False
 
     def do_help(self) -> None:
         rows = [urwid.Text(("help_key", "Keys")), urwid.Divider()]
         context = None
+        narrow = self.body.maxcol < NARROW
         for title, keys, text in help_lines():
             if title != context:
                 context = title
                 rows.append(urwid.Text(("help_key", title)))
-            rows.append(urwid.Columns([("given", 26, urwid.Text("  " + keys)), urwid.Text(text)]))
+            if narrow:
+                rows += [urwid.Text("  " + keys), urwid.Text("      " + text)]
+            else:
+                rows.append(urwid.Columns([("given", 26, urwid.Text("  " + keys)), urwid.Text(text)]))
         rows += [urwid.Divider(), urwid.Text(("help_key", "Ticks on your messages"))]
         for state, meaning in TICK_MEANING.items():
             rows.append(urwid.Text(f"  {TICKS[self.glyphs][state]:4} {meaning}"))
@@ -353,8 +660,9 @@ class App:
         self.input.set_edit_text("")
         if len(sent) > 1:
             self.say(f"That was long, so it went as {len(sent)} messages.")
-        self.msg_walker[:] = []
-        self.refresh()
+        self.apply()
+        self.msg_list.to_end()
+        self._below = 0
 
     def do_newline(self) -> None:
         self.input.insert_text("\n")
@@ -382,21 +690,42 @@ class App:
 
     def do_switch_focus(self) -> None:
         if self._input_focused():
+            if self.body.layout(self.body.maxcol) == "main":
+                self.list_mode = "shown"
             self.frame.focus_position = "body"
-            self.columns.focus_position = 0
+            if self.body.layout(self.body.maxcol) == "both":
+                self.columns.focus_position = 0
+        else:
+            if self.body.maxcol < NARROW:
+                self.list_mode = "auto"
+            self._focus_input()
+
+    def do_toggle_list(self) -> None:
+        shown = self.body.layout(self.body.maxcol) != "main"
+        self.list_mode = "hidden" if shown else "shown"
+        if self.list_mode == "shown" and self.body.maxcol < NARROW:
+            self.frame.focus_position = "body"
         else:
             self._focus_input()
 
-    def _scroll(self, by: int) -> None:
-        if self.msg_walker:
-            at = max(0, min(len(self.msg_walker) - 1, self.msg_walker.focus + by))
-            self.msg_walker.set_focus(at)
-
     def do_scroll_up(self) -> None:
-        self._scroll(-10)
+        self.msg_list.page("page up")
 
     def do_scroll_down(self) -> None:
-        self._scroll(10)
+        self.msg_list.page("page down")
+
+    def do_latest(self) -> None:
+        self.msg_list.to_end()
+        self._below = 0
+
+    def do_oldest(self) -> None:
+        cid = self.model.open_id
+        if cid in self.model.conversations and not self._show_all:
+            if len(self.model.conversations[cid].messages) > SHOWN_MESSAGES:
+                self._show_all = True
+                self._rebuild = True
+                self.apply()
+        self.msg_list.to_start()
 
     def do_add_contact(self) -> None:
         who = urwid.Edit("Id:       ")
@@ -439,7 +768,7 @@ class App:
             self.say("Add contacts first (F2): a group is made from them.", error=True)
             return
         name = urwid.Edit("Group name: ")
-        boxes = [urwid.CheckBox(f"{nick} ({cid})") for cid, nick in contacts]
+        boxes = [urwid.CheckBox(f"{safe(nick, self.marker)} ({cid})") for cid, nick in contacts]
         problem = urwid.Text("")
         items = [name, urwid.Divider(), urwid.Text("Members (Space ticks, Enter creates):")]
         items += boxes + [urwid.Divider(), problem, urwid.Text("Esc: cancel")]
@@ -498,6 +827,8 @@ class App:
 
     def show_dialog(self, title: str, body: urwid.Widget, on_key, height: int | None = None) -> None:
         self.dialog = Dialog(title, body, on_key, height)
+        # What arrives while a dialog covers the conversation is not read yet.
+        self.model.visible = False
         self.root.original_widget = urwid.Overlay(
             self.dialog,
             self.frame,
@@ -512,21 +843,13 @@ class App:
     def close_dialog(self) -> bool:
         self.dialog = None
         self.root.original_widget = self.frame
+        self.model.visible = True
+        cid = self.model.open_id
+        if cid in self.model.conversations and self.model.conversations[cid].unread:
+            # What came meanwhile is on screen now: read, without moving the view.
+            self.model.open(cid)
+            self._dirty_rows.add(cid)
         return True
-
-
-class _SizedScreen(urwid.display.common.BaseScreen):
-    """A screen that is never started: MainLoop.process_input needs only its size."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.size = size
-
-    def get_cols_rows(self):
-        return self.size
-
-    def draw_screen(self, size, canvas) -> None:
-        pass
 
 
 class _KeyRoot(urwid.WidgetWrap):
@@ -544,9 +867,9 @@ class _KeyRoot(urwid.WidgetWrap):
         return True
 
     def keypress(self, size, key):
-        if self.app.handle_key(key):
-            return None
         try:
+            if self.app.handle_key(key):
+                return None
             return super().keypress(size, key)
         except urwid.ExitMainLoop:
             raise
@@ -554,3 +877,6 @@ class _KeyRoot(urwid.WidgetWrap):
             self.app.log.failure("a widget failed on {key!r}", key=key)
             self.app.say(f"Something went wrong: {e}", error=True)
             return None
+        finally:
+            # urwid draws right after its input: let that draw show what the key changed.
+            self.app.apply()
