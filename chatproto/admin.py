@@ -25,6 +25,7 @@ from .domain import hash_secret
 from .service import DEFAULT_DB
 from .store import HELD_MESSAGE
 from .store.sqlite import SCHEMA_VERSION, schema_version
+from .version import describe
 
 #: Milliseconds a command waits for the server's transaction to end.
 BUSY_TIMEOUT_MS = 5000
@@ -280,6 +281,11 @@ def cmd_backup(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
     partial = f"{target}.partial-{os.getpid()}"
     started = time.monotonic()
     try:
+        # Readable by its owner alone, whatever the umask: it holds every message
+        # and every secret's hash (SQLite gives its journal the same mode).
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
         copy = sqlite3.connect(partial, isolation_level=None)
         try:
             conn.backup(copy)
@@ -425,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=describe(), help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = commands.add_parser(

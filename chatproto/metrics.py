@@ -9,6 +9,7 @@ says what each figure counts.
 
 from __future__ import annotations
 
+import platform
 import sqlite3
 import threading
 import time
@@ -19,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import wire
+from .version import chatproto_version, twisted_version
 
 #: Label values for the reasons of a 12 frame: the wire constant's name.
 REASON_NAME = {
@@ -107,12 +109,14 @@ class ChatCollector:
             "chatproto_slow_reader_backlog_bytes",
             "chatproto_store_queue_operations",
             "chatproto_messages_queued",
+            "chatproto_build_info",
         ):
             yield GaugeMetricFamily(name, "")
         for name in ("chatproto_frames_received", "chatproto_frames_sent", "chatproto_errors"):
             yield CounterMetricFamily(name, "")
 
     def collect(self):
+        yield self.build_info()
         stats = self.factory.stats
         yield GaugeMetricFamily(
             "chatproto_connections_open", "Client connections open.", value=self.factory.connections
@@ -165,6 +169,28 @@ class ChatCollector:
                     f"{self.queued.refresh:g} s at most).",
                     value=count,
                 )
+
+    def build_info(self) -> GaugeMetricFamily:
+        """Always 1; what is running is in its labels, so that a dashboard can tell
+        which version (and store) each server runs, and when that changed."""
+        family = GaugeMetricFamily(
+            "chatproto_build_info",
+            "The chatproto running: its version, Python's, Twisted's, and its store (always 1).",
+            labels=["version", "python", "twisted", "store"],
+        )
+        family.add_metric(
+            [chatproto_version(), platform.python_version(), twisted_version(), self.store_kind], 1
+        )
+        return family
+
+    @property
+    def store_kind(self) -> str:
+        store = getattr(self.store, "inner", self.store)  # a test's recording wrapper
+        name = type(store).__name__.lower()
+        for kind in ("sqlite", "postgres", "memory"):
+            if kind in name:
+                return kind
+        return name
 
 
 def _by_label(family, counts, label):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from functools import partial
 
@@ -13,6 +14,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from . import config
+from .config import endpoint_description  # noqa: F401 - imported from here by others
 from .cork import Cork
 from .domain import DatabaseRouting, Domain, LocalRouting
 from .server import ChatFactory, Limits
@@ -28,26 +31,61 @@ GC_THRESHOLD = 100_000
 SHUTDOWN_TIMEOUT = 10.0
 
 
-def endpoint_description(value: str) -> str:
-    """A bare port number is shorthand for a TCP endpoint on every interface."""
-    return f"tcp:{value}" if value.isdigit() else value
+def _help(text: str, default) -> str:
+    return text if default is None else f"{text} [default: {default}]"
+
+
+#: Each setting's value when neither the command line nor --config gives one.
+DEFAULTS = {
+    "port": DEFAULT_PORT,
+    "db": DEFAULT_DB,
+    "metrics": None,
+    "shutdown-timeout": SHUTDOWN_TIMEOUT,
+    "max-frame-rate": Limits.frame_rate,
+    "frame-burst": Limits.frame_burst,
+    "max-connections": Limits.max_connections,
+    "max-held": DEFAULT_MAX_HELD,
+    "login-timeout": Limits.login_timeout,
+    "max-buffer": Limits.max_buffer,
+    "require-secrets": False,
+}
 
 
 class Options(usage.Options):
-    synopsis = "[--port ENDPOINT] [--db PATH] [--metrics ENDPOINT] [--require-secrets]"
+    synopsis = "[--config FILE] [--port ENDPOINT] [--db PATH] [--metrics ENDPOINT] [--require-secrets]"
     longdesc = (
         "Run the chatproto server. ENDPOINT is a Twisted endpoint string "
         "(tcp:7000, tcp:7000:interface=127.0.0.1, ssl:7443:privateKey=key.pem:certKey=cert.pem, "
-        "unix:/run/chat.sock) or a bare port number, shorthand for tcp:PORT."
+        "unix:/run/chat.sock, systemd:domain=INET:index=0) or a bare port number, shorthand for "
+        "tcp:PORT. Every option can also be set in the --config file (TOML, the option's name "
+        "without its dashes as the key); the command line overrides the file. A setting that "
+        "cannot be used stops the server with one line and exit status 1."
     )
+    # The defaults are None here so that postOptions can tell what the command line gave
+    # from what it did not (the file then decides); the real ones are in DEFAULTS.
     optParameters = [
-        ["port", "p", DEFAULT_PORT, "Where to listen: an endpoint string, or a bare port number."],
+        [
+            "config",
+            "c",
+            None,
+            "A TOML file of settings (e.g. /etc/chatproto/chat.toml); the command line overrides it.",
+        ],
+        [
+            "port",
+            "p",
+            None,
+            _help("Where to listen: an endpoint string, or a bare port number.", DEFAULT_PORT),
+        ],
         [
             "db",
             "d",
-            DEFAULT_DB,
-            "SQLite database file, created if missing; ':memory:' keeps nothing after exit; "
-            "or a postgresql://USER@HOST/DBNAME URL, which several nodes may share.",
+            None,
+            _help(
+                "SQLite database file, created if missing (mode 0600); ':memory:' keeps nothing after "
+                "exit; or a postgresql://USER@HOST/DBNAME URL, which several nodes may share (its "
+                "password from PGPASSWORD, PGPASSFILE or ?passfile=, never the command line).",
+                DEFAULT_DB,
+            ),
         ],
         [
             "metrics",
@@ -59,39 +97,42 @@ class Options(usage.Options):
         [
             "shutdown-timeout",
             None,
-            SHUTDOWN_TIMEOUT,
-            "Seconds a stop waits for clients to read their last frames before dropping them.",
-            float,
+            None,
+            _help("Seconds a stop waits for clients to read their last frames before dropping them.", 10),
         ],
         [
             "max-frame-rate",
             None,
-            Limits.frame_rate,
-            "Frames per second one connection may send (0: no limit).",
-            float,
+            None,
+            _help("Frames per second one connection may send (0: no limit).", 2000),
         ],
-        ["frame-burst", None, Limits.frame_burst, "Frames one connection may send in a burst.", float],
-        ["max-connections", None, Limits.max_connections, "Open connections at most (0: no limit).", int],
+        ["frame-burst", None, None, _help("Frames one connection may send in a burst.", 10000)],
+        [
+            "max-connections",
+            None,
+            None,
+            _help("Open connections at most (0: no limit).", Limits.max_connections),
+        ],
         [
             "max-held",
             None,
-            DEFAULT_MAX_HELD,
-            "Messages that may wait for one offline user; past it a sender is told 12 05 11 (0: no cap).",
-            int,
+            None,
+            _help(
+                "Messages that may wait for one offline user; past it a sender is told 12 05 11 (0: no cap).",
+                DEFAULT_MAX_HELD,
+            ),
         ],
         [
             "login-timeout",
             None,
-            Limits.login_timeout,
-            "Seconds a connection may wait before logging in.",
-            float,
+            None,
+            _help("Seconds a connection may wait before logging in.", 60),
         ],
         [
             "max-buffer",
             None,
-            Limits.max_buffer,
-            "Bytes written to a client that stopped reading before it is dropped.",
-            int,
+            None,
+            _help("Bytes written to a client that stopped reading before it is dropped.", Limits.max_buffer),
         ],
     ]
     optFlags = [
@@ -102,10 +143,29 @@ class Options(usage.Options):
         ],
     ]
 
+    def opt_version(self):
+        """Print chatproto's version (and Twisted's and Python's) and exit."""
+        from .version import describe
+
+        print(describe())
+        raise SystemExit(0)
+
     def postOptions(self):
-        self["port"] = endpoint_description(self["port"])
-        if self["metrics"]:
-            self["metrics"] = endpoint_description(self["metrics"])
+        # Said in one line with exit status 1, not twist's usage screen: a service
+        # manager's log shows the one line that says what to fix.
+        given = {name: self[name] for name in DEFAULTS if name in self and self[name] is not None}
+        given.pop("require-secrets", None)
+        if self["require-secrets"]:
+            given["require-secrets"] = True
+        try:
+            self.update(config.settle(given, self["config"], DEFAULTS))
+        except config.ConfigError as e:
+            raise SystemExit(f"chatproto: {e}") from None
+        if config.password_in_url(self["db"]) and "db" in given:
+            sys.stderr.write(
+                "chatproto: warning: the --db URL holds a password, which every local user can read "
+                "with ps; put the URL in --config, or the password in PGPASSWORD or a PGPASSFILE\n"
+            )
 
 
 class ChatService(Service):
@@ -135,13 +195,16 @@ class ChatService(Service):
         self.metrics_port = None
 
     def startService(self):
+        from . import startup  # which imports this module
+
         super().startService()
         d = self.domain.start()
         d.addCallback(lambda _: _tune_garbage_collector())
-        d.addCallback(lambda _: self._endpoint.listen(self.factory))
+        d.addCallback(lambda _: startup.step("--port", self._endpoint.listen, self.factory))
         d.addCallback(self._listening)
         if self.metrics is not None:
-            d.addCallback(lambda _: self._metrics_endpoint.listen(self.metrics.site()))
+            site = self.metrics.site()
+            d.addCallback(lambda _: startup.step("--metrics", self._metrics_endpoint.listen, site))
             d.addCallback(self._serving_metrics)
         d.addErrback(self._failed)
         return d
@@ -155,8 +218,10 @@ class ChatService(Service):
         self.log.info("metrics at http://{address.host}:{address.port}/metrics", address=port.getHost())
 
     def _failed(self, failure):
-        self.log.failure("chatproto could not start", failure)
-        self._reactor.stop()
+        from . import startup
+
+        # One line and exit status 1 once the reactor has stopped (and the store closed).
+        startup.abort(self._reactor, failure)
 
     def stopService(self):
         """Stop in an order that loses nothing a client was told.

@@ -15,6 +15,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatproto.metrics import Metrics, QueuedMessages, StoreFigures
+from chatproto.version import chatproto_version
 
 from .helpers import f_online, f_send, s_delivered, s_error, s_message, ts
 from .test_e2e_server import DEADLINE, free_port
@@ -24,6 +25,24 @@ from .test_e2e_server import DEADLINE, free_port
 
 def sample(metrics: Metrics, name: str, **labels) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
+
+
+def test_build_info_names_the_versions_and_the_store(make_net):
+    import platform
+
+    import twisted
+    from chatproto.version import chatproto_version
+
+    net = make_net("sqlite")
+    metrics = Metrics(net.factory, net.domain, net.store.inner, StoreFigures())
+    labels = {
+        "version": chatproto_version(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "store": "sqlite",
+    }
+    assert sample(metrics, "chatproto_build_info", **labels) == 1
+    assert chatproto_version() != "unknown"
 
 
 def test_the_collector_reports_the_counters_and_state(make_net):
@@ -156,6 +175,8 @@ def test_the_endpoint_moves_with_two_clients_chatting(server):  # noqa: F811 - t
     setup.close()
     before = wait_for(mport, "chatproto_connections_open", 0)
     assert value(before, "chatproto_users_online") == 0
+    (build,) = [labels for name, labels in before if name == "chatproto_build_info"]
+    assert dict(build)["store"] == "sqlite" and dict(build)["version"] == chatproto_version()
     assert value(before, "chatproto_frames_received_total", code="01") == 2
     assert value(before, "chatproto_frames_sent_total", code="02") == 2
 

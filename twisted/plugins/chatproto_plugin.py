@@ -1,5 +1,5 @@
 from twisted.application.service import ServiceMaker
 
 chat = ServiceMaker(
-    "chatproto", "chatproto.service", "A chat server speaking the chatproto wire contract.", "chat"
+    "chatproto", "chatproto.startup", "A chat server speaking the chatproto wire contract.", "chat"
 )

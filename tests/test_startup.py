@@ -1,0 +1,285 @@
+"""The real ``twist chat`` as an administrator meets it: a start that cannot
+succeed is one line and exit status 1; SIGHUP reopens the log file; --config;
+--version; socket activation. Every test runs the real command."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chatproto.version import chatproto_version
+
+from .test_e2e_server import DEADLINE, REPO, Client, free_port
+
+TWIST = [sys.executable, "-m", "twisted"]
+
+
+def twist_chat(*args: str, cwd=REPO, env=None) -> subprocess.CompletedProcess:
+    """``twist chat ARGS`` to its end; a start that hangs fails the test by its timeout."""
+    return subprocess.run(
+        [*TWIST, "chat", *args], cwd=cwd, capture_output=True, text=True, timeout=30, env=env
+    )
+
+
+def assert_one_line(done: subprocess.CompletedProcess, *expected: str) -> str:
+    """Exit status 1, no traceback anywhere, and one line on stderr holding each of ``expected``."""
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    (line,) = lines
+    assert line.startswith("chatproto: "), line
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+def loopback(port: int) -> str:
+    return f"tcp:{port}:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "option, value, reason",
+    [
+        ("--port", "nonsense", "Unknown endpoint type"),
+        ("--port", "tcp:seven", "invalid literal"),
+        ("--port", "ssl:7443:privateKey=/nonexistent/key.pem", "/nonexistent/key.pem"),
+        ("--port", "systemd:domain=INET:index=0", "systemd passed no socket"),
+        ("--metrics", "localhost:9100", "Unknown endpoint type"),
+        ("--max-held", "lots", "not a whole number"),
+        ("--max-frame-rate", "-1", "must not be negative"),
+        ("--login-timeout", "soon", "not a number"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_status_1(tmp_path, option, value, reason):
+    done = twist_chat("--db", str(tmp_path / "chat.sqlite3"), option, value)
+    assert_one_line(done, f"{option} {value}", reason)
+    assert not (tmp_path / "chat.sqlite3").exists(), "the store opened before the settings were checked"
+
+
+@pytest.mark.parametrize("option", ["--port", "--metrics"])
+def test_an_address_in_use_is_one_line_and_status_1(tmp_path, option):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    db = tmp_path / "chat.sqlite3"
+    try:
+        args = {"--port": loopback(free_port()), "--metrics": None, option: loopback(busy)}
+        argv = [a for name, v in args.items() if v for a in (name, v)]
+        started = time.monotonic()
+        done = twist_chat("--db", str(db), *argv)
+    finally:
+        taken.close()
+    assert_one_line(done, option, f"127.0.0.1:{busy}", "Address already in use")
+    assert time.monotonic() - started < 15
+    # The store had opened: it was closed as at any stop (no -wal left behind).
+    assert db.exists() and not (tmp_path / "chat.sqlite3-wal").exists()
+
+
+def test_a_database_that_cannot_be_opened_is_named(tmp_path):
+    path = str(tmp_path / "no-such-dir" / "chat.sqlite3")
+    assert_one_line(twist_chat("--port", loopback(free_port()), "--db", path), path, "unable to open")
+
+
+def test_a_file_that_is_not_a_database_is_named(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database, " * 100)
+    assert_one_line(twist_chat("--port", loopback(free_port()), "--db", str(path)), str(path))
+
+
+def test_postgresql_that_cannot_be_reached_is_one_line_and_status_1(tmp_path):
+    url = f"postgresql://chat@127.0.0.1:{free_port()}/chat"
+    assert_one_line(twist_chat("--port", loopback(free_port()), "--db", url), "cannot connect to PostgreSQL")
+
+
+def test_a_password_on_the_command_line_is_warned_about_and_never_printed(tmp_path):
+    url = f"postgresql://chat:hunter2@127.0.0.1:{free_port()}/chat"
+    done = twist_chat("--port", loopback(free_port()), "--db", url)
+    assert done.returncode == 1
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "every local user can read" in done.stderr
+
+
+def test_a_new_database_is_readable_by_its_owner_alone(server, tmp_path):
+    old = os.umask(0o022)
+    try:
+        srv = server()
+    finally:
+        os.umask(old)
+    srv.client().register()
+    assert srv.stop() in (0, -signal.SIGTERM)
+    assert stat.S_IMODE(os.stat(srv.db).st_mode) == 0o600
+
+
+def test_version_names_chatproto_and_twisted():
+    import twisted
+
+    done = subprocess.run([*TWIST, "chat", "--version"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"chatproto {chatproto_version()} (Twisted {twisted.__version__}, Python ")
+    assert chatproto_version() != "unknown"
+
+
+# -- --config ------------------------------------------------------------------------
+
+
+def wait_for_port(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the server never listened"
+            select.select([], [], [], 0.02)
+
+
+def test_settings_come_from_the_config_file_and_the_command_line_wins(tmp_path):
+    from_file, from_cli = free_port(), free_port()
+    conf = tmp_path / "chat.toml"
+    conf.write_text(
+        f'port = "{loopback(from_file)}"\n'
+        f'db = "{tmp_path / "from-file.sqlite3"}"\n'
+        "require-secrets = true\n"
+        "max-held = 5\n"
+    )
+    proc = subprocess.Popen(
+        [*TWIST, "chat", "--config", str(conf), "--port", loopback(from_cli)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(from_cli, proc)
+        client = Client(from_cli)
+        client.send(b"01")  # refused: require-secrets came from the file
+        (answer,) = client.read(1)
+        assert answer[:2] == b"12", answer
+        assert (tmp_path / "from-file.sqlite3").exists()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", from_file), timeout=1).close()
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("prot = 7000\n", "unknown setting 'prot'"),
+        ("max-held = 'many'\n", "max-held = 'many': not a whole number"),
+        ("require-secrets = 1\n", "not true or false"),
+        ('port = "nonsense"\n', "port = nonsense: not an endpoint"),
+        ("port = [\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, text, reason):
+    conf = tmp_path / "chat.toml"
+    conf.write_text(text)
+    assert_one_line(twist_chat("--config", str(conf), "--db", str(tmp_path / "c.sqlite3")), str(conf), reason)
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    assert_one_line(twist_chat("--config", str(tmp_path / "nope.toml")), "nope.toml", "cannot read")
+
+
+# -- SIGHUP --------------------------------------------------------------------------
+
+
+def wait_for_text(path, text: str) -> str:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        assert time.monotonic() < deadline, f"no {text!r} in {path}:\n{content}"
+        select.select([], [], [], 0.02)
+
+
+def test_sighup_reopens_the_log_file_and_the_server_goes_on(tmp_path):
+    """logrotate's habit: move the file away, SIGHUP, and the server writes a new one."""
+    log, rotated = tmp_path / "chat.log", tmp_path / "chat.log.1"
+    port = free_port()
+    proc = subprocess.Popen(
+        [*TWIST, "--log-format=text", f"--log-file={log}", "chat"]
+        + ["--port", loopback(port), "--db", str(tmp_path / "chat.sqlite3")],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, proc)
+        wait_for_text(log, "chatproto listening on")
+        log.rename(rotated)
+        proc.send_signal(signal.SIGHUP)
+        wait_for_text(log, f"SIGHUP: reopened the log file {log}")
+        client = Client(port)
+        client.send(b"01")
+        (made,) = client.read(1)
+        assert made[:2] == b"02", made
+        wait_for_text(log, "registered")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGHUP)  # twice: the handler stays
+        wait_for_text(log, "SIGHUP: reopened")
+        client.sock.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(DEADLINE)
+    assert code in (0, -signal.SIGTERM), proc.stderr.read()
+    assert "chatproto stopped in" in log.read_text()
+    assert "registered" not in rotated.read_text()
+    assert not (tmp_path / "chat.sqlite3-wal").exists()
+
+
+def test_sighup_without_a_log_file_does_not_stop_the_server(server):
+    srv = server()
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_for_text(srv.log, "SIGHUP: the log goes to standard output")
+    srv.client().register()
+    assert srv.stop() in (0, -signal.SIGTERM)
+
+
+# -- socket activation ----------------------------------------------------------------
+
+
+def test_socket_activation_through_the_systemd_endpoint(tmp_path):
+    """As systemd passes a socket: fd 3, LISTEN_FDS=1, LISTEN_FDNAMES, and LISTEN_PID the server's pid."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="chatproto.socket")
+    # sh sets LISTEN_PID to its own pid, which exec hands on to Python.
+    command = " ".join(
+        [*TWIST, "chat", "--port", "systemd:domain=INET:index=0", "--db", str(tmp_path / "chat.sqlite3")]
+    )
+    proc = subprocess.Popen(
+        ["sh", "-c", f"LISTEN_PID=$$ exec {command}"],
+        cwd=REPO,
+        env=env,
+        pass_fds=(3,),
+        preexec_fn=lambda: os.dup2(listener.fileno(), 3),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    listener.close()
+    try:
+        client = Client(port)
+        client.send(b"01")
+        (made,) = client.read(1)
+        assert made[:2] == b"02", made
+        client.sock.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(DEADLINE)
+    assert code in (0, -signal.SIGTERM), proc.stderr.read()
