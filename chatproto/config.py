@@ -11,9 +11,9 @@ that names the setting and the value.
 
 from __future__ import annotations
 
+import tomllib
 from urllib.parse import urlsplit
 
-import tomllib
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
