@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import urwid
 from chatproto_tui.__main__ import parse_args
 from chatproto_tui.keys import CONTEXT_TITLES, KEYS, help_lines
 from chatproto_tui.theme import REQUIRED_STYLES, THEMES, TICKS
-from chatproto_tui.ui import App
+from chatproto_tui.ui import NOTICE_SECONDS, App
 
 from chatproto import wire
+from chatproto.client import ChatClient
 
-from .client_fakes import BOB, CAROL, GROUP, ME, T0, b, drop, make_model, online
+from .client_fakes import BOB, CAROL, GROUP, ME, T0, FakeEndpoint, b, drop, make_model, online
 
 
 def incoming(src, dst, ts, text):
@@ -80,7 +82,34 @@ def test_status_line_shows_own_id_and_connection_state(live):
     assert f"you: {ME}" in app.render_text().splitlines()[0]
     assert "connected" in app.render_text().splitlines()[0]
     drop(protocol)
-    assert "reconnecting" in app.render_text().splitlines()[0]
+    assert "lost the server: the connection closed, retrying in 1 s, F5 now" in app.render_text((100, 24))
+
+
+def test_status_line_names_the_server_the_reason_and_the_retry_and_never_wraps(tmp_path):
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    endpoint.down = True
+    client = ChatClient(clock, endpoint, model, retry_policy=lambda attempt: 8.0)
+    client.address = "127.0.0.1:7000"
+    app = App(model, client)
+    client.start()
+    wide = app.render_text((120, 24)).splitlines()[0]
+    assert "cannot connect to 127.0.0.1:7000: connection refused, retrying in 8 s, F5 now" in wide
+    assert f"you: {ME}" in wide and "F1 help" in wide
+    clock.advance(3)
+    assert "retrying in 5 s" in app.render_text((120, 24)).splitlines()[0]
+    narrow = app.render_text((40, 12)).splitlines()
+    assert narrow[0].rstrip() == " ● 127.0.0.1:7000 refused, 5 s, F5"
+    assert len(narrow[0]) == 40 and "Conversations" not in narrow[1]
+    for width in (20, 30, 50, 60, 80):
+        lines = app.render_text((width, 12)).splitlines()
+        assert len(lines[0]) == width and "●" in lines[0]  # one line, the state always on it
+    endpoint.down = False
+    clock.advance(5)
+    assert "logging in to 127.0.0.1:7000" in app.render_text((120, 24)).splitlines()[0]
+    endpoint.last[0].dataReceived(wire.online_ok(b(ME)))
+    assert "connected to 127.0.0.1:7000" in app.render_text((120, 24)).splitlines()[0]
+    assert app.render_text((40, 12)).splitlines()[0].rstrip() == f" {ME} ● connected"
 
 
 def test_conversation_list_has_unread_counts_and_newest_first(live):
@@ -259,3 +288,39 @@ def test_options():
     )
     assert parse_args([]).server is None  # main() falls back to tcp:localhost:7000
     assert parse_args(["--server", "h:7000", "--server", "h:7001"]).server == ["h:7000", "h:7001"]
+
+
+def test_notices_leave_after_a_few_seconds_or_at_the_next_key(live):
+    app, _, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    words = " ".join(f"word{i:03d}" for i in range(60))
+    app.input.set_edit_text(words)
+    app.press("enter")
+    assert sent_texts(transport)[1].startswith("word")
+    assert "it went as 3 messages" in app.render_text()
+    app.model.clock.advance(NOTICE_SECONDS + 0.1)
+    assert "it went as 3 messages" not in app.render_text()
+    app.input.set_edit_text(words)
+    app.press("enter")
+    assert "it went as 3 messages" in app.render_text()
+    app.press("x")
+    assert "it went as 3 messages" not in app.render_text()
+    app.press("f5")
+    assert "Reconnecting…" in app.render_text()
+    app.model.set_status("connected")
+    assert "Reconnecting…" not in app.render_text()
+
+
+def test_a_long_message_is_shown_as_one_text_in_the_senders_view(live):
+    app, _, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    app.input.set_edit_text(" ".join(f"word{i:03d}" for i in range(60)))
+    app.press("enter")
+    screen = app.render_text((100, 30))
+    # One "me:" for the three parts, every word whole, the last part under the first.
+    assert screen.count("me:") == 1
+    words = re.findall(r"word\d+", screen)
+    assert words == [f"word{i:03d}" for i in range(60)]
+    assert screen.index("word059") > screen.index("me: word000")
