@@ -324,3 +324,63 @@ def test_a_long_message_is_shown_as_one_text_in_the_senders_view(live):
     words = re.findall(r"word\d+", screen)
     assert words == [f"word{i:03d}" for i in range(60)]
     assert screen.index("word059") > screen.index("me: word000")
+
+
+def test_version_and_help_name_the_quit_key_and_f1(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit):
+        parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"chat-client {importlib.metadata.version('chatproto')}"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Ctrl-Q quits" in out and "F1 lists every key" in out and "F2 adds a contact" in out
+
+
+def test_input_history_and_the_readline_keys(live):
+    app, _, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down", *"first", "enter", *"second one", "enter")
+    assert sent_texts(transport) == ["first", "second one"]
+    app.press(*"draft", "up")
+    assert app.input.edit_text == "second one"
+    app.press("up", "up")
+    assert app.input.edit_text == "first"
+    app.press("down", "down")
+    assert app.input.edit_text == "draft"
+    app.input.set_edit_text("")
+    app.press(*"one two three", "ctrl a", "x", "ctrl e", "y")
+    assert app.input.edit_text == "xone two threey"
+    app.press("meta b", "meta b", "ctrl k")
+    assert app.input.edit_text == "xone "
+    app.press(*"two three", "ctrl w")
+    assert app.input.edit_text == "xone two "
+    app.press("meta b", "meta f", "ctrl u")
+    assert app.input.edit_text == " "
+    # Inside a message of several lines, Up and Down move between its lines.
+    app.input.set_edit_text("")
+    app.press("a", "meta enter", "b", "up")
+    assert app.input.edit_text == "a\nb" and app.input.edit_pos <= 1
+    app.press("f1")
+    screen = app.render_text((150, 80))
+    assert "Ctrl-A" in screen and "Alt-A" in screen and "Ctrl-W" in screen
+
+
+def test_next_unread_key_opens_conversations_with_unread_messages_in_turn(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.model.add_contact(CAROL, "Carol")
+    app.press("meta down")
+    dave = "0555555555555"
+    protocol.dataReceived(incoming(CAROL, ME, T0, "c1"))
+    app.model.clock.advance(1)
+    protocol.dataReceived(incoming(dave, ME, T0, "d1"))
+    protocol.dataReceived(incoming(BOB, ME, T0 + 1, "read at once"))
+    # Dave wrote last, so he is above Carol in the list: his turn first.
+    app.press("meta a")
+    assert app.model.open_id == dave
+    app.press("meta a")
+    assert app.model.open_id == CAROL and "Carol: c1" in app.render_text()
+    app.press("meta a")
+    assert app.model.open_id == CAROL and "No unread messages." in app.render_text()
