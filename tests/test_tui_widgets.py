@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,84 @@ def test_next_unread_key_opens_conversations_with_unread_messages_in_turn(live):
     assert app.model.open_id == CAROL and "Carol: c1" in app.render_text()
     app.press("meta a")
     assert app.model.open_id == CAROL and "No unread messages." in app.render_text()
+
+
+def test_page_keys_move_a_screenful_and_new_messages_below_are_announced(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, f"line {i:03d}") for i in range(100)))
+    size = (80, 24)
+    assert "line 099" in app.render_text(size)
+    app.press("page up", size=size)
+    screen = app.render_text(size)
+    # A screenful (20 rows: 080-099 were on screen), at the first press.
+    assert "line 080" not in screen and "line 079" in screen and "line 060" in screen
+    protocol.dataReceived(incoming(BOB, ME, T0 + 200, "arrived while away"))
+    screen = app.render_text(size)
+    assert "▼ 1 new message below" in screen and "arrived while away" not in screen
+    app.press("meta end", size=size)
+    screen = app.render_text(size)
+    assert "arrived while away" in screen and "new message below" not in screen
+    app.press("meta home", size=size)
+    assert "line 000" in app.render_text(size)
+    app.press("page down", size=size)
+    assert "line 000" not in app.render_text(size)
+
+
+def test_opening_a_conversation_marks_where_the_unread_messages_start(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    protocol.dataReceived(incoming(BOB, ME, T0, "already read"))
+    app.model.add_contact(CAROL, "Carol")
+    app.press("meta down")  # now Carol's is open; Bob's messages wait
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, f"unread {i}") for i in range(1, 4)))
+    app.open(BOB)
+    lines = app.render_text().splitlines()
+    marker = next(i for i, x in enumerate(lines) if "new messages" in x)
+    assert "already read" in lines[marker - 1] and "unread 1" in lines[marker + 1]
+
+
+def test_bidi_and_other_format_characters_are_neutralised(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "B\u202eob")
+    app.press("meta down")
+    protocol.dataReceived(incoming(BOB, ME, T0, "abc\u202edef\u2066x\u2069 \u200bz\x1b[31m"))
+    screen = app.render_text()
+    assert not any(ch in screen for ch in "\u202e\u2066\u2069\u200b\x1b")
+    assert "B\ufffdob: abc\ufffddef\ufffdx\ufffd \ufffdz\ufffd[31m" in screen
+
+
+def test_a_timestamp_a_day_off_is_filed_by_arrival_with_the_senders_time_beside_it(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    protocol.dataReceived(
+        incoming(BOB, ME, 1_000_000_000, "from 2001") + incoming(BOB, ME, 9_999_999_999, "2286")
+    )
+    screen = app.render_text((100, 24))
+    assert "2001 —" not in screen and "2286 —" not in screen
+    assert time.strftime("%a %d %b %Y", time.localtime(T0)) in screen
+    assert f"(sent {time.strftime('%Y-%m-%d %H:%M', time.localtime(1_000_000_000))}) Bob: from 2001" in screen
+    assert "(sent 2286-" in screen
+
+
+def test_below_60_columns_the_list_folds_away_and_a_key_brings_it_back(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down", size=(40, 12))
+    protocol.dataReceived(incoming(BOB, ME, T0, "x" * 30))
+    lines = app.render_text((40, 12)).splitlines()
+    assert "Conversations" not in "\n".join(lines) and "x" * 30 in "\n".join(lines)
+    app.press("f4", size=(40, 12))
+    lines = app.render_text((40, 12)).splitlines()
+    assert lines[1].startswith("Conversations") and "Bob: x" not in "\n".join(lines)
+    app.press("enter", size=(40, 12))  # opens the selected one: the list folds again
+    assert "Conversations" not in app.render_text((40, 12))
+    assert "Conversations" in app.render_text((100, 24))
+    app.press("f4", size=(100, 24))
+    assert "Conversations" not in app.render_text((100, 24))
+    app.press("f1", size=(40, 12))
+    help_lines_ = app.render_text((40, 12)).splitlines()
+    assert any("Show this help" in x for x in help_lines_)  # a line of its own, not an 8-column strip

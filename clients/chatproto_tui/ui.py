@@ -636,7 +636,7 @@ class App:
                 context = title
                 rows.append(urwid.Text(("help_key", title)))
             if narrow:
-                rows += [urwid.Text("  " + keys), urwid.Text("      " + text)]
+                rows += [urwid.Text("  " + keys), urwid.Padding(urwid.Text(text), left=6)]
             else:
                 rows.append(urwid.Columns([("given", 26, urwid.Text("  " + keys)), urwid.Text(text)]))
         rows += [urwid.Divider(), urwid.Text(("help_key", "Ticks on your messages"))]
@@ -952,6 +952,7 @@ class _KeyRoot(urwid.WidgetWrap):
         return True
 
     def keypress(self, size, key):
+        self.app.body.maxcol = size[0]  # the body is as wide as the screen
         try:
             if self.app.handle_key(key):
                 return None
