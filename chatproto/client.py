@@ -68,6 +68,38 @@ def endpoint_description(value: str) -> str:
     return value
 
 
+def endpoint_address(description: str) -> str:
+    """What to call a server on screen: ``host:port`` of a TCP or TLS endpoint, a socket's path."""
+    kind, _, rest = endpoint_description(description).partition(":")
+    args = [a for a in rest.split(":") if "=" not in a]
+    if not args:
+        return description
+    return args[0] if kind == "unix" else ":".join(args[:2])
+
+
+def failure_reason(failure) -> tuple[str, str]:
+    """Why a connection failed or was lost: a phrase for the status line, and a shorter one."""
+    from twisted.internet import error
+
+    value = failure.value
+    text = str(value)
+    if "certificate verify failed" in text or type(value).__name__ in ("VerificationError",):
+        return "certificate not trusted: see --server tls:…:trustRoots=", "certificate not trusted"
+    if failure.check(error.ConnectionRefusedError):
+        return "connection refused", "refused"
+    if failure.check(error.DNSLookupError):
+        return "no such host", "no such host"
+    if failure.check(error.TimeoutError, error.TCPTimedOutError):
+        return "timed out", "timed out"
+    if failure.check(error.NoRouteError):
+        return "no route to host", "no route"
+    if failure.check(error.ConnectionDone, error.ConnectionLost):
+        return "the connection closed", "closed"
+    if type(value).__module__.startswith("OpenSSL"):
+        return f"TLS failed ({text[:60]})", "TLS failed"
+    return failure.getErrorMessage()[:80], "error"
+
+
 @dataclass(frozen=True)
 class Identity:
     user: str
@@ -110,7 +142,8 @@ def save_identity(path: str, identity: Identity) -> None:
 
 
 def split_text(text: str, limit: int = wire.MSG_LEN) -> list[str]:
-    """The pieces to send: each at most ``limit`` UTF-8 bytes, cut between characters.
+    """The pieces to send: each at most ``limit`` UTF-8 bytes, cut at the last space (or line
+    end) that fits, which the cut takes; between characters only when one word is too long.
 
     NULs cannot travel (the field is NUL-padded), line ends become ``\\n`` and
     trailing blanks are dropped; nothing but blanks means nothing to send.
@@ -120,15 +153,24 @@ def split_text(text: str, limit: int = wire.MSG_LEN) -> list[str]:
     if not text:
         return []
     parts: list[str] = []
-    start = 0
-    size = 0
-    for at, ch in enumerate(text):
-        n = len(ch.encode("utf-8"))
-        if size + n > limit:
-            parts.append(text[start:at])
-            start, size = at, 0
-        size += n
-    parts.append(text[start:])
+    while len(text.encode("utf-8")) > limit:
+        size = 0
+        cut = 0
+        for ch in text:
+            size += len(ch.encode("utf-8"))
+            if size > limit:
+                break
+            cut += 1
+        # A space just past the limit ends a word that fits exactly.
+        space = max(text.rfind(" ", 0, cut + 1), text.rfind("\n", 0, cut + 1))
+        if space > 0 and text[:space].strip():
+            parts.append(text[:space])
+            text = text[space + 1 :]
+        else:
+            parts.append(text[:cut])
+            text = text[cut:]
+    if text.strip():
+        parts.append(text)
     return parts
 
 
@@ -325,6 +367,9 @@ class ClientModel:
         self.connection: ChatClientProtocol | None = None
         self.status = OFFLINE
         self.status_detail = ""
+        #: A shorter status_detail for a narrow screen, and when the next try is (reactor time).
+        self.status_short = ""
+        self.retry_at: float | None = None
         self.open_id: str | None = None
         #: False while the front end covers the open conversation (a dialog): nothing is read then.
         self.visible = True
@@ -508,8 +553,9 @@ class ClientModel:
         self.log.info("registered as {user}", user=user)
         self._emit("identity")
 
-    def set_status(self, status: str, detail: str = "") -> None:
-        self.status, self.status_detail = status, detail
+    def set_status(self, status: str, detail: str = "", short: str = "") -> None:
+        self.status, self.status_detail, self.status_short = status, detail, short
+        self.retry_at = None
         self._emit("status")
 
     def logged_in(self, connection: ChatClientProtocol) -> None:
@@ -795,6 +841,7 @@ class ChatClientProtocol(Protocol):
         self.close()
 
     def connectionLost(self, reason) -> None:
+        self.lost_reason = reason
         self.phase = "closed"
         self.model.disconnected(self)
         # Fire the login with None rather than failing it, and before telling the client:
@@ -818,6 +865,25 @@ class _Factory(Factory):
         )
         self.client.protocol = protocol
         return protocol
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """An endpoint that tells the client which server it tries, and why a try failed."""
+
+    def __init__(self, endpoint, address: str | None, client: ChatClient):
+        self._endpoint, self.address, self._client = endpoint, address, client
+
+    def connect(self, factory) -> Deferred:
+        if self.address is not None:
+            self._client.address = self.address
+        d = self._endpoint.connect(factory)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure):
+        self._client.attempt_failed(self._client.address, failure)
+        return failure
 
 
 @implementer(IStreamClientEndpoint)
@@ -861,15 +927,26 @@ class ChatClient:
     def __init__(self, reactor, server: str | list[str] | object, model: ClientModel, retry_policy=None):
         self.clock = reactor
         self.model = model
+        #: The server being tried or used, as shown on screen.
+        self.address = "the server"
         if isinstance(server, str):
             server = [server]
         if isinstance(server, list):
-            endpoints = [clientFromString(reactor, endpoint_description(s)) for s in server]
+            endpoints = [
+                _ReportingEndpoint(
+                    clientFromString(reactor, endpoint_description(s)), endpoint_address(s), self
+                )
+                for s in server
+            ]
+            self.address = endpoints[0].address
             server = endpoints[0] if len(endpoints) == 1 else FailoverEndpoint(endpoints)
+        else:
+            server = _ReportingEndpoint(server, None, self)
+        self._policy = retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=15.0)
         self.service = ClientService(
             server,
             _Factory(self),
-            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.5, maxDelay=15.0),
+            retryPolicy=self._retry_policy,
             clock=reactor,
             prepareConnection=self._prepare,
         )
@@ -879,8 +956,23 @@ class ChatClient:
 
     def start(self) -> None:
         self._stopped = False
-        self.model.set_status(RECONNECTING)
+        self.model.set_status(RECONNECTING, f"connecting to {self.address}", "connecting")
         self.service.startService()
+
+    def _retry_policy(self, attempt: int) -> float:
+        """The backoff's delay, which the status line counts down."""
+        delay = self._policy(attempt)
+        if not self._stopped:
+            self.model.retry_at = self.clock.seconds() + delay
+            self.model._emit("status")
+        return delay
+
+    def attempt_failed(self, address: str, failure) -> None:
+        if self._stopped:
+            return
+        why, short = failure_reason(failure)
+        self.log.info("cannot connect to {address}: {why}", address=address, why=why)
+        self.model.set_status(RECONNECTING, f"cannot connect to {address}: {why}", f"{address} {short}")
 
     def stop(self) -> Deferred:
         """Close the connection (if any) and stop reconnecting; fires once both are done."""
@@ -910,6 +1002,7 @@ class ChatClient:
         self.model._emit("error", text=sentence)
 
     def _prepare(self, protocol) -> Deferred:
+        self.model.set_status(RECONNECTING, f"logging in to {self.address}", "logging in")
         d = protocol.login()
         d.addCallback(self._logged_in)
         return d
@@ -922,7 +1015,12 @@ class ChatClient:
         if self.protocol is protocol:
             self.protocol = None
         if not self._stopped:
-            self.model.set_status(RECONNECTING)
+            reason = getattr(protocol, "lost_reason", None)
+            why, short = failure_reason(reason) if reason is not None else ("the connection closed", "closed")
+            if why.startswith("certificate"):
+                self.model.set_status(RECONNECTING, why, short)
+            else:
+                self.model.set_status(RECONNECTING, f"lost {self.address}: {why}", f"{self.address} {short}")
             return
         if self.model.status != OFFLINE:
             self.model.set_status(OFFLINE)
@@ -951,7 +1049,9 @@ __all__ = [
     "Message",
     "ProfileError",
     "default_data_dir",
+    "endpoint_address",
     "endpoint_description",
+    "failure_reason",
     "error_sentence",
     "load_identity",
     "save_identity",

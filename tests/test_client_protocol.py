@@ -256,6 +256,20 @@ def test_long_text_is_split_on_character_boundaries():
     assert split_text("a\r\nb\0c\n") == ["a\nbc"]
 
 
+def test_long_text_is_split_at_the_last_space_that_fits():
+    words = " ".join(f"word{i:03d}" for i in range(60))  # 479 bytes, as in issue 20
+    parts = split_text(words)
+    assert [len(p.encode()) <= wire.MSG_LEN for p in parts] == [True] * 3
+    assert " ".join(parts) == words
+    assert all(p.startswith("word") and p[-3:].isdigit() for p in parts)
+    # A word that ends exactly at the limit, and a line end as the place to cut.
+    exact = "a" * 218 + " b"
+    assert split_text(exact) == ["a" * 218, "b"]
+    assert split_text("x" * 200 + "\n" + "y" * 30) == ["x" * 200, "y" * 30]
+    # One word longer than the limit still goes, cut between characters.
+    assert split_text("ok " + "z" * 300) == ["ok", "z" * 218, "z" * 82]
+
+
 def test_a_long_message_goes_out_as_several_frames_with_increasing_timestamps(tmp_path):
     client, endpoint, transport = online(tmp_path)
     model = client.model

@@ -171,7 +171,9 @@ def test_two_people_talk_ticks_tell_the_truth_and_a_server_restart_loses_nothing
 
     # The server restarts: both clients say so, reconnect by themselves, and messages still flow.
     server.stop()
-    tmux.wait("a", r"● reconnecting")
+    # The status line names the server and why it is not connected.
+    down = rf"● (cannot connect to |lost )?127\.0\.0\.1:{server.port}:? ?(connection )?(refused|closed)"
+    tmux.wait("a", down)
     tmux.type("a", "while you were away")
     tmux.keys("a", "Enter")
     tmux.wait("a", r"me: while you were away ◷")
@@ -257,3 +259,35 @@ def test_the_quit_dialog_answers_n_esc_and_y(world):
     tmux.wait("a", r"Quit anyway\?")
     tmux.keys("a", "y")
     wait_for("the client to exit on y", lambda: "a" not in sessions(tmux))
+
+
+def test_a_flood_into_the_open_conversation_never_takes_the_keyboard_away(world):
+    """bench/client_flood.py's run, smaller bounds than its aim (200 ms, 2 s) for a busy CI box."""
+    server, tmux, tmp = world
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from client_flood import flood
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    result = flood(tmux, server.port, tmp, 2000, (100, 30))
+    assert result["errors"] == 0
+    assert result["f1_probes"] >= 1 and result["f1_worst_s"] < 1.0, result
+    assert result["last_on_screen_after_end_s"] < 3.0, result
+    assert result["rate_per_s"] > 500, result
+
+
+def test_a_bracketed_paste_is_text_even_where_it_holds_keys(world):
+    server, tmux, tmp = world
+    tmux.start("a", client_command(server, tmp, "alice"))
+    tmux.start("b", client_command(server, tmp, "bob"))
+    tmux.wait("a", r"● connected")
+    bob = tmux.wait("b", r"you: (\d{13})  ● connected").group(1)
+    add_contact(tmux, "a", bob, "Bob")
+    tmux.run("set-buffer", "?first line\nsecond line")
+    tmux.run("paste-buffer", "-p", "-t", tmux.pane("a"))
+    tmux.wait("a", r">\s*\?first line\s*\n\s*second line")
+    assert "Keys" not in tmux.screen("a")  # the ? opened no help, the line end sent nothing
+    tmux.keys("a", "Enter")
+    tmux.wait("a", r"me: \?first line")
+    tmux.keys("b", "M-Down")
+    tmux.wait("b", r"\?first line\s*\n\s*second line")

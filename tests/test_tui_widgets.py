@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,12 @@ import urwid
 from chatproto_tui.__main__ import parse_args
 from chatproto_tui.keys import CONTEXT_TITLES, KEYS, help_lines
 from chatproto_tui.theme import REQUIRED_STYLES, THEMES, TICKS
-from chatproto_tui.ui import App
+from chatproto_tui.ui import NOTICE_SECONDS, App
 
 from chatproto import wire
+from chatproto.client import ChatClient
 
-from .client_fakes import BOB, CAROL, GROUP, ME, T0, b, drop, make_model, online
+from .client_fakes import BOB, CAROL, GROUP, ME, T0, FakeEndpoint, b, drop, make_model, online
 
 
 def incoming(src, dst, ts, text):
@@ -80,7 +83,34 @@ def test_status_line_shows_own_id_and_connection_state(live):
     assert f"you: {ME}" in app.render_text().splitlines()[0]
     assert "connected" in app.render_text().splitlines()[0]
     drop(protocol)
-    assert "reconnecting" in app.render_text().splitlines()[0]
+    assert "lost the server: the connection closed, retrying in 1 s, F5 now" in app.render_text((100, 24))
+
+
+def test_status_line_names_the_server_the_reason_and_the_retry_and_never_wraps(tmp_path):
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    endpoint.down = True
+    client = ChatClient(clock, endpoint, model, retry_policy=lambda attempt: 8.0)
+    client.address = "127.0.0.1:7000"
+    app = App(model, client)
+    client.start()
+    wide = app.render_text((120, 24)).splitlines()[0]
+    assert "cannot connect to 127.0.0.1:7000: connection refused, retrying in 8 s, F5 now" in wide
+    assert f"you: {ME}" in wide and "F1 help" in wide
+    clock.advance(3)
+    assert "retrying in 5 s" in app.render_text((120, 24)).splitlines()[0]
+    narrow = app.render_text((40, 12)).splitlines()
+    assert narrow[0].rstrip() == " ● 127.0.0.1:7000 refused, 5 s, F5"
+    assert len(narrow[0]) == 40 and "Conversations" not in narrow[1]
+    for width in (20, 30, 50, 60, 80):
+        lines = app.render_text((width, 12)).splitlines()
+        assert len(lines[0]) == width and "●" in lines[0]  # one line, the state always on it
+    endpoint.down = False
+    clock.advance(5)
+    assert "logging in to 127.0.0.1:7000" in app.render_text((120, 24)).splitlines()[0]
+    endpoint.last[0].dataReceived(wire.online_ok(b(ME)))
+    assert "connected to 127.0.0.1:7000" in app.render_text((120, 24)).splitlines()[0]
+    assert app.render_text((40, 12)).splitlines()[0].rstrip() == f" {ME} ● connected"
 
 
 def test_conversation_list_has_unread_counts_and_newest_first(live):
@@ -259,3 +289,180 @@ def test_options():
     )
     assert parse_args([]).server is None  # main() falls back to tcp:localhost:7000
     assert parse_args(["--server", "h:7000", "--server", "h:7001"]).server == ["h:7000", "h:7001"]
+
+
+def test_notices_leave_after_a_few_seconds_or_at_the_next_key(live):
+    app, _, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    words = " ".join(f"word{i:03d}" for i in range(60))
+    app.input.set_edit_text(words)
+    app.press("enter")
+    assert sent_texts(transport)[1].startswith("word")
+    assert "it went as 3 messages" in app.render_text()
+    app.model.clock.advance(NOTICE_SECONDS + 0.1)
+    assert "it went as 3 messages" not in app.render_text()
+    app.input.set_edit_text(words)
+    app.press("enter")
+    assert "it went as 3 messages" in app.render_text()
+    app.press("x")
+    assert "it went as 3 messages" not in app.render_text()
+    app.press("f5")
+    assert "Reconnecting…" in app.render_text()
+    app.model.set_status("connected")
+    assert "Reconnecting…" not in app.render_text()
+
+
+def test_a_long_message_is_shown_as_one_text_in_the_senders_view(live):
+    app, _, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    app.input.set_edit_text(" ".join(f"word{i:03d}" for i in range(60)))
+    app.press("enter")
+    screen = app.render_text((100, 30))
+    # One "me:" for the three parts, every word whole, the last part under the first.
+    assert screen.count("me:") == 1
+    words = re.findall(r"word\d+", screen)
+    assert words == [f"word{i:03d}" for i in range(60)]
+    assert screen.index("word059") > screen.index("me: word000")
+
+
+def test_version_and_help_name_the_quit_key_and_f1(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit):
+        parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"chat-client {importlib.metadata.version('chatproto')}"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Ctrl-Q quits" in out and "F1 lists every key" in out and "F2 adds a contact" in out
+
+
+def test_input_history_and_the_readline_keys(live):
+    app, _, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down", *"first", "enter", *"second one", "enter")
+    assert sent_texts(transport) == ["first", "second one"]
+    app.press(*"draft", "up")
+    assert app.input.edit_text == "second one"
+    app.press("up", "up")
+    assert app.input.edit_text == "first"
+    app.press("down", "down")
+    assert app.input.edit_text == "draft"
+    app.input.set_edit_text("")
+    app.press(*"one two three", "ctrl a", "x", "ctrl e", "y")
+    assert app.input.edit_text == "xone two threey"
+    app.press("meta b", "meta b", "ctrl k")
+    assert app.input.edit_text == "xone "
+    app.press(*"two three", "ctrl w")
+    assert app.input.edit_text == "xone two "
+    app.press("meta b", "meta f", "ctrl u")
+    assert app.input.edit_text == " "
+    # Inside a message of several lines, Up and Down move between its lines.
+    app.input.set_edit_text("")
+    app.press("a", "meta enter", "b", "up")
+    assert app.input.edit_text == "a\nb" and app.input.edit_pos <= 1
+    app.press("f1")
+    screen = app.render_text((150, 80))
+    assert "Ctrl-A" in screen and "Alt-A" in screen and "Ctrl-W" in screen
+
+
+def test_next_unread_key_opens_conversations_with_unread_messages_in_turn(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.model.add_contact(CAROL, "Carol")
+    app.press("meta down")
+    dave = "0555555555555"
+    protocol.dataReceived(incoming(CAROL, ME, T0, "c1"))
+    app.model.clock.advance(1)
+    protocol.dataReceived(incoming(dave, ME, T0, "d1"))
+    protocol.dataReceived(incoming(BOB, ME, T0 + 1, "read at once"))
+    # Dave wrote last, so he is above Carol in the list: his turn first.
+    app.press("meta a")
+    assert app.model.open_id == dave
+    app.press("meta a")
+    assert app.model.open_id == CAROL and "Carol: c1" in app.render_text()
+    app.press("meta a")
+    assert app.model.open_id == CAROL and "No unread messages." in app.render_text()
+
+
+def test_page_keys_move_a_screenful_and_new_messages_below_are_announced(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, f"line {i:03d}") for i in range(100)))
+    size = (80, 24)
+    assert "line 099" in app.render_text(size)
+    app.press("page up", size=size)
+    screen = app.render_text(size)
+    # A screenful (20 rows: 080-099 were on screen), at the first press.
+    assert "line 080" not in screen and "line 079" in screen and "line 060" in screen
+    protocol.dataReceived(incoming(BOB, ME, T0 + 200, "arrived while away"))
+    screen = app.render_text(size)
+    assert "▼ 1 new message below" in screen and "arrived while away" not in screen
+    app.press("meta end", size=size)
+    screen = app.render_text(size)
+    assert "arrived while away" in screen and "new message below" not in screen
+    app.press("meta home", size=size)
+    assert "line 000" in app.render_text(size)
+    app.press("page down", size=size)
+    assert "line 000" not in app.render_text(size)
+
+
+def test_opening_a_conversation_marks_where_the_unread_messages_start(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    protocol.dataReceived(incoming(BOB, ME, T0, "already read"))
+    app.model.add_contact(CAROL, "Carol")
+    app.press("meta down")  # now Carol's is open; Bob's messages wait
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, f"unread {i}") for i in range(1, 4)))
+    app.open(BOB)
+    lines = app.render_text().splitlines()
+    marker = next(i for i, x in enumerate(lines) if "new messages" in x)
+    assert "already read" in lines[marker - 1] and "unread 1" in lines[marker + 1]
+
+
+def test_bidi_and_other_format_characters_are_neutralised(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "B\u202eob")
+    app.press("meta down")
+    protocol.dataReceived(incoming(BOB, ME, T0, "abc\u202edef\u2066x\u2069 \u200bz\x1b[31m"))
+    screen = app.render_text()
+    assert not any(ch in screen for ch in "\u202e\u2066\u2069\u200b\x1b")
+    assert "B\ufffdob: abc\ufffddef\ufffdx\ufffd \ufffdz\ufffd[31m" in screen
+
+
+def test_a_timestamp_a_day_off_is_filed_by_arrival_with_the_senders_time_beside_it(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down")
+    protocol.dataReceived(
+        incoming(BOB, ME, 1_000_000_000, "from 2001") + incoming(BOB, ME, 9_999_999_999, "2286")
+    )
+    screen = app.render_text((100, 24))
+    assert "2001 —" not in screen and "2286 —" not in screen
+    assert time.strftime("%a %d %b %Y", time.localtime(T0)) in screen
+    assert f"(sent {time.strftime('%Y-%m-%d %H:%M', time.localtime(1_000_000_000))}) Bob: from 2001" in screen
+    assert "(sent 2286-" in screen
+
+
+def test_below_60_columns_the_list_folds_away_and_a_key_brings_it_back(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("meta down", size=(40, 12))
+    protocol.dataReceived(incoming(BOB, ME, T0, "x" * 30))
+    lines = app.render_text((40, 12)).splitlines()
+    assert "Conversations" not in "\n".join(lines) and "x" * 30 in "\n".join(lines)
+    app.press("f4", size=(40, 12))
+    lines = app.render_text((40, 12)).splitlines()
+    assert lines[1].startswith("Conversations") and "Bob: x" not in "\n".join(lines)
+    app.press("enter", size=(40, 12))  # opens the selected one: the list folds again
+    assert "Conversations" not in app.render_text((40, 12))
+    assert "Conversations" in app.render_text((100, 24))
+    app.press("f4", size=(100, 24))
+    assert "Conversations" not in app.render_text((100, 24))
+    app.press("f1", size=(40, 12))
+    help_lines_ = app.render_text((40, 12)).splitlines()
+    assert any("Show this help" in x for x in help_lines_)  # a line of its own, not an 8-column strip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -11,12 +12,21 @@ from chatproto.client import ChatClient, ClientModel, LocalStore, ProfileError, 
 from .theme import THEMES
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("chatproto")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="chat-client",
         description="The chatproto terminal client. Your id is shown on the status line: "
-        "give it to people who want to write to you. F1 inside lists every key.",
+        "give it to people who want to write to you. Inside: F1 lists every key, F2 adds a "
+        "contact by their id, Enter sends, Ctrl-Q quits (it asks first if something is unsent).",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument(
         "--server",
         action="append",

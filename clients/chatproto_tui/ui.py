@@ -127,6 +127,10 @@ class App:
         self.dialog: Dialog | None = None
         #: "auto" (the list shows when there is room), "shown" or "hidden" (the list key).
         self.list_mode = "auto"
+        #: What was sent, oldest first (Up/Down recall it), where Up has got to, and the line it left.
+        self.history: list[str] = []
+        self._history_at: int | None = None
+        self._draft = ""
 
         # What changed since the last draw, noted by model events.
         self._draw_call = None
@@ -632,7 +636,7 @@ class App:
                 context = title
                 rows.append(urwid.Text(("help_key", title)))
             if narrow:
-                rows += [urwid.Text("  " + keys), urwid.Text("      " + text)]
+                rows += [urwid.Text("  " + keys), urwid.Padding(urwid.Text(text), left=6)]
             else:
                 rows.append(urwid.Columns([("given", 26, urwid.Text("  " + keys)), urwid.Text(text)]))
         rows += [urwid.Divider(), urwid.Text(("help_key", "Ticks on your messages"))]
@@ -658,6 +662,9 @@ class App:
             self.say(str(e), error=True)
             return
         self.input.set_edit_text("")
+        if not self.history or self.history[-1] != text:
+            self.history.append(text)
+        self._history_at = None
         if len(sent) > 1:
             self.say(f"That was long, so it went as {len(sent)} messages.")
         self.apply()
@@ -666,6 +673,84 @@ class App:
 
     def do_newline(self) -> None:
         self.input.insert_text("\n")
+
+    # the input line: history and the readline keys
+
+    def _line_bounds(self) -> tuple[int, int]:
+        text, pos = self.input.edit_text, self.input.edit_pos
+        start = text.rfind("\n", 0, pos) + 1
+        end = text.find("\n", pos)
+        return start, len(text) if end < 0 else end
+
+    def _recall(self, at: int | None) -> None:
+        if self._history_at is None:
+            self._draft = self.input.edit_text
+        self._history_at = at
+        text = self._draft if at is None else self.history[at]
+        self.input.set_edit_text(text)
+        self.input.set_edit_pos(len(text))
+
+    def do_history_previous(self):
+        if "\n" in self.input.edit_text[: self.input.edit_pos] or not self.history:
+            return False  # Up moves between the lines of a message
+        at = len(self.history) - 1 if self._history_at is None else self._history_at - 1
+        if at >= 0:
+            self._recall(at)
+
+    def do_history_next(self):
+        if "\n" in self.input.edit_text[self.input.edit_pos :] or self._history_at is None:
+            return False
+        at = self._history_at + 1
+        self._recall(at if at < len(self.history) else None)
+
+    def do_line_start(self) -> None:
+        self.input.set_edit_pos(self._line_bounds()[0])
+
+    def do_line_end(self) -> None:
+        self.input.set_edit_pos(self._line_bounds()[1])
+
+    def _word_start(self, pos: int) -> int:
+        text = self.input.edit_text
+        while pos > 0 and text[pos - 1].isspace():
+            pos -= 1
+        while pos > 0 and not text[pos - 1].isspace():
+            pos -= 1
+        return pos
+
+    def do_word_back(self) -> None:
+        self.input.set_edit_pos(self._word_start(self.input.edit_pos))
+
+    def do_word_forward(self) -> None:
+        text, pos = self.input.edit_text, self.input.edit_pos
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        while pos < len(text) and not text[pos].isspace():
+            pos += 1
+        self.input.set_edit_pos(pos)
+
+    def _delete(self, start: int, end: int) -> None:
+        text = self.input.edit_text
+        self.input.set_edit_text(text[:start] + text[end:])
+        self.input.set_edit_pos(start)
+
+    def do_kill_before(self) -> None:
+        self._delete(self._line_bounds()[0], self.input.edit_pos)
+
+    def do_kill_after(self) -> None:
+        self._delete(self.input.edit_pos, self._line_bounds()[1])
+
+    def do_kill_word(self) -> None:
+        self._delete(self._word_start(self.input.edit_pos), self.input.edit_pos)
+
+    def do_next_unread(self) -> None:
+        ordered = [c for c in self.model.ordered()]
+        ids = [c.id for c in ordered]
+        start = ids.index(self.model.open_id) + 1 if self.model.open_id in ids else 0
+        for conv in ordered[start:] + ordered[:start]:
+            if conv.unread and conv.id != self.model.open_id:
+                self.open(conv.id)
+                return
+        self.say("No unread messages.")
 
     def do_open(self) -> None:
         cid = self._selected_id()
@@ -867,6 +952,7 @@ class _KeyRoot(urwid.WidgetWrap):
         return True
 
     def keypress(self, size, key):
+        self.app.body.maxcol = size[0]  # the body is as wide as the screen
         try:
             if self.app.handle_key(key):
                 return None
