@@ -475,6 +475,7 @@ def test_search_in_the_conversation_and_across_conversations(live):
     app.press("meta down")
     texts = ["apple pie", "banana"] + [f"filler {i}" for i in range(60)] + ["more Apple", "end"]
     protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, t) for i, t in enumerate(texts)))
+    app.model.clock.advance(60)
     protocol.dataReceived(incoming(CAROL, ME, T0, "carol's apple"))
     app.press("ctrl f", *"apple", "enter")
     screen = app.render_text()
