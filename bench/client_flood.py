@@ -136,10 +136,10 @@ def flood(tmux: Tmux, port: int, data_dir: Path, messages: int, size=(100, 30), 
     while sender.delivered < messages and time.monotonic() - start < 120:
         pressed = time.monotonic()
         tmux.keys("v", "F1")
-        wait_for("the help", lambda: "Ticks on your messages" in tmux.screen("v"), timeout=60, interval=0.002)
+        wait_for("the help", lambda: "Show this help" in tmux.screen("v"), timeout=60, interval=0.002)
         probes.append(time.monotonic() - pressed)
         tmux.keys("v", "Escape")
-        closed = lambda: "Ticks on your" not in tmux.screen("v")  # noqa: E731
+        closed = lambda: "Show this help" not in tmux.screen("v")  # noqa: E731
         wait_for("the help to close", closed, timeout=60, interval=0.002)
     acked = sender.last_delivered or time.monotonic()
     try:

@@ -466,3 +466,31 @@ def test_below_60_columns_the_list_folds_away_and_a_key_brings_it_back(live):
     app.press("f1", size=(40, 12))
     help_lines_ = app.render_text((40, 12)).splitlines()
     assert any("Show this help" in x for x in help_lines_)  # a line of its own, not an 8-column strip
+
+
+def test_search_in_the_conversation_and_across_conversations(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    app.model.add_contact(CAROL, "Carol")
+    app.press("meta down")
+    texts = ["apple pie", "banana"] + [f"filler {i}" for i in range(60)] + ["more Apple", "end"]
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, t) for i, t in enumerate(texts)))
+    app.model.clock.advance(60)
+    protocol.dataReceived(incoming(CAROL, ME, T0, "carol's apple"))
+    app.press("ctrl f", *"apple", "enter")
+    screen = app.render_text()
+    assert "Match 2 of 2" in screen and "more Apple" in screen
+    app.press("f6")
+    screen = app.render_text()
+    assert "Match 1 of 2" in screen and "apple pie" in screen and "more Apple" not in screen
+    # The match is highlighted: drawn in its own style.
+    canvas = app.top.render((80, 24), focus=True)
+    row = next(r for r in canvas.content() if b"apple pie" in b"".join(t for _, _, t in r))
+    assert any("selected" in str(attr) and text == b"apple" for attr, _, text in row), row
+    app.press("shift f6")
+    assert "Match 2 of 2" in app.render_text()
+    app.press("f7", *"apple", "enter")
+    screen = app.render_text()
+    assert "3 messages with “apple”" in screen and "Carol · Carol: carol's apple" in screen
+    app.press("enter")  # the newest: Carol's
+    assert app.model.open_id == CAROL and "Match 1 of 1" in app.render_text()

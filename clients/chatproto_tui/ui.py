@@ -131,6 +131,9 @@ class App:
         self.history: list[str] = []
         self._history_at: int | None = None
         self._draft = ""
+        #: What the open conversation is searched for (lower case), and the match on screen.
+        self.search = ""
+        self._match: Message | None = None
 
         # What changed since the last draw, noted by model events.
         self._draw_call = None
@@ -491,11 +494,20 @@ class App:
                 markup.append(("me", "me: "))
             else:
                 markup.append(("them", f"{self._name(m.src)}: "))
-        markup.append(("text", safe(m.text, self.marker)))
+        markup.extend(self._highlighted(safe(m.text, self.marker)))
         if m.outgoing:
             style = {READ: "tick_read", FAILED: "failed"}.get(m.state, "tick")
             markup.append((style, " " + TICKS[self.glyphs][m.state]))
         return markup
+
+    def _highlighted(self, text: str) -> list:
+        if not self.search or self.search not in text.lower():
+            return [("text", text)]
+        out, at, low = [], 0, text.lower()
+        while (found := low.find(self.search, at)) >= 0:
+            out += [("text", text[at:found]), ("selected", text[found : found + len(self.search)])]
+            at = found + len(self.search)
+        return [*out, ("text", text[at:])]
 
     def _append_messages(self) -> None:
         cid = self._view_cid
@@ -558,6 +570,7 @@ class App:
     # -- actions -------------------------------------------------------------------
 
     def open(self, cid: str | None) -> None:
+        self.search, self._match = "", None
         conv = self.model.conversations.get(cid) if cid is not None else None
         self._unread_from.pop(cid, None)
         if conv is not None and conv.unread:
@@ -811,6 +824,108 @@ class App:
                 self._rebuild = True
                 self.apply()
         self.msg_list.to_start()
+
+    # search
+
+    def _ask(self, title: str, prompt: str, answer) -> None:
+        field = urwid.Edit(prompt)
+
+        def on_key(key):
+            if key == "esc":
+                return self.close_dialog()
+            if key == "enter":
+                self.close_dialog()
+                answer(field.edit_text)
+                return True
+            return False
+
+        body = urwid.Pile([field, urwid.Divider(), urwid.Text("Enter: search   Esc: cancel")])
+        self.show_dialog(title, urwid.Filler(body, valign="top"), on_key, height=6)
+
+    def do_search(self) -> None:
+        if self.model.open_id is None:
+            self.say("Open a conversation first; F7 searches every conversation.", error=True)
+            return
+        self._ask("Search this conversation", "Find: ", self._search_here)
+
+    def _search_here(self, term: str) -> None:
+        self.search = term.strip().lower()
+        self._match = None
+        self._rebuild = True
+        self._show_all = bool(self.search)
+        self.apply()
+        if self.search:
+            self._search_step(-1, from_end=True)
+
+    def _search_step(self, by: int, from_end: bool = False) -> None:
+        lines = [w for w in self.msg_walker if getattr(w, "message", None) is not None]
+        hits = [w for w in lines if self.search in w.message.text.lower()]
+        if not hits:
+            self.say(f"No message here holds “{self.search}”.")
+            return
+        at = next((i for i, w in enumerate(hits) if w.message is self._match), None)
+        if from_end or at is None:
+            at = len(hits) - 1
+        else:
+            at += by
+            if not 0 <= at < len(hits):
+                self.say("No more matches that way.")
+                return
+        self._match = hits[at].message
+        self.msg_list.set_focus(self.msg_walker.index(hits[at]))
+        self.msg_list.set_focus_valign("middle")
+        self.say(f"Match {at + 1} of {len(hits)} for “{self.search}” (F6 older, Shift-F6 newer).")
+
+    def do_search_older(self):
+        if not self.search:
+            return False
+        self._search_step(-1)
+
+    def do_search_newer(self):
+        if not self.search:
+            return False
+        self._search_step(1)
+
+    def do_search_all(self) -> None:
+        self._ask("Search every conversation", "Find: ", self._search_everywhere)
+
+    def _search_everywhere(self, term: str) -> None:
+        term = term.strip().lower()
+        if not term:
+            return
+        found = [
+            (m.at, conv.id, m)
+            for conv in self.model.conversations.values()
+            for m in conv.messages
+            if term in m.text.lower()
+        ]
+        found.sort(key=lambda x: -x[0])
+        if not found:
+            self.say(f"No message holds “{term}”.")
+            return
+        rows = []
+        for _, cid, m in found[:200]:
+            who = "me" if m.outgoing else self._name(m.src)
+            text = safe(m.text, self.marker).replace("\n", " ")
+            row = urwid.AttrMap(Row(f"{self._name(cid)} · {who}: {text}", wrap="clip"), None, "selected")
+            row.conv_id, row.message = cid, m
+            rows.append(row)
+        walker = urwid.SimpleFocusListWalker(rows)
+
+        def on_key(key):
+            if key == "esc":
+                return self.close_dialog()
+            if key == "enter":
+                row = walker.get_focus()[0]
+                self.close_dialog()
+                self.open(row.conv_id)
+                self.search = term
+                self._search_here(term)
+                return True
+            return False
+
+        title = f"{len(found)} message{'s' if len(found) > 1 else ''} with “{term}” (Enter opens)"
+        self.show_dialog(title, urwid.ListBox(walker), on_key)
 
     def do_add_contact(self) -> None:
         who = urwid.Edit("Id:       ")
