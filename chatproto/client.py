@@ -812,7 +812,7 @@ class ChatClientProtocol(Protocol):
                 return
             self.model.on_message(self, src.decode(), dst.decode(), int(ts), text.decode("utf-8"))
         elif code == wire.DELIVERED:
-            _, dst, ts = wire.decode_delivered(frame)
+            dst, ts = wire.decode_delivered(frame)
             self.model.on_delivered(dst.decode(), int(ts))
         elif code == wire.SEEN_BY:
             peer, ts = wire.decode_seen(frame)

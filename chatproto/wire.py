@@ -278,9 +278,16 @@ class Group(NamedTuple):
 
 
 class Received(NamedTuple):
-    """16, and the same fields of a 07 (``src`` empty)."""
+    """16."""
 
     src: bytes
+    dst: bytes
+    ts: bytes
+
+
+class Delivered(NamedTuple):
+    """07: the destination and TIMESTAMP of the message it confirms."""
+
     dst: bytes
     ts: bytes
 
@@ -332,9 +339,8 @@ def decode_received(frame: bytes) -> Received:
     return Received(frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END])
 
 
-def decode_delivered(frame: bytes) -> Received:
-    """A 07: ``dst`` and ``ts`` of the message it confirms."""
-    return Received(b"", frame[2:_ID_END], frame[_ID_END : _ID_END + TS_LEN])
+def decode_delivered(frame: bytes) -> Delivered:
+    return Delivered(frame[2:_ID_END], frame[_ID_END : _ID_END + TS_LEN])
 
 
 def decode_error(frame: bytes) -> Error:

@@ -191,10 +191,9 @@ def test_a_full_database_is_answered_busy_and_service_resumes(make_net):
 # -- held frames in the order they were queued ---------------------------------
 
 
-def test_a_held_07_comes_before_the_09_that_followed_it(make_net):
-    """B reads the 06 and at once sends 08, before the store has recorded the
-    delivery: A, offline, must get the 07 first, then the 09, as queued."""
-    net = make_net("sqlite")
+def read_then_seen_while_a_is_away(net) -> tuple[bytes, bytes]:
+    """A sends to B, offline, and leaves; B logs in, gets the 06 and at once
+    sends 08, before the store has recorded the delivery. Returns (a, b)."""
     a, _ = net.register()
     b, _ = net.register()
     ca = net.online(a)
@@ -208,6 +207,13 @@ def test_a_held_07_comes_before_the_09_that_followed_it(make_net):
     cb.send(f_seen(a, ts(1)))
     net.settle()
     assert cb.take() == [b"04" + b, s_message(a, b, ts(1), b"hello")]
+    return a, b
+
+
+def test_a_held_07_comes_before_the_09_that_followed_it(make_net):
+    """A, offline, must get the 07 first, then the 09, as queued."""
+    net = make_net("sqlite")
+    a, b = read_then_seen_while_a_is_away(net)
     assert net.online(a).held == [s_delivered(b, ts(1)), s_seen_by(b, ts(1))]
 
 
@@ -228,18 +234,7 @@ def test_a_09_for_a_sender_online_waits_for_the_07_before_it(make_net):
 @pytest.mark.parametrize("how", ["restart", "crash"])
 def test_held_07_and_09_keep_their_order_across_a_restart(make_net, how):
     net = make_net("sqlite")
-    a, _ = net.register()
-    b, _ = net.register()
-    ca = net.online(a)
-    net.online(b).lose()
-    ca.send(f_send(a, b, ts(1), b"hello"))
-    ca.take()
-    ca.lose()
-    cb = net.connect()
-    cb.send(f_online(b))
-    net.step()
-    cb.send(f_seen(a, ts(1)))
-    net.settle()
+    a, b = read_then_seen_while_a_is_away(net)
     if how == "restart":
         net.restart()
     else:

@@ -26,8 +26,7 @@ def failed(failure, doing: str) -> None:
 def busy(failure, session, code: bytes) -> None:
     """A change the store could not commit: the client is told to try again (12 XX 11)."""
     failed(failure, f"a {code.decode()} from {session.user.decode() if session.user else 'a client'}")
-    if session.connection is not None:
-        session.connection.error(code, wire.BUSY)
+    session.connection.error(code, wire.BUSY)
 
 
 def kept(failure) -> None:

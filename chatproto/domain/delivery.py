@@ -22,7 +22,6 @@ from .. import wire
 from ..store import (
     DUPLICATE_DELIVERED,
     DUPLICATE_PENDING,
-    HELD_ADDED,
     HELD_DELIVERED,
     HELD_MESSAGE,
     HELD_SEEN,
@@ -285,20 +284,18 @@ class Delivery:
         for frame, (dst, ts) in zip(frames, done, strict=True):
             self.write_or_hold(user, frame, HELD_DELIVERED, "", dst, ts)
 
-    def _completed(self, completed: list[Completed], senders: dict[bytes, int] | None = None) -> None:
+    def _completed(self, completed: list[Completed], senders: dict[bytes, int]) -> None:
         """Messages whose last recipient got them: 07s, each sender's in one write."""
         try:
             self.routing.completed(completed)
         finally:
-            if senders:
-                self._decided(senders)
+            self._decided(senders)
 
-    def _not_completed(self, failure, senders: dict[bytes, int] | None = None) -> None:
+    def _not_completed(self, failure, senders: dict[bytes, int]) -> None:
         try:
             kept(failure)
         finally:
-            if senders:
-                self._decided(senders)
+            self._decided(senders)
 
     def confirm_completed(self, completed: list[Completed]) -> None:
         by_sender: dict[str, list[tuple[str, int]]] = {}
@@ -325,12 +322,8 @@ class Delivery:
         A run of messages to one user, or to a group the sender is in, goes
         through its conversation (``_converse``): to readers who can take it
         now, it is one write of 06s each, one store operation and one write
-        of 07s.
+        of 07s. ``LocalRouting``'s way; ``DatabaseRouting`` sends each with ``send``.
         """
-        if not self.routing.live_way:
-            for item in items:
-                self.send(session, *item)
-            return
         users = self.users
         groups = self.groups
         at, end = 0, len(items)
@@ -593,6 +586,3 @@ class Delivery:
         if not session.takes_frames:
             return False
         return session.connection.write(frame) and not session.acknowledges
-
-
-__all__ = ["Delivery", "Conversation", "FLUSH_PAGE", "HELD_ADDED"]

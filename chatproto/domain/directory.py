@@ -59,7 +59,3 @@ class Directory:
 
     def new_group_id(self) -> bytes:
         return new_id(GROUP_FIRST, self.groups)
-
-    def online(self, user: bytes):
-        """``user``'s session here, if it is logged in here."""
-        return self.sessions.get(user)

@@ -43,6 +43,7 @@ HANDOVER_TIMEOUT = 3.0
 class LocalRouting:
     """One server: every session is here."""
 
+    log = Logger()
     #: A message to readers online here may be written before its commit.
     live_way = True
 
@@ -67,7 +68,7 @@ class LocalRouting:
 
     def come_online(self, session: Session) -> None:
         session.connection.write(wire.online_ok(session.user))
-        Logger().info("{user} online", user=session.user.decode())
+        self.log.info("{user} online", user=session.user.decode())
         self.domain.delivery.start_flush(session)
 
     def flushed(self, session: Session, flush: Flush) -> None:

@@ -279,7 +279,7 @@ class SQLiteStore(BatchingStore):
                     self._conn.rollback()
                 except sqlite3.Error:
                     pass  # SQLite rolls a failed transaction back itself
-            if isinstance(e, sqlite3.OperationalError | sqlite3.DatabaseError):
+            if isinstance(e, sqlite3.DatabaseError):
                 # Locked past the busy timeout, a full disk, an I/O error: the
                 # batch is answered 12 XX 11 and the next one tries again.
                 raise StoreUnavailable(f"{self.path}: {e}") from e
