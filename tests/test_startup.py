@@ -121,7 +121,7 @@ def test_a_new_database_is_readable_by_its_owner_alone(server, tmp_path):
 
 
 def test_a_graceful_stop_logs_no_error(server):
-    """On Twisted 24.7 each stop logged an unhandled AlreadyQuit: the floor is 24.10 since."""
+    """On Twisted 24.7 each stop logged an unhandled AlreadyQuit (the floor is 24.11 now)."""
     srv = server()
     srv.client().register()
     assert srv.stop() in (0, -signal.SIGTERM)
