@@ -168,8 +168,8 @@ def _log_file(options):
 def reopen(f) -> str | None:
     """Point ``f``'s descriptor at a fresh open of its path; the path, or None for a terminal or pipe."""
     name = getattr(f, "name", None)
-    if f is None or not isinstance(name, str) or f in (sys.stdout, sys.stderr, sys.__stdout__):
-        return None
+    if f is None or not isinstance(name, str) or name.startswith("<") or f.fileno() in (1, 2):
+        return None  # standard output or error (twist --log-file=- or +)
     f.flush()
     fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -201,6 +201,6 @@ class Hangup(Service):
             log.error("SIGHUP: cannot reopen the log file: {error}", error=one_line(e))
             return
         if path is None:
-            log.info("SIGHUP: the log goes to standard output, nothing to reopen")
+            log.info("SIGHUP: the log goes to standard output or error, nothing to reopen")
         else:
             log.info("SIGHUP: reopened the log file {path}", path=path)

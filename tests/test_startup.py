@@ -259,6 +259,31 @@ def test_sighup_without_a_log_file_does_not_stop_the_server(server):
     assert srv.stop() in (0, -signal.SIGTERM)
 
 
+def test_sighup_with_the_log_on_stderr_opens_no_file(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [*TWIST, "--log-format=text", "--log-file=+", "chat"]
+        + ["--port", loopback(port), "--db", str(tmp_path / "chat.sqlite3")],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(port, proc)
+        proc.send_signal(signal.SIGHUP)
+        Client(port).send(b"01")
+        select.select([], [], [], 0.5)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(DEADLINE)
+    assert code in (0, -signal.SIGTERM)
+    assert "SIGHUP: the log goes to standard output" in proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.sqlite3"]
+
+
 # -- socket activation ----------------------------------------------------------------
 
 
