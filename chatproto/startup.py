@@ -119,6 +119,11 @@ def describe(failure) -> str | None:
         where = f"{e.interface or '*'}:{e.port}" if isinstance(e.port, int) else str(e.port)
         why = getattr(e.socketError, "strerror", None) or one_line(e.socketError)
         return f"cannot listen on {where}: {why}"
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename2 if e.filename2 is not None else e.filename
+        if isinstance(where, bytes):
+            where = where.decode(errors="replace")
+        return f"{e.strerror}: {where}" if where is not None else e.strerror
     if isinstance(e, (SchemaError, StoreUnavailable, sqlite3.Error, OSError)):
         return config.redact(one_line(e))
     return None

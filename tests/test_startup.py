@@ -85,6 +85,12 @@ def test_an_address_in_use_is_one_line_and_status_1(tmp_path, option):
     assert db.exists() and not (tmp_path / "chat.sqlite3-wal").exists()
 
 
+def test_a_unix_socket_that_cannot_be_made_is_named(tmp_path):
+    path = tmp_path / "no-such-dir" / "chat.sock"
+    done = twist_chat("--port", f"unix:{path}", "--db", str(tmp_path / "chat.sqlite3"))
+    assert_one_line(done, "--port", "No such file or directory", str(path))
+
+
 def test_a_database_that_cannot_be_opened_is_named(tmp_path):
     path = str(tmp_path / "no-such-dir" / "chat.sqlite3")
     assert_one_line(twist_chat("--port", loopback(free_port()), "--db", path), path, "unable to open")
