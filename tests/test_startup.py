@@ -107,6 +107,20 @@ def test_postgresql_that_cannot_be_reached_is_one_line_and_status_1(tmp_path):
     assert_one_line(twist_chat("--port", loopback(free_port()), "--db", url), "cannot connect to PostgreSQL")
 
 
+def test_a_postgresql_database_from_a_newer_chatproto_is_one_line_and_status_1(pg_dsn, tmp_path):
+    import psycopg
+
+    from chatproto.store.postgres import SCHEMA_VERSION, ensure_schema
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        ensure_schema(conn)
+        conn.execute("UPDATE schema_version SET version = version + 1")
+    done = twist_chat("--port", loopback(free_port()), "--db", pg_dsn)
+    assert_one_line(
+        done, f"schema version {SCHEMA_VERSION + 1}, newer than this chatproto's {SCHEMA_VERSION}"
+    )
+
+
 def test_a_password_on_the_command_line_is_warned_about_and_never_printed(tmp_path):
     url = f"postgresql://chat:hunter2@127.0.0.1:{free_port()}/chat"
     done = twist_chat("--port", loopback(free_port()), "--db", url)
