@@ -110,6 +110,40 @@ def step(option: str, f, *args):
     return maybeDeferred(f, *args).addErrback(failed)
 
 
+class ListeningService(Service):
+    """Listens on ``endpoint`` with ``factory`` when started; a failure is ``abort``.
+
+    What ``StreamServerEndpointService`` does, except that a port already in
+    use (or any other failure to listen) stops the server with one line and
+    exit status 1, where that service only logs a traceback and leaves the
+    process running, listening on nothing. ``option`` names the setting in
+    that line (``--port``, ``--metrics``).
+    """
+
+    def __init__(self, reactor, option: str, endpoint, factory):
+        self._reactor = reactor
+        self.option = option
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        d = step(self.option, self.endpoint.listen, self.factory)
+        d.addCallbacks(self._listening, lambda failure: abort(self._reactor, failure))
+        return d
+
+    def _listening(self, port):
+        self.port = port
+        log.info("listening for {option} on {address}", option=self.option, address=port.getHost())
+        return port
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
 def describe(failure) -> str | None:
     """The one line for a failure an administrator can fix; None for a bug."""
     e = failure.value

@@ -338,3 +338,30 @@ def test_socket_activation_through_the_systemd_endpoint(tmp_path):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(DEADLINE)
     assert code in (0, -signal.SIGTERM), proc.stderr.read()
+
+
+# -- in process: the listening service a MultiService can use ---------------------------
+
+
+class Refusing:
+    def listen(self, factory):
+        from twisted.internet.defer import fail
+        from twisted.internet.error import CannotListenError
+
+        return fail(CannotListenError("127.0.0.1", 7999, OSError(98, "Address already in use")))
+
+
+def test_a_listening_service_that_cannot_listen_stops_the_reactor_for_status_1(capfd):
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
+
+    from chatproto import startup
+
+    reactor = MemoryReactor()
+    service = startup.ListeningService(reactor, "--port", Refusing(), Factory())
+    service.startService()
+    line = "chatproto: --port: cannot listen on 127.0.0.1:7999: Address already in use\n"
+    assert capfd.readouterr().err == line
+    # The reactor stops as soon as it runs; once it has shut down, the process exits 1.
+    assert [f for f, _, _ in reactor.whenRunningHooks] == [reactor.stop]
+    assert reactor.triggers["after"]["shutdown"] == [(startup._exit, (1,), {})]
