@@ -25,7 +25,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import wire
+from . import keepalive, wire
 
 QUEUED = "queued"
 SENT = "sent"
@@ -741,6 +741,9 @@ class ChatClientProtocol(Protocol):
         self._buffer = b""
         self._login: Deferred | None = None
         self._timeout = None
+
+    def connectionMade(self) -> None:
+        keepalive.enable(self.transport)  # a dead server is noticed, and reconnected to, within 2 minutes
 
     def write(self, frame: bytes) -> None:
         if self.transport is not None:

@@ -47,6 +47,9 @@ def check_endpoint(where: str, value: str) -> str:
         raise ConfigError(f"{where} {value}: systemd passed no socket at that index") from None
     except Exception as e:
         reason = _one_line(e)
+        host, _, port = value.rpartition(":")
+        if "Unknown endpoint type" in reason and port.isdigit() and host and ":" not in host:
+            reason += f" (for an address: tcp:{port}:interface={host})"
         raise ConfigError(f"{where} {value}: not an endpoint this server can listen on: {reason}") from None
     return description
 

@@ -13,7 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import wire
+from . import keepalive, wire
 from .cork import Cork
 from .domain import Domain, IConnection
 
@@ -245,6 +245,7 @@ class ChatProtocol(Protocol):
 
     def connectionMade(self):
         self.log.info("connection from {peer}", peer=_describe(self.transport.getPeer()))
+        keepalive.enable(self.transport)  # a peer whose path died is dropped within 2 minutes
         self.transport.registerProducer(self, True)
         self._refilled = self.clock.seconds()
         if self.limits.login_timeout > 0:

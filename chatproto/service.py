@@ -31,10 +31,6 @@ GC_THRESHOLD = 100_000
 SHUTDOWN_TIMEOUT = 10.0
 
 
-def _help(text: str, default) -> str:
-    return text if default is None else f"{text} [default: {default}]"
-
-
 #: Each setting's value when neither the command line nor --config gives one.
 DEFAULTS = {
     "port": DEFAULT_PORT,
@@ -49,6 +45,12 @@ DEFAULTS = {
     "max-buffer": Limits.max_buffer,
     "require-secrets": False,
 }
+
+
+def _help(text: str, name: str) -> str:
+    default = DEFAULTS[name]
+    shown = f"{default:g}" if isinstance(default, float) else default
+    return f"{text} [default: {shown}]"
 
 
 class Options(usage.Options):
@@ -74,7 +76,7 @@ class Options(usage.Options):
             "port",
             "p",
             None,
-            _help("Where to listen: an endpoint string, or a bare port number.", DEFAULT_PORT),
+            _help("Where to listen: an endpoint string, or a bare port number.", "port"),
         ],
         [
             "db",
@@ -84,7 +86,7 @@ class Options(usage.Options):
                 "SQLite database file, created if missing (mode 0600); ':memory:' keeps nothing after "
                 "exit; or a postgresql://USER@HOST/DBNAME URL, which several nodes may share (its "
                 "password from PGPASSWORD, PGPASSFILE or ?passfile=, never the command line).",
-                DEFAULT_DB,
+                "db",
             ),
         ],
         [
@@ -98,20 +100,23 @@ class Options(usage.Options):
             "shutdown-timeout",
             None,
             None,
-            _help("Seconds a stop waits for clients to read their last frames before dropping them.", 10),
+            _help(
+                "Seconds a stop waits for clients to read their last frames before dropping them.",
+                "shutdown-timeout",
+            ),
         ],
         [
             "max-frame-rate",
             None,
             None,
-            _help("Frames per second one connection may send (0: no limit).", 2000),
+            _help("Frames per second one connection may send (0: no limit).", "max-frame-rate"),
         ],
-        ["frame-burst", None, None, _help("Frames one connection may send in a burst.", 10000)],
+        ["frame-burst", None, None, _help("Frames one connection may send in a burst.", "frame-burst")],
         [
             "max-connections",
             None,
             None,
-            _help("Open connections at most (0: no limit).", Limits.max_connections),
+            _help("Open connections at most (0: no limit).", "max-connections"),
         ],
         [
             "max-held",
@@ -119,20 +124,20 @@ class Options(usage.Options):
             None,
             _help(
                 "Messages that may wait for one offline user; past it a sender is told 12 05 11 (0: no cap).",
-                DEFAULT_MAX_HELD,
+                "max-held",
             ),
         ],
         [
             "login-timeout",
             None,
             None,
-            _help("Seconds a connection may wait before logging in.", 60),
+            _help("Seconds a connection may wait before logging in.", "login-timeout"),
         ],
         [
             "max-buffer",
             None,
             None,
-            _help("Bytes written to a client that stopped reading before it is dropped.", Limits.max_buffer),
+            _help("Bytes written to a client that stopped reading before it is dropped.", "max-buffer"),
         ],
     ]
     optFlags = [
@@ -203,11 +208,13 @@ class ChatService(Service):
         d.addCallback(lambda _: startup.step("--port", self._endpoint.listen, self.factory))
         d.addCallback(self._listening)
         if self.metrics is not None:
-            site = self.metrics.site()
-            d.addCallback(lambda _: startup.step("--metrics", self._metrics_endpoint.listen, site))
+            d.addCallback(lambda _: startup.step("--metrics", self._listen_for_metrics))
             d.addCallback(self._serving_metrics)
         d.addErrback(self._failed)
         return d
+
+    def _listen_for_metrics(self):
+        return self._metrics_endpoint.listen(self.metrics.site())
 
     def _listening(self, port):
         self.port = port

@@ -110,6 +110,40 @@ def step(option: str, f, *args):
     return maybeDeferred(f, *args).addErrback(failed)
 
 
+class ListeningService(Service):
+    """Listens on ``endpoint`` with ``factory`` when started; a failure is ``abort``.
+
+    What ``StreamServerEndpointService`` does, except that a port already in
+    use (or any other failure to listen) stops the server with one line and
+    exit status 1, where that service only logs a traceback and leaves the
+    process running, listening on nothing. ``option`` names the setting in
+    that line (``--port``, ``--metrics``).
+    """
+
+    def __init__(self, reactor, option: str, endpoint, factory):
+        self._reactor = reactor
+        self.option = option
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        d = step(self.option, self.endpoint.listen, self.factory)
+        d.addCallbacks(self._listening, lambda failure: abort(self._reactor, failure))
+        return d
+
+    def _listening(self, port):
+        self.port = port
+        log.info("listening for {option} on {address}", option=self.option, address=port.getHost())
+        return port
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
 def describe(failure) -> str | None:
     """The one line for a failure an administrator can fix; None for a bug."""
     e = failure.value
@@ -119,6 +153,11 @@ def describe(failure) -> str | None:
         where = f"{e.interface or '*'}:{e.port}" if isinstance(e.port, int) else str(e.port)
         why = getattr(e.socketError, "strerror", None) or one_line(e.socketError)
         return f"cannot listen on {where}: {why}"
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename2 if e.filename2 is not None else e.filename
+        if isinstance(where, bytes):
+            where = where.decode(errors="replace")
+        return f"{e.strerror}: {where}" if where is not None else e.strerror
     if isinstance(e, (SchemaError, StoreUnavailable, sqlite3.Error, OSError)):
         return config.redact(one_line(e))
     return None
@@ -168,8 +207,8 @@ def _log_file(options):
 def reopen(f) -> str | None:
     """Point ``f``'s descriptor at a fresh open of its path; the path, or None for a terminal or pipe."""
     name = getattr(f, "name", None)
-    if f is None or not isinstance(name, str) or f in (sys.stdout, sys.stderr, sys.__stdout__):
-        return None
+    if f is None or not isinstance(name, str) or name.startswith("<") or f.fileno() in (1, 2):
+        return None  # standard output or error (twist --log-file=- or +)
     f.flush()
     fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -201,6 +240,6 @@ class Hangup(Service):
             log.error("SIGHUP: cannot reopen the log file: {error}", error=one_line(e))
             return
         if path is None:
-            log.info("SIGHUP: the log goes to standard output, nothing to reopen")
+            log.info("SIGHUP: the log goes to standard output or error, nothing to reopen")
         else:
             log.info("SIGHUP: reopened the log file {path}", path=path)

@@ -85,6 +85,12 @@ def test_an_address_in_use_is_one_line_and_status_1(tmp_path, option):
     assert db.exists() and not (tmp_path / "chat.sqlite3-wal").exists()
 
 
+def test_a_unix_socket_that_cannot_be_made_is_named(tmp_path):
+    path = tmp_path / "no-such-dir" / "chat.sock"
+    done = twist_chat("--port", f"unix:{path}", "--db", str(tmp_path / "chat.sqlite3"))
+    assert_one_line(done, "--port", "No such file or directory", str(path))
+
+
 def test_a_database_that_cannot_be_opened_is_named(tmp_path):
     path = str(tmp_path / "no-such-dir" / "chat.sqlite3")
     assert_one_line(twist_chat("--port", loopback(free_port()), "--db", path), path, "unable to open")
@@ -99,6 +105,20 @@ def test_a_file_that_is_not_a_database_is_named(tmp_path):
 def test_postgresql_that_cannot_be_reached_is_one_line_and_status_1(tmp_path):
     url = f"postgresql://chat@127.0.0.1:{free_port()}/chat"
     assert_one_line(twist_chat("--port", loopback(free_port()), "--db", url), "cannot connect to PostgreSQL")
+
+
+def test_a_postgresql_database_from_a_newer_chatproto_is_one_line_and_status_1(pg_dsn, tmp_path):
+    import psycopg
+
+    from chatproto.store.postgres import SCHEMA_VERSION, ensure_schema
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        ensure_schema(conn)
+        conn.execute("UPDATE schema_version SET version = version + 1")
+    done = twist_chat("--port", loopback(free_port()), "--db", pg_dsn)
+    assert_one_line(
+        done, f"schema version {SCHEMA_VERSION + 1}, newer than this chatproto's {SCHEMA_VERSION}"
+    )
 
 
 def test_a_password_on_the_command_line_is_warned_about_and_never_printed(tmp_path):
@@ -118,6 +138,16 @@ def test_a_new_database_is_readable_by_its_owner_alone(server, tmp_path):
     srv.client().register()
     assert srv.stop() in (0, -signal.SIGTERM)
     assert stat.S_IMODE(os.stat(srv.db).st_mode) == 0o600
+
+
+def test_a_graceful_stop_logs_no_error(server):
+    """On Twisted 24.7 each stop logged an unhandled AlreadyQuit (the floor is 24.11 now)."""
+    srv = server()
+    srv.client().register()
+    assert srv.stop() in (0, -signal.SIGTERM)
+    text = srv.log.read_text()
+    assert "chatproto stopped in" in text
+    assert "Traceback" not in text and "log_failure" not in text and "Unhandled" not in text, text
 
 
 def test_version_names_chatproto_and_twisted():
@@ -249,6 +279,31 @@ def test_sighup_without_a_log_file_does_not_stop_the_server(server):
     assert srv.stop() in (0, -signal.SIGTERM)
 
 
+def test_sighup_with_the_log_on_stderr_opens_no_file(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [*TWIST, "--log-format=text", "--log-file=+", "chat"]
+        + ["--port", loopback(port), "--db", str(tmp_path / "chat.sqlite3")],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(port, proc)
+        proc.send_signal(signal.SIGHUP)
+        Client(port).send(b"01")
+        select.select([], [], [], 0.5)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(DEADLINE)
+    assert code in (0, -signal.SIGTERM)
+    assert "SIGHUP: the log goes to standard output" in proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.sqlite3"]
+
+
 # -- socket activation ----------------------------------------------------------------
 
 
@@ -283,3 +338,30 @@ def test_socket_activation_through_the_systemd_endpoint(tmp_path):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(DEADLINE)
     assert code in (0, -signal.SIGTERM), proc.stderr.read()
+
+
+# -- in process: the listening service a MultiService can use ---------------------------
+
+
+class Refusing:
+    def listen(self, factory):
+        from twisted.internet.defer import fail
+        from twisted.internet.error import CannotListenError
+
+        return fail(CannotListenError("127.0.0.1", 7999, OSError(98, "Address already in use")))
+
+
+def test_a_listening_service_that_cannot_listen_stops_the_reactor_for_status_1(capfd):
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
+
+    from chatproto import startup
+
+    reactor = MemoryReactor()
+    service = startup.ListeningService(reactor, "--port", Refusing(), Factory())
+    service.startService()
+    line = "chatproto: --port: cannot listen on 127.0.0.1:7999: Address already in use\n"
+    assert capfd.readouterr().err == line
+    # The reactor stops as soon as it runs; once it has shut down, the process exits 1.
+    assert [f for f, _, _ in reactor.whenRunningHooks] == [reactor.stop]
+    assert reactor.triggers["after"]["shutdown"] == [(startup._exit, (1,), {})]
