@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from .domain import hash_secret
 from .service import DEFAULT_DB
-from .store import HELD_MESSAGE
+from .store import HELD_MESSAGE, to_group
 from .store.sqlite import SCHEMA_VERSION, schema_version
 from .version import describe
 
@@ -225,7 +225,7 @@ def cmd_user_delete(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
             "WHERE i.msg_id = messages.id AND i.user_id = ?1 AND i.code = ?2) "
             "WHERE id IN (SELECT msg_id FROM inbox WHERE user_id = ?1 AND code = ?2) "
             # Since schema version 5 only a group message counts its members down.
-            "AND (dst >= '1' OR ?3 < 5)",
+            f"AND ({to_group()} OR ?3 < 5)",
             (user, HELD_MESSAGE, schema_version(conn)),
         )
         held = conn.execute("DELETE FROM inbox WHERE user_id = ?", (user,)).rowcount
@@ -352,7 +352,8 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         (miscounted,) = conn.execute(
             "SELECT count(*) FROM (SELECT dst, remaining, "
             "(SELECT count(*) FROM inbox i WHERE i.msg_id = m.id AND i.code = ?1) AS held FROM messages m) "
-            "WHERE CASE WHEN dst >= '1' OR ?2 < 5 THEN remaining != held ELSE remaining != 0 OR held > 1 END",
+            f"WHERE CASE WHEN {to_group()} OR ?2 < 5 THEN remaining != held "
+            "ELSE remaining != 0 OR held > 1 END",
             (HELD_MESSAGE, version),
         ).fetchone()
         (orphans,) = conn.execute(

@@ -92,17 +92,22 @@ REASON_TEXT = {
 _HEX = frozenset(b"0123456789abcdef")
 
 
+#: The first digit of a user's id and of a group's: the one rule that tells them apart.
+USER_FIRST = b"0"
+GROUP_FIRST = b"1"
+
+
 def is_id(field: bytes) -> bool:
     """A 13-digit ASCII id (user or group: the first digit tells which)."""
     return len(field) == ID_LEN and field.isdigit()
 
 
 def is_user_id(field: bytes) -> bool:
-    return is_id(field) and field[0] == 0x30
+    return is_id(field) and field[:1] == USER_FIRST
 
 
 def is_group_id(field: bytes) -> bool:
-    return is_id(field) and field[0] == 0x31
+    return is_id(field) and field[:1] == GROUP_FIRST
 
 
 def is_timestamp(field: bytes) -> bool:

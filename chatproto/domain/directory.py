@@ -11,10 +11,7 @@ import secrets
 from twisted.logger import Logger
 
 from ..store import Snapshot
-
-#: The first digit of a user's id and of a group's (wire.is_user_id, wire.is_group_id).
-USER_FIRST = b"0"
-GROUP_FIRST = b"1"
+from ..wire import GROUP_FIRST, USER_FIRST
 
 
 def new_id(first: bytes, taken) -> bytes:

@@ -15,6 +15,30 @@ from typing import NamedTuple, TypeVar
 
 from zope.interface import Attribute, Interface
 
+from ..wire import GROUP_FIRST
+
+_GROUP_FIRST = GROUP_FIRST.decode()
+
+
+def to_group(column: str = "dst") -> str:
+    """The group-id rule (wire.GROUP_FIRST) as SQL, for a destination column.
+
+    Written as a range rather than a prefix test so that the partial index on
+    group destinations (``WHERE dst >= '1'``, in the schema files) is usable.
+    """
+    return f"{column} >= '{_GROUP_FIRST}'"
+
+
+def is_group(dst: str) -> bool:
+    """``to_group`` for an id already read from the database."""
+    return dst >= _GROUP_FIRST
+
+
+def to_user(column: str = "dst") -> str:
+    """The complement of ``to_group``: a direct message's destination."""
+    return f"{column} < '{_GROUP_FIRST}'"
+
+
 # What record_message found.
 NEW = "new"
 DUPLICATE_PENDING = "duplicate-pending"

@@ -28,6 +28,9 @@ from . import (
     SchemaError,
     StoreUnavailable,
     UpgradeFailed,
+    is_group,
+    to_group,
+    to_user,
 )
 from .batching import BatchingStore, load_snapshot
 
@@ -68,15 +71,17 @@ def _connection_setup(conn: sqlite3.Connection) -> None:
     if RETURNING:
         return
     conn.executescript(
-        """
+        f"""
         CREATE TEMP TABLE completed (
             msg_id INTEGER NOT NULL, src TEXT NOT NULL, dst TEXT NOT NULL, ts INTEGER NOT NULL
         );
-        CREATE TEMP TRIGGER delivered AFTER DELETE ON main.inbox WHEN old.code = 6 AND old.dst >= '1'
+        CREATE TEMP TRIGGER delivered AFTER DELETE ON main.inbox
+            WHEN old.code = 6 AND {to_group("old.dst")}
         BEGIN
             UPDATE messages SET remaining = remaining - 1 WHERE id = old.msg_id;
         END;
-        CREATE TEMP TRIGGER delivered_direct AFTER DELETE ON main.inbox WHEN old.code = 6 AND old.dst < '1'
+        CREATE TEMP TRIGGER delivered_direct AFTER DELETE ON main.inbox
+            WHEN old.code = 6 AND {to_user("old.dst")}
         BEGIN
             INSERT INTO completed (msg_id, src, dst, ts) VALUES (old.msg_id, old.src, old.dst, old.ts);
         END;
@@ -339,7 +344,7 @@ _INSERT_HOLDS = "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES 
 def _remaining(dst: str, held) -> int:
     """The count a message starts with: a group's members it is held for; 0
     for a direct message, whose one hold says whether it was delivered."""
-    return len(held) if dst >= "1" else 0
+    return len(held) if is_group(dst) else 0
 
 
 def _record_messages(store, cur, items):
@@ -414,7 +419,7 @@ _record_delivered.bulk = True
 #: Stored messages a new one may repeat: (id, recipients still to get it, body).
 #: A direct message's recipient is still to get it while it holds it.
 _REPEATS = (
-    "SELECT id, CASE WHEN dst >= '1' THEN remaining ELSE "
+    f"SELECT id, CASE WHEN {to_group()} THEN remaining ELSE "
     "(SELECT count(*) FROM inbox WHERE msg_id = messages.id AND code = 6) END, body "
     "FROM messages WHERE src = ? AND dst = ? AND ts = ? AND (body_hash = ? OR body_hash IS NULL)"
 )
@@ -489,9 +494,9 @@ def _ended_rows(cur, statement: str, args: tuple) -> list[tuple[int, str, str, i
     rows = cur.execute(statement, args).fetchall()
     if not rows:
         return []
-    done = [row for row in rows if row[2] < "1"]
+    done = [row for row in rows if not is_group(row[2])]
     if len(done) < len(rows):
-        counts = Counter(row[0] for row in rows if row[2] >= "1")
+        counts = Counter(row[0] for row in rows if is_group(row[2]))
         if max(counts.values()) == 1:
             counted = cur.execute(_COUNT_DOWN, (json.dumps(list(counts)),)).fetchall()
         else:
@@ -594,7 +599,7 @@ def _group_messages_since(cur, group_id, ts):
     # messages_by_dst holds only destinations from '1' on, every group id (the
     # protocol's): the query says so, for SQLite to use it. Any other id is
     # still answered, by a scan.
-    where = "dst = ? AND dst >= '1'" if group_id >= "1" else "dst = ?"
+    where = f"dst = ? AND {to_group()}" if is_group(group_id) else "dst = ?"
     return cur.execute(
         f"SELECT src, ts FROM messages WHERE {where} AND ts > ? ORDER BY ts, id", (group_id, ts)
     ).fetchall()
