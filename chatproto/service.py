@@ -7,8 +7,8 @@ import sys
 import time
 from functools import partial
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -173,59 +173,42 @@ class Options(usage.Options):
             )
 
 
-class ChatService(Service):
-    """Loads the store into the domain, and only then listens; stops in an order that loses nothing."""
+class ChatService(MultiService):
+    """Loads the store into the domain, and only then starts its children (the
+    listeners); stops them first, then drains in an order that loses nothing.
+
+    A plain MultiService would start its listeners at once, before the users
+    and groups are loaded, and stop them concurrently with the store.
+    """
 
     log = Logger()
 
     def __init__(
-        self,
-        reactor,
-        endpoint,
-        domain,
-        factory,
-        metrics=None,
-        metrics_endpoint=None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        self, reactor, domain, factory, children=(), metrics=None, shutdown_timeout=SHUTDOWN_TIMEOUT
     ):
+        super().__init__()
         self._reactor = reactor
-        self._endpoint = endpoint
         self.domain = domain
         self.store = domain.store
         self.factory = factory
-        self.port = None
-        self.shutdown_timeout = shutdown_timeout
-        self._metrics_endpoint = metrics_endpoint
         self.metrics = metrics
-        self.metrics_port = None
+        self.shutdown_timeout = shutdown_timeout
+        for child in children:
+            child.setServiceParent(self)
 
     def startService(self):
-        from . import startup  # which imports this module
-
-        super().startService()
+        Service.startService(self)  # the children wait for the store
         d = self.domain.start()
         d.addCallback(lambda _: _tune_garbage_collector())
-        d.addCallback(lambda _: startup.step("--port", self._endpoint.listen, self.factory))
-        d.addCallback(self._listening)
-        if self.metrics is not None:
-            d.addCallback(lambda _: startup.step("--metrics", self._listen_for_metrics))
-            d.addCallback(self._serving_metrics)
-        d.addErrback(self._failed)
+        d.addCallbacks(lambda _: self._start_children(), self._failed)
         return d
 
-    def _listen_for_metrics(self):
-        return self._metrics_endpoint.listen(self.metrics.site())
-
-    def _listening(self, port):
-        self.port = port
-        self.log.info("chatproto listening on {address}", address=port.getHost())
-
-    def _serving_metrics(self, port):
-        self.metrics_port = port
-        self.log.info("metrics at http://{address.host}:{address.port}/metrics", address=port.getHost())
+    def _start_children(self):
+        for child in self:
+            child.startService()
 
     def _failed(self, failure):
-        from . import startup
+        from . import startup  # which imports this module
 
         # One line and exit status 1 once the reactor has stopped (and the store closed).
         startup.abort(self._reactor, failure)
@@ -233,23 +216,22 @@ class ChatService(Service):
     def stopService(self):
         """Stop in an order that loses nothing a client was told.
 
-        Accept no connection and read no frame more; let the store commit
-        everything submitted, and what those commits set off (a 07 after a
-        delivery), so every answer is written; log everyone out, which holds
-        the notices still waiting behind a flush; close the store; then close
-        each connection once its written bytes are sent. Clients that do not
-        read are dropped after ``shutdown_timeout`` seconds: nothing is lost
-        by that, as a message stays held until its delivery is committed.
+        Stop the children (accept no connection more); read no frame more;
+        let the store commit everything submitted, and what those commits set
+        off (a 07 after a delivery), so every answer is written; log everyone
+        out, which holds the notices still waiting behind a flush; close the
+        store; then close each connection once its written bytes are sent.
+        Clients that do not read are dropped after ``shutdown_timeout``
+        seconds: nothing is lost by that, as a message stays held until its
+        delivery is committed.
         """
-        super().stopService()
         started = time.monotonic()
         self.log.info(
             "chatproto stopping: {count} connections, {ops} store operations pending",
             count=self.factory.connections,
             ops=self.store.backlog,
         )
-        ports = [p for p in (self.port, self.metrics_port) if p is not None]
-        d = DeferredList([maybeDeferred(p.stopListening) for p in ports])
+        d = super().stopService()
         self.factory.stop_reading()
         self._deadline = self._reactor.callLater(self.shutdown_timeout, self._out_of_time)
         self._aborted = 0
@@ -355,18 +337,31 @@ def makeService(options, reactor=None):
         max_buffer=options["max-buffer"],
     )
     factory = ChatFactory(domain, cork, reactor, limits)
-    metrics = metrics_endpoint = None
+    from . import startup  # which imports this module
+
+    children = [
+        startup.ListeningService(
+            reactor,
+            "--port",
+            serverFromString(reactor, options["port"]),
+            factory,
+            "chatproto listening on {address}",
+        )
+    ]
+    metrics = None
     if figures is not None:
         from .metrics import Metrics
 
         metrics = Metrics(factory, domain, store, figures)
-        metrics_endpoint = serverFromString(reactor, options["metrics"])
+        children.append(
+            startup.ListeningService(
+                reactor,
+                "--metrics",
+                serverFromString(reactor, options["metrics"]),
+                metrics.site(),
+                "metrics at http://{address.host}:{address.port}/metrics",
+            )
+        )
     return ChatService(
-        reactor,
-        serverFromString(reactor, options["port"]),
-        domain,
-        factory,
-        metrics=metrics,
-        metrics_endpoint=metrics_endpoint,
-        shutdown_timeout=options["shutdown-timeout"],
+        reactor, domain, factory, children, metrics=metrics, shutdown_timeout=options["shutdown-timeout"]
     )

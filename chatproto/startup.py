@@ -120,8 +120,11 @@ class ListeningService(Service):
     that line (``--port``, ``--metrics``).
     """
 
-    def __init__(self, reactor, option: str, endpoint, factory):
+    def __init__(
+        self, reactor, option: str, endpoint, factory, announce="listening for {option} on {address}"
+    ):
         self._reactor = reactor
+        self._announce = announce
         self.option = option
         self.endpoint = endpoint
         self.factory = factory
@@ -135,7 +138,7 @@ class ListeningService(Service):
 
     def _listening(self, port):
         self.port = port
-        log.info("listening for {option} on {address}", option=self.option, address=port.getHost())
+        log.info(self._announce, option=self.option, address=port.getHost())
         return port
 
     def stopService(self):
