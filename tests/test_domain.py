@@ -6,14 +6,19 @@ it returns.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from chatproto import wire
-from chatproto.domain import Domain, IConnection, State
+from chatproto.domain import DatabaseRouting, Domain, IConnection, State
 from chatproto.domain.session import IllegalTransition, Session
 from chatproto.server import ChatProtocol
+from chatproto.store import ListenerAway, Reconnected, StoreUnavailable
 from chatproto.store.memory import MemoryStore
 
 from .helpers import s_added, s_delivered, s_error, s_message, s_seen_by, ts
@@ -250,3 +255,61 @@ def test_a_group_gets_its_11_and_its_low_mark_moves_when_all_have_read(domain):
     domain.seen(sb, group, ts(9))
     domain.seen(sb, b"1" + b"0" * 12, ts(9))
     assert sb.connection.take() == [s_error(b"08", b"06")]
+
+
+# -- several nodes: DatabaseRouting over a store whose listener can drop -------------
+
+
+class ListeningMemoryStore(MemoryStore):
+    """A MemoryStore with a clustered store's listener, whose syncs the test answers."""
+
+    node = "node-a"
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[Deferred] = []
+        self.handler = None
+
+    def listen(self, handler):
+        self.handler = handler
+        return succeed(None)
+
+    def claim_session(self, user, when, wanted):
+        return succeed(None)
+
+    def release_session(self, user):
+        return succeed(None)
+
+    def sync(self):
+        self.syncs.append(Deferred())
+        return self.syncs[-1]
+
+
+def test_a_listener_dropping_during_a_login_flush_keeps_the_login():
+    """The flush waits for the listener to come back and goes on, instead of
+    closing a login the client would see fail with 12 03 11."""
+    store = ListeningMemoryStore()
+    domain = Domain(store, partial(DatabaseRouting, clock=Clock()))
+    domain.start()
+    b = user(domain)
+    session = domain.open(FakeConnection())
+    domain.login(session, b, None, wire.ONLINE)
+    assert session.connection.take() == [wire.online_ok(b)]
+    assert session.state is State.FLUSHING and len(store.syncs) == 1
+    store.syncs.pop().errback(ListenerAway("the listener lost its connection"))
+    assert session.connection.closed_with is None and session.state is State.FLUSHING
+    store.handler(Reconnected())  # the catch-up flushes again, and syncs again
+    store.syncs.pop().callback(None)
+    assert session.state is State.LIVE and session.connection.closed_with is None
+
+
+def test_a_store_failure_during_a_login_flush_still_closes_the_login():
+    store = ListeningMemoryStore()
+    domain = Domain(store, partial(DatabaseRouting, clock=Clock()))
+    domain.start()
+    b = user(domain)
+    session = domain.open(FakeConnection())
+    domain.login(session, b, None, wire.ONLINE)
+    store.syncs.pop().errback(StoreUnavailable("the database is gone"))
+    assert session.connection.take() == [wire.online_ok(b), wire.error(wire.ONLINE, wire.BUSY)]
+    assert session.connection.closed_with == wire.error(wire.ONLINE, wire.BUSY)

@@ -26,6 +26,7 @@ from ..store import (
     SUPERSEDED,
     GroupAdded,
     Held,
+    ListenerAway,
     Reconnected,
     Released,
     Takeover,
@@ -300,9 +301,20 @@ class DatabaseRouting:
         """The pages are sent; wait until every item committed before them has come
         live too, then send the live ones the pages did not have."""
         d = self.store.sync()
-        d.addCallbacks(
-            self._synced, self.domain.delivery.flush_failed, (session, flush), errbackArgs=(session, flush)
-        )
+        d.addCallbacks(self._synced, self._sync_failed, (session, flush), errbackArgs=(session, flush))
+
+    def _sync_failed(self, failure, session: Session, flush: Flush) -> None:
+        if failure.check(ListenerAway):
+            # The listener dropped (a database restart, a cut connection). The
+            # session stays FLUSHING, its live items waiting in the flush, and
+            # the Reconnected event's catch-up flushes it again from the store.
+            # Closing the login instead sent 12 03 11 for a blip.
+            self.log.info(
+                "the listener is away: {user}'s flush goes on once it is back",
+                user=session.user.decode() if session.user else "a closed session",
+            )
+            return
+        self.domain.delivery.flush_failed(failure, session, flush)
 
     def _synced(self, _, session: Session, flush: Flush) -> None:
         if session.flush is not flush or self.domain.directory.sessions.get(session.user) is not session:

@@ -107,6 +107,11 @@ class StoreUnavailable(Exception):
     """The database cannot be reached now: the server answers 12 XX 11 (busy)."""
 
 
+class ListenerAway(StoreUnavailable):
+    """A clustered store's listener is not connected, so a sync cannot be
+    answered now; a ``Reconnected`` event follows once it is back."""
+
+
 class SchemaError(Exception):
     """The database's schema cannot be used: ``twist chat`` says why and exits."""
 

@@ -42,6 +42,7 @@ from . import (
     Held,
     IClusterStore,
     InboxItem,
+    ListenerAway,
     Reconnected,
     Recorded,
     Released,
@@ -299,7 +300,7 @@ class PostgresStore(BatchingStore):
         if self._listener is None:
             return fail(RuntimeError("sync() needs listen() first"))
         if self._listener.conn is None:
-            return fail(StoreUnavailable("the listener is not connected"))
+            return fail(ListenerAway("the listener is not connected"))
         n = next(self._sync_ids)
         d = self._syncs[n] = Deferred()
 
@@ -336,7 +337,7 @@ class PostgresStore(BatchingStore):
         """Tokens in flight may be gone with the connection: their syncs fail."""
         syncs, self._syncs = self._syncs, {}
         for d in syncs.values():
-            d.errback(StoreUnavailable("the listener lost its connection"))
+            d.errback(ListenerAway("the listener lost its connection"))
 
     def _stop_listening(self) -> None:
         if self._listener is not None:
