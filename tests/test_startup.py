@@ -10,22 +10,30 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
 from chatproto.version import chatproto_version
 
-from .test_e2e_server import DEADLINE, REPO, Client, free_port
+from . import installed
+from .test_e2e_server import DEADLINE, Client, free_port
 
-TWIST = [sys.executable, "-m", "twisted"]
+
+def twist() -> list[str]:
+    """``twist`` of the installed package (tests/installed.py), not the checkout's."""
+    return [installed.python(), "-m", "twisted"]
 
 
-def twist_chat(*args: str, cwd=REPO, env=None) -> subprocess.CompletedProcess:
+def twist_chat(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     """``twist chat ARGS`` to its end; a start that hangs fails the test by its timeout."""
     return subprocess.run(
-        [*TWIST, "chat", *args], cwd=cwd, capture_output=True, text=True, timeout=30, env=env
+        [*twist(), "chat", *args],
+        cwd=cwd or installed.outside(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
 
 
@@ -153,7 +161,9 @@ def test_a_graceful_stop_logs_no_error(server):
 def test_version_names_chatproto_and_twisted():
     import twisted
 
-    done = subprocess.run([*TWIST, "chat", "--version"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [*twist(), "chat", "--version"], cwd=installed.outside(), capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"chatproto {chatproto_version()} (Twisted {twisted.__version__}, Python ")
     assert chatproto_version() != "unknown"
@@ -184,8 +194,8 @@ def test_settings_come_from_the_config_file_and_the_command_line_wins(tmp_path):
         "max-held = 5\n"
     )
     proc = subprocess.Popen(
-        [*TWIST, "chat", "--config", str(conf), "--port", loopback(from_cli)],
-        cwd=REPO,
+        [*twist(), "chat", "--config", str(conf), "--port", loopback(from_cli)],
+        cwd=installed.outside(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -241,9 +251,9 @@ def test_sighup_reopens_the_log_file_and_the_server_goes_on(tmp_path):
     log, rotated = tmp_path / "chat.log", tmp_path / "chat.log.1"
     port = free_port()
     proc = subprocess.Popen(
-        [*TWIST, "--log-format=text", f"--log-file={log}", "chat"]
+        [*twist(), "--log-format=text", f"--log-file={log}", "chat"]
         + ["--port", loopback(port), "--db", str(tmp_path / "chat.sqlite3")],
-        cwd=REPO,
+        cwd=installed.outside(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -282,10 +292,9 @@ def test_sighup_without_a_log_file_does_not_stop_the_server(server):
 def test_sighup_with_the_log_on_stderr_opens_no_file(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [*TWIST, "--log-format=text", "--log-file=+", "chat"]
+        [*twist(), "--log-format=text", "--log-file=+", "chat"]
         + ["--port", loopback(port), "--db", str(tmp_path / "chat.sqlite3")],
         cwd=tmp_path,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -316,11 +325,11 @@ def test_socket_activation_through_the_systemd_endpoint(tmp_path):
     env = dict(os.environ, LISTEN_FDS="1", LISTEN_FDNAMES="chatproto.socket")
     # sh sets LISTEN_PID to its own pid, which exec hands on to Python.
     command = " ".join(
-        [*TWIST, "chat", "--port", "systemd:domain=INET:index=0", "--db", str(tmp_path / "chat.sqlite3")]
+        [*twist(), "chat", "--port", "systemd:domain=INET:index=0", "--db", str(tmp_path / "chat.sqlite3")]
     )
     proc = subprocess.Popen(
         ["sh", "-c", f"LISTEN_PID=$$ exec {command}"],
-        cwd=REPO,
+        cwd=installed.outside(),
         env=env,
         pass_fds=(3,),
         preexec_fn=lambda: os.dup2(listener.fileno(), 3),

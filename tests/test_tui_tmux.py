@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from . import installed
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -45,13 +47,18 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "twisted", "chat", "--port", f"tcp:{self.port}:interface=127.0.0.1"]
+                [
+                    installed.python(),
+                    "-m",
+                    "twisted",
+                    "chat",
+                    "--port",
+                    f"tcp:{self.port}:interface=127.0.0.1",
+                ]
                 + ["--db", str(self.db)],
-                cwd=ROOT,
-                env=env,
+                cwd=installed.outside(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -125,9 +132,9 @@ def world(tmp_path):
 
 
 def client_command(server: Server, data_dir: Path, profile: str) -> str:
-    env = f"LANG=C.UTF-8 LC_ALL=C.UTF-8 PYTHONPATH={ROOT}:{ROOT / 'clients'}"
     return (
-        f"env {env} {sys.executable} -m chatproto_tui --server 127.0.0.1:{server.port}"
+        f"cd {installed.outside()} && env LANG=C.UTF-8 LC_ALL=C.UTF-8"
+        f" {installed.python()} -m chatproto_tui --server 127.0.0.1:{server.port}"
         f" --data-dir {data_dir} --profile {profile} --no-bell"
     )
 
