@@ -19,8 +19,9 @@ import pytest
 from chatproto import config
 from chatproto.service import DEFAULTS
 
+from . import installed
 from .test_e2e_server import DEADLINE, REPO, free_port
-from .test_startup import TWIST, loopback, wait_for_port, wait_for_text
+from .test_startup import loopback, twist, wait_for_port, wait_for_text
 
 CONTRIB = REPO / "contrib"
 UNIT = CONTRIB / "chatproto.service"
@@ -117,9 +118,9 @@ def test_the_logrotate_snippet_rotates_a_running_servers_log(tmp_path):
     log = logs / "chat.log"
     port = free_port()
     proc = subprocess.Popen(
-        [*TWIST, "--log-format=text", f"--log-file={log}", "chat"]
+        [*twist(), "--log-format=text", f"--log-file={log}", "chat"]
         + ["--port", loopback(port), "--db", str(tmp_path / "chat.sqlite3")],
-        cwd=REPO,
+        cwd=installed.outside(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
