@@ -84,6 +84,22 @@ def _number(kind):
     return coerce
 
 
+#: The units a duration may be written in, in seconds.
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(value) -> int:
+    """Whole seconds from a duration: ``30d``, ``12h``, ``90m``, ``45s``, ``2w``, or bare seconds."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("not a duration (e.g. 30d, 12h, 90m, 45s, or seconds)")
+    text = str(value).strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    if not number.isdigit():
+        raise ValueError("not a duration (e.g. 30d, 12h, 90m, 45s, or seconds)")
+    return int(number) * (unit or 1)
+
+
 def _text(value):
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError("not a string")
@@ -109,6 +125,9 @@ KINDS = {
     "login-timeout": _number(float),
     "max-buffer": _number(int),
     "require-secrets": _flag,
+    "dedup-window": duration,
+    "keep-delivered": duration,
+    "expire-held": duration,
 }
 
 

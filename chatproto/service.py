@@ -18,8 +18,9 @@ from . import config
 from .config import endpoint_description  # noqa: F401 - imported from here by others
 from .cork import Cork
 from .domain import DatabaseRouting, Domain, LocalRouting
+from .housekeeping import Housekeeping
 from .server import ChatFactory, Limits
-from .store import StoreUnavailable
+from .store import Retention, StoreUnavailable
 from .store.sqlite import SchemaError, SQLiteStore
 
 DEFAULT_PORT = "tcp:7000"
@@ -44,6 +45,9 @@ DEFAULTS = {
     "login-timeout": Limits.login_timeout,
     "max-buffer": Limits.max_buffer,
     "require-secrets": False,
+    "dedup-window": Retention.dedup_window,
+    "keep-delivered": Retention.keep_delivered,
+    "expire-held": Retention.expire_held,
 }
 
 
@@ -138,6 +142,29 @@ class Options(usage.Options):
             None,
             None,
             _help("Bytes written to a client that stopped reading before it is dropped.", "max-buffer"),
+        ],
+        [
+            "dedup-window",
+            None,
+            None,
+            "How long a delivered message's identity (sender, destination, TIMESTAMP, a hash of its "
+            "text; never the text) is kept, so that a resend gets its 07 again instead of a second "
+            "delivery; after it a resend is a new message. A DURATION: 30d, 12h, 90m, 45s or seconds "
+            "[default: 30d].",
+        ],
+        [
+            "keep-delivered",
+            None,
+            None,
+            "Keep delivered texts this long (a DURATION), an archive on the server's disk; "
+            "off (0) by default: a text is deleted the moment its last recipient has it.",
+        ],
+        [
+            "expire-held",
+            None,
+            None,
+            "Drop messages held for users who have not logged in or out for this long (a DURATION); "
+            "off (0) by default: nothing undelivered is ever dropped.",
         ],
     ]
     optFlags = [
@@ -316,13 +343,14 @@ def makeService(options, reactor=None):
 
         figures = StoreFigures()
     on_commit = figures.committed if figures is not None else None
+    retention = Retention(options["dedup-window"], options["keep-delivered"], options["expire-held"])
     try:
         if is_postgres_url(db):
-            store = _postgres_store(db, reactor, answering=cork, on_commit=on_commit)
+            store = _postgres_store(db, reactor, answering=cork, on_commit=on_commit, retention=retention)
             routing = partial(DatabaseRouting, clock=reactor)
             max_held = 0  # each node's count of what is held would be its own guess
         else:
-            store = SQLiteStore(db, reactor, answering=cork, on_commit=on_commit)
+            store = SQLiteStore(db, reactor, answering=cork, on_commit=on_commit, retention=retention)
             routing = LocalRouting
             max_held = options["max-held"]
     except (SchemaError, StoreUnavailable) as e:
@@ -346,7 +374,8 @@ def makeService(options, reactor=None):
             serverFromString(reactor, options["port"]),
             factory,
             "chatproto listening on {address}",
-        )
+        ),
+        Housekeeping(reactor, domain),
     ]
     metrics = None
     if figures is not None:

@@ -72,7 +72,9 @@ def make_v1(path: str) -> None:
 
 
 #: The columns of version 1, which every later version keeps as they were.
-V1_COLUMNS = {"messages": "id, src, dst, ts, body, remaining"}
+V1_COLUMNS = {"messages": "id, src, dst, ts, body, remaining", "users": "id, secret_hash, created"}
+#: make_v1's texts by message id: what each identity's hash is of.
+V1_TEXTS = {1: b"hello B", 2: b"hello group", 3: b"delivered"}
 
 
 def dump(path: str, tables=V1_TABLES) -> dict[str, list[tuple]]:
@@ -87,9 +89,9 @@ def dump(path: str, tables=V1_TABLES) -> dict[str, list[tuple]]:
 
 
 def assert_hashed(path: str) -> None:
-    """Since version 4 every message's identity key is its body's hash."""
-    rows = sqlite3.connect(path).execute("SELECT body, body_hash FROM messages").fetchall()
-    assert rows and all(stored == body_hash(body) for body, stored in rows)
+    """Since version 4 every message's identity key is its body's hash (since 6, kept when the body goes)."""
+    rows = sqlite3.connect(path).execute("SELECT id, body_hash FROM messages").fetchall()
+    assert rows and all(stored == body_hash(V1_TEXTS[msg_id]) for msg_id, stored in rows)
 
 
 def shape(path: str) -> dict:
@@ -121,9 +123,15 @@ def shape(path: str) -> dict:
 def as_upgraded(before: dict) -> dict:
     """make_v1's data as the upgrade leaves it: since version 5 a direct
     message's hold alone says it is still to be delivered, and its count is
-    0 (message 1, held for B, had 1; the group message keeps its 2)."""
+    0 (message 1, held for B, had 1; the group message keeps its 2); since
+    version 6 a delivered message keeps no text (message 3: its identity only)."""
     assert [m[5] for m in before["messages"]] == [1, 2, 0]
-    return dict(before, messages=[(*m[:5], m[5] if m[2] >= "1" else 0) for m in before["messages"]])
+    return dict(
+        before,
+        messages=[
+            (*m[:4], None if m[0] == 3 else m[4], m[5] if m[2] >= "1" else 0) for m in before["messages"]
+        ],
+    )
 
 
 def upgrade_beside_fresh(old: str, fresh: str) -> None:

@@ -9,7 +9,7 @@ import secrets
 from twisted.logger import Logger
 
 from .. import wire
-from .answers import busy
+from .answers import busy, failed
 from .session import Session, State
 
 
@@ -90,6 +90,7 @@ class Accounts:
         session.user = user
         session.acknowledges = secret is not None
         sessions[user] = session
+        self._seen(user)
         self.delivery.came_online(user)
         self.routing.come_online(session)
 
@@ -100,4 +101,9 @@ class Accounts:
             self.delivery.abandon(session)
             self.log.info("{user} offline", user=user.decode())
             self.routing.went_offline(user)
+            self._seen(user)
         session.to(State.CLOSED if closed else State.CONNECTED)
+
+    def _seen(self, user: bytes) -> None:
+        """Note the login or logout, which --expire-held measures a user's absence from."""
+        self.store.seen(user.decode()).addErrback(failed, "noting a login or logout")

@@ -96,6 +96,13 @@ class Delivery:
     def came_online(self, user: bytes) -> None:
         self.held_offline.pop(user, None)
 
+    def expired(self, dropped: dict[str, int]) -> None:
+        """--expire-held dropped messages held for these users (id → count): they count no more."""
+        for user, count in dropped.items():
+            key = user.encode()
+            if key in self.held_offline:
+                self.held_offline[key] = max(0, self.held_offline[key] - count)
+
     def start_flush(self, session: Session, flush: Flush | None = None) -> None:
         """Send everything held, a page at a time; frames decided meanwhile wait behind it."""
         session.to(State.FLUSHING)

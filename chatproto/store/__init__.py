@@ -82,6 +82,71 @@ class Completed(NamedTuple):
     ts: int
 
 
+DAY = 86400
+
+
+class Retention(NamedTuple):
+    """How long the server keeps what it no longer needs for delivery, in seconds.
+
+    The defaults keep no text a recipient already has, a delivered message's
+    identity long enough for a phone that was off for a month to resend it,
+    and every undelivered message until its recipient comes for it.
+    """
+
+    #: A delivered message's identity (sender, destination, TIMESTAMP, a
+    #: hash of its text): a resend within it gets its 07 again and is not
+    #: delivered twice; after it a resend is a new message.
+    dedup_window: int = 30 * DAY
+    #: A delivered message's text (0: deleted the moment its last recipient has it).
+    keep_delivered: int = 0
+    #: Messages held for a user who has not logged in or out for this long
+    #: are dropped (0: never).
+    expire_held: int = 0
+
+
+#: The defaults, for a store made without a policy (the tests').
+DEFAULT_RETENTION = Retention()
+
+#: ``Keeping.text_cutoff`` without an archive: every delivered text goes.
+EVERY_ID = 1 << 62
+
+
+class Keeping:
+    """A store's retention policy and housekeeping progress, used on its database thread.
+
+    ``text_cutoff``: a message with an id up to it loses its text the moment
+    its last recipient has it (every id without ``--keep-delivered``; with it,
+    the ids stored that long ago, moved on by each housekeeping pass). The
+    cursors are where the next pass goes on (ids, oldest first).
+    """
+
+    __slots__ = ("retention", "text_cutoff", "identity_cursor", "text_cursor")
+
+    def __init__(self, retention: Retention = DEFAULT_RETENTION):
+        self.retention = retention
+        self.text_cutoff = 0 if retention.keep_delivered else EVERY_ID
+        self.identity_cursor = 0
+        self.text_cursor = 0
+
+    @property
+    def archive(self) -> bool:
+        """Whether a delivered message keeps its text for a while (``--keep-delivered``)."""
+        return self.retention.keep_delivered > 0
+
+
+class Swept(NamedTuple):
+    """What one housekeeping pass removed."""
+
+    #: Delivered messages whose identity outlived the window (and their archived text).
+    identities: int = 0
+    #: Archived texts past --keep-delivered (the identity stays for its window).
+    texts: int = 0
+    #: user id → messages held for them that --expire-held dropped.
+    held: dict[str, int] = {}
+    #: A batch was full: another pass should follow soon.
+    more: bool = False
+
+
 class Snapshot(NamedTuple):
     """What the server keeps in memory, read once at start-up."""
 
@@ -247,6 +312,19 @@ class IChatStore(Interface):
 
     def hold(user_id, code, src, dst, ts):
         """Deferred[None]: keep a 07, 09 or 11 for user_id's next login."""
+
+    def seen(user_id):
+        """Deferred[None]: user_id logged in or out now (what --expire-held measures from)."""
+
+    def sweep(now, online):
+        """Deferred[Swept]: one housekeeping pass, a small batch of each kind.
+
+        ``now`` is Unix seconds; ``online`` the user ids with a session here,
+        whose held messages --expire-held never drops. Delivered messages
+        stored longer ago than the dedup window lose their identity (a group
+        message only once every member has read it, as its 09 needs it);
+        with an archive, delivered texts older than it lose their text.
+        """
 
     def inbox(user_id, after=0, limit=None):
         """Deferred[list[InboxItem]]: what is held for user_id after seq ``after``, oldest first."""

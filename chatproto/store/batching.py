@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import nullcontext
 
 from twisted.internet.defer import Deferred
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from . import DUPLICATE_PENDING, Snapshot, StoreUnavailable
+from . import DEFAULT_RETENTION, DUPLICATE_PENDING, Keeping, Retention, Snapshot, StoreUnavailable
 
 #: Work per transaction at most (an operation counts one, a run of messages
 #: one per message): enough to amortize a commit, few enough that one batch's
@@ -95,12 +96,22 @@ class BatchingStore:
 
     log = Logger()
 
-    def __init__(self, reactor, thread_name: str, answering=None, on_commit=None):
+    def __init__(
+        self,
+        reactor,
+        thread_name: str,
+        answering=None,
+        on_commit=None,
+        retention: Retention = DEFAULT_RETENTION,
+    ):
         """``answering``: entered around the answers of each commit (the server's
         cork, so that the frames they write go out as one write per connection).
         ``on_commit``: called on the reactor thread after each commit with
-        (operations, seconds the transaction took), for the metrics."""
+        (operations, seconds the transaction took), for the metrics.
+        ``retention``: how long what was delivered is kept."""
         self._reactor = reactor
+        #: The retention policy and housekeeping's progress, for the database thread.
+        self.keeping = Keeping(retention)
         self.answering = answering if answering is not None else nullcontext()
         self.on_commit = on_commit
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=thread_name)
@@ -240,6 +251,12 @@ class BatchingStore:
 
     def hold(self, user_id, code, src, dst, ts):
         return self._submit(self.ops._hold, user_id, code, src, dst, ts)
+
+    def seen(self, user_id):
+        return self._submit(self.ops._seen, user_id, int(time.time()))
+
+    def sweep(self, now, online):
+        return self._submit(self.ops._sweep, self.keeping, int(now), frozenset(online))
 
     def inbox(self, user_id, after=0, limit=None):
         return self._submit(self.ops._inbox, user_id, after, limit)

@@ -3,12 +3,16 @@ fired keeps the protocol's behaviour visible in the same call."""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from hashlib import sha256
 from itertools import count
 
 from twisted.internet.defer import succeed
 from zope.interface import implementer
 
 from . import (
+    DEFAULT_RETENTION,
     DUPLICATE_DELIVERED,
     DUPLICATE_PENDING,
     HELD_ADDED,
@@ -17,15 +21,27 @@ from . import (
     Completed,
     IChatStore,
     InboxItem,
+    Keeping,
     Recorded,
+    Retention,
     Snapshot,
+    Swept,
+    is_group,
 )
+
+#: As SQLite's: work per housekeeping pass, and seconds between marks.
+SWEEP_BATCH = 500
+MARK_EVERY = 60
 
 
 class _Message:
-    __slots__ = ("id", "src", "dst", "ts", "text", "remaining")
+    """A stored message; ``text`` is None once every recipient has it (and no archive keeps it)."""
 
-    def __init__(self, msg_id, src, dst, ts, text, remaining):
+    __slots__ = ("id", "src", "dst", "ts", "text", "remaining", "key")
+
+    def __init__(self, msg_id, src, dst, ts, text, remaining, key):
+        #: A digest of the text: its identity once the text is gone.
+        self.key = key
         self.id = msg_id
         self.src = src
         self.dst = dst
@@ -36,8 +52,13 @@ class _Message:
 
 @implementer(IChatStore)
 class MemoryStore:
-    def __init__(self):
+    def __init__(self, retention: Retention = DEFAULT_RETENTION):
+        self.keeping = Keeping(retention)
         self.users: dict[str, str | None] = {}
+        #: user id → their last login or logout (Unix seconds), for --expire-held.
+        self.last_seen: dict[str, int] = {}
+        #: (Unix seconds, the highest message id then), oldest first: the messages' ages.
+        self.marks: list[tuple[int, int]] = []
         self.groups: dict[str, list[str]] = {}
         self.read_marks: dict[str, dict[str, int]] = {}
         self.low_marks: dict[str, int] = {}
@@ -67,6 +88,12 @@ class MemoryStore:
 
     def add_user(self, user_id, secret_hash):
         self.users[user_id] = secret_hash
+        self.last_seen[user_id] = int(time.time())
+        return succeed(None)
+
+    def seen(self, user_id):
+        if user_id in self.users:
+            self.last_seen[user_id] = int(time.time())
         return succeed(None)
 
     def add_group(self, group_id, ts, members, hold_for):
@@ -85,12 +112,14 @@ class MemoryStore:
         return _answered(self._record(src, dst, ts, text, recipients), answer)
 
     def _record(self, src, dst, ts, text, recipients):
-        key = (src, dst, ts, text)
+        digest = sha256(text).digest()
+        key = (src, dst, ts, digest)
         known = self._by_key.get(key)
         if known is not None:
             status = DUPLICATE_DELIVERED if known.remaining == 0 else DUPLICATE_PENDING
             return Recorded(known.id, status, known.remaining == 0)
-        msg = _Message(next(self._ids), src, dst, ts, text, len(recipients))
+        kept = text if recipients or self.keeping.archive else None
+        msg = _Message(next(self._ids), src, dst, ts, kept, len(recipients), digest)
         if ts > self._latest.get((src, dst), 0):
             self._latest[(src, dst)] = ts
         self.messages[msg.id] = msg
@@ -110,6 +139,8 @@ class MemoryStore:
                 msg.remaining -= 1
                 if msg.remaining == 0:
                     done.append(Completed(msg.src, msg.dst, msg.ts))
+                    if msg.id <= self.keeping.text_cutoff:
+                        msg.text = None
         return done
 
     def record_delivered(self, src, dst, stamped, answer=None):
@@ -163,6 +194,57 @@ class MemoryStore:
     def group_messages_since(self, group_id, ts):
         rows = sorted((m.ts, m.id, m.src) for m in self.messages.values() if m.dst == group_id and m.ts > ts)
         return succeed([(src, when) for when, _, src in rows])
+
+    def sweep(self, now, online):
+        """SQLite's housekeeping (store/sqlite.py ``_sweep``) over the dicts."""
+        retention, keeping = self.keeping.retention, self.keeping
+        now = int(now)
+        if not self.marks or now - self.marks[-1][0] >= MARK_EVERY:
+            self.marks.append((now, max(self.messages, default=0)))
+        longest = max(retention.dedup_window, retention.keep_delivered)
+        while len(self.marks) > 1 and self.marks[1][0] <= now - longest:
+            del self.marks[0]
+        texts = identities = 0
+        if keeping.archive:
+            keeping.text_cutoff = self._id_at(now - retention.keep_delivered)
+            for msg in self._after(keeping.text_cursor, keeping.text_cutoff):
+                if msg.text is not None and msg.remaining == 0:
+                    msg.text = None
+                    texts += 1
+            keeping.text_cursor = max(keeping.text_cursor, keeping.text_cutoff)
+        for msg in self._after(0, self._id_at(now - retention.dedup_window)):
+            read = not is_group(msg.dst) or msg.ts <= self.low_marks.get(msg.dst, msg.ts)
+            if msg.remaining == 0 and read:
+                del self.messages[msg.id]
+                del self._by_key[(msg.src, msg.dst, msg.ts, msg.key)]
+                identities += 1
+        held = self._expire_held(now - retention.expire_held, online) if retention.expire_held else {}
+        return succeed(Swept(identities, texts, held, False))
+
+    def _id_at(self, when):
+        return max((last_id for at, last_id in self.marks if at <= when), default=0)
+
+    def _after(self, first, last):
+        return [msg for msg_id, msg in sorted(self.messages.items()) if first < msg_id <= last]
+
+    def _expire_held(self, before, online):
+        dropped = Counter()
+        for user_id, inbox in self._inboxes.items():
+            if user_id in online or self.last_seen.get(user_id, before) >= before:
+                continue
+            for seq, item in list(inbox.items()):
+                if item.code != HELD_MESSAGE or sum(dropped.values()) >= SWEEP_BATCH:
+                    continue
+                del inbox[seq]
+                dropped[user_id] += 1
+                msg = self.messages[item.msg_id]
+                msg.remaining -= 1
+                if not is_group(msg.dst):
+                    del self.messages[msg.id]
+                    del self._by_key[(msg.src, msg.dst, msg.ts, msg.key)]
+                elif msg.remaining == 0:
+                    msg.text = None
+        return dict(dropped)
 
     def barrier(self):
         return succeed(None)

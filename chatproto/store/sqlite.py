@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import (
+    DEFAULT_RETENTION,
     DUPLICATE_DELIVERED,
     DUPLICATE_PENDING,
     HELD_ADDED,
@@ -25,8 +26,10 @@ from . import (
     IChatStore,
     InboxItem,
     Recorded,
+    Retention,
     SchemaError,
     StoreUnavailable,
+    Swept,
     UpgradeFailed,
     is_group,
     to_group,
@@ -36,7 +39,7 @@ from .batching import BatchingStore, load_snapshot
 
 #: The schema this code writes. A fresh database is made from ``NNN.sql`` of
 #: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The schema errors are shared with the PostgreSQL store now; the service still imports them from here.
 __all__ = ["SchemaError", "DatabaseTooNew", "UpgradeFailed", "SQLiteStore"]
@@ -262,14 +265,22 @@ def _record(conn: sqlite3.Connection, version: int, previous: int | None, backup
 class SQLiteStore(BatchingStore):
     ops = sys.modules[__name__]
 
-    def __init__(self, path: str, reactor, answering=None, on_commit=None, busy_timeout_ms=None):
+    def __init__(
+        self,
+        path: str,
+        reactor,
+        answering=None,
+        on_commit=None,
+        busy_timeout_ms=None,
+        retention: Retention = DEFAULT_RETENTION,
+    ):
         self.path = path
         self._conn = connect(path, busy_timeout_ms)
         ensure_schema(self._conn)
         _connection_setup(self._conn)
         (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         self._next_msg_id = last + 1
-        super().__init__(reactor, "chatproto-sqlite", answering, on_commit)
+        super().__init__(reactor, "chatproto-sqlite", answering, on_commit, retention)
 
     def _transaction(self, batch):
         started = time.perf_counter()
@@ -312,10 +323,15 @@ _load = load_snapshot
 
 
 def _add_user(cur, user_id, secret_hash):
+    now = int(time.time())
     cur.execute(
-        "INSERT INTO users (id, secret_hash, created) VALUES (?, ?, ?)",
-        (user_id, secret_hash, int(time.time())),
+        "INSERT INTO users (id, secret_hash, created, last_seen) VALUES (?, ?, ?, ?)",
+        (user_id, secret_hash, now, now),
     )
+
+
+def _seen(cur, user_id, now):
+    cur.execute("UPDATE users SET last_seen = ? WHERE id = ?", (now, user_id))
 
 
 def _add_group(cur, group_id, ts, members, hold_for):
@@ -356,11 +372,13 @@ def _record_messages(store, cur, items):
     """
     first = store._next_msg_id
     store._next_msg_id += len(items)
+    archive = store.keeping.archive
     cur.executemany(
         _INSERT_MESSAGES,
         [
-            (first + i, src, dst, ts, text, _remaining(dst, held), body_hash(text))
+            (first + i, src, dst, ts, text if held or archive else None, _remaining(dst, held), hashed)
             for i, (src, dst, ts, text, held) in enumerate(items)
+            for hashed in (body_hash(text),)
         ],
     )
     all_new = cur.rowcount == len(items)
@@ -370,7 +388,7 @@ def _record_messages(store, cur, items):
         msg_id = first + i
         holds = [(user_id, HELD_MESSAGE, msg_id, src, dst, ts) for user_id in held]
         if not all_new:
-            known = _stored_as(cur, msg_id, src, dst, ts, text, held)
+            known = _stored_as(cur, msg_id, src, dst, ts, text, held, archive)
             if known is not None:
                 known_id, remaining = known
                 status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
@@ -393,10 +411,13 @@ def _record_delivered(store, cur, runs):
     """``batching.record_delivered`` in one INSERT for every run, nothing per
     message unless one was stored before (a resend: looked up on its own).
     The shared version, through ``_record_messages``, costs the store about
-    a quarter more CPU a message (Recorded objects): bench/floor.py."""
+    a quarter more CPU a message (Recorded objects): bench/floor.py.
+    The text is not written at all unless there is an archive: every
+    recipient has it already."""
     ids = count(store._next_msg_id)
+    archive = store.keeping.archive
     rows = [
-        (next(ids), src, dst, ts, text, 0, body_hash(text))
+        (next(ids), src, dst, ts, text if archive else None, 0, body_hash(text))
         for src, dst, stamped in runs
         for ts, text in stamped
     ]
@@ -404,8 +425,9 @@ def _record_delivered(store, cur, runs):
     cur.executemany(_INSERT_MESSAGES, rows)
     if cur.rowcount != len(rows):
         held = []
-        for msg_id, src, dst, ts, text, _, _ in rows:
-            known = _stored_as(cur, msg_id, src, dst, ts, text, ())
+        texts = (text for _, _, stamped in runs for _, text in stamped)
+        for (msg_id, src, dst, ts, _, _, hashed), text in zip(rows, texts, strict=True):
+            known = _stored_as(cur, msg_id, src, dst, ts, text, (), archive, hashed)
             if known is not None and known[1] > 0:
                 held.append((known[0], [dst]))
         if held:
@@ -416,30 +438,34 @@ def _record_delivered(store, cur, runs):
 _record_delivered.bulk = True
 
 
-#: Stored messages a new one may repeat: (id, recipients still to get it, body).
+#: Stored messages a new one may repeat: (id, recipients still to get it, body, hash).
 #: A direct message's recipient is still to get it while it holds it.
 _REPEATS = (
     f"SELECT id, CASE WHEN {to_group()} THEN remaining ELSE "
-    "(SELECT count(*) FROM inbox WHERE msg_id = messages.id AND code = 6) END, body "
+    "(SELECT count(*) FROM inbox WHERE msg_id = messages.id AND code = 6) END, body, body_hash "
     "FROM messages WHERE src = ? AND dst = ? AND ts = ? AND (body_hash = ? OR body_hash IS NULL)"
 )
 
 
-def _stored_as(cur, msg_id, src, dst, ts, text, held):
+def _stored_as(cur, msg_id, src, dst, ts, text, held, archive, hashed=None):
     """(id, remaining) of the stored message this one repeats, or None once it is stored as ``msg_id``.
 
     The identity index compares hashes: a row with the same hash and another
-    text is a collision, and the message is stored beside it with a NULL hash.
+    text is a collision, and the message is stored beside it with a NULL
+    hash. A delivered message has no text left to compare: the hash alone
+    says it is the same (two texts of one sender, destination and TIMESTAMP
+    sharing a CRC-32 are taken as one, a chance of one in four billion).
     """
-    rows = cur.execute(_REPEATS, (src, dst, ts, body_hash(text))).fetchall()
-    for known_id, remaining, body in rows:
+    hashed = body_hash(text) if hashed is None else hashed
+    rows = cur.execute(_REPEATS, (src, dst, ts, hashed)).fetchall()
+    for known_id, remaining, body, known_hash in rows:
         if known_id == msg_id:
             return None
-        if body == text:
+        if body == text or (body is None and known_hash == hashed):
             return known_id, remaining
     cur.execute(
         "INSERT INTO messages (id, src, dst, ts, body, remaining, body_hash) VALUES (?, ?, ?, ?, ?, ?, NULL)",
-        (msg_id, src, dst, ts, text, _remaining(dst, held)),
+        (msg_id, src, dst, ts, text if held or archive else None, _remaining(dst, held)),
     )
     return None
 
@@ -475,17 +501,18 @@ _COUNT_DOWN_BY = (
 )
 
 
-def _ended(cur, statement: str, args: tuple) -> list[Completed]:
+def _ended(cur, keeping, statement: str, args: tuple) -> list[Completed]:
     """End holds with one of the DELETEs above; answer the messages completed, in record order."""
-    return [Completed(src, dst, ts) for _, src, dst, ts in _ended_rows(cur, statement, args)]
+    return [Completed(src, dst, ts) for _, src, dst, ts in _ended_rows(cur, keeping, statement, args)]
 
 
-def _ended_rows(cur, statement: str, args: tuple) -> list[tuple[int, str, str, int]]:
+def _ended_rows(cur, keeping, statement: str, args: tuple) -> list[tuple[int, str, str, int]]:
     """``_ended``'s work: (msg_id, src, dst, ts) of each message completed.
 
     A direct message is completed by its hold's end. A group message is
     counted down by the rows actually deleted, so one marked twice is
-    completed once: by the op whose UPDATE takes it to zero.
+    completed once: by the op whose UPDATE takes it to zero. A completed
+    message's text goes in the same transaction (``_forget_texts``).
 
     Measured on a drain of 100,000 held messages: 2.5 µs a message for the
     DELETE alone, against 11 for the statement of JSON (msg_id, user_id)
@@ -503,26 +530,48 @@ def _ended_rows(cur, statement: str, args: tuple) -> list[tuple[int, str, str, i
             counted = [cur.execute(_COUNT_DOWN_BY, (n, msg_id)).fetchone() for msg_id, n in counts.items()]
         done += [row[:4] for row in counted if row[4] == 0]
     done.sort()
+    _forget_texts(cur, keeping, [row[0] for row in done])
     return done
 
 
-def _end_holds_by_trigger(cur, ops):
+#: The texts of a JSON list of messages, every recipient having them.
+_FORGET_TEXTS = "UPDATE messages SET body = NULL WHERE id IN (SELECT value FROM json_each(?))"
+
+
+def _forget_texts(cur, keeping, msg_ids) -> None:
+    """Every recipient has these messages: their texts go, but for an archive's recent ones."""
+    cutoff = keeping.text_cutoff
+    gone = [msg_id for msg_id in msg_ids if msg_id <= cutoff]
+    if not gone:
+        return
+    if RETURNING:
+        cur.execute(_FORGET_TEXTS, (json.dumps(gone),))
+    else:
+        cur.executemany("UPDATE messages SET body = NULL WHERE id = ?", [(msg_id,) for msg_id in gone])
+
+
+def _end_holds_by_trigger(cur, keeping, ops):
     """Ending holds before SQLite 3.35 (no RETURNING): each op's (msg_id,
     user_id) pairs in one DELETE for all, the triggers of ``_connection_setup``
     counting down and noting what completes, for the last op naming it."""
     cur.executemany("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", chain(*ops))
     owner = {msg_id: at for at, pairs in enumerate(ops) for msg_id, _ in pairs}
     results: list[list[Completed]] = [[] for _ in ops]
-    for msg_id, src, dst, ts in cur.execute(_TAKE_COMPLETED):
+    done = cur.execute(_TAKE_COMPLETED).fetchall()
+    for msg_id, src, dst, ts in done:
         results[owner[msg_id]].append(Completed(src, dst, ts))
     cur.execute("DELETE FROM temp.completed")
+    _forget_texts(cur, keeping, [row[0] for row in done])
     return results
 
 
 def _mark_delivered(store, cur, items):
     if not RETURNING:
-        return _end_holds_by_trigger(cur, [[(msg_id, user_id) for msg_id in ids] for user_id, ids in items])
-    return [_ended(cur, _END_USER_HOLDS, (json.dumps(msg_ids), user_id)) for user_id, msg_ids in items]
+        return _end_holds_by_trigger(
+            cur, store.keeping, [[(msg_id, user_id) for msg_id in ids] for user_id, ids in items]
+        )
+    keeping = store.keeping
+    return [_ended(cur, keeping, _END_USER_HOLDS, (json.dumps(ids), user_id)) for user_id, ids in items]
 
 
 def _mark_reached(store, cur, items):
@@ -530,16 +579,19 @@ def _mark_reached(store, cur, items):
     written after its commit) end that reader's holds in one DELETE a
     reader, not one an op; a completion is owed to the last op naming it."""
     if not RETURNING:
-        return _end_holds_by_trigger(cur, [[(msg_id, user_id) for user_id in ids] for msg_id, ids in items])
+        return _end_holds_by_trigger(
+            cur, store.keeping, [[(msg_id, user_id) for user_id in ids] for msg_id, ids in items]
+        )
     results: list[list[Completed]] = [[] for _ in items]
     alone: dict[str, dict[int, int]] = {}
     for at, (msg_id, user_ids) in enumerate(items):
         if len(user_ids) == 1:
             alone.setdefault(user_ids[0], {})[msg_id] = at
         else:
-            results[at] = _ended(cur, _END_MESSAGE_HOLDS, (msg_id, json.dumps(user_ids)))
+            results[at] = _ended(cur, store.keeping, _END_MESSAGE_HOLDS, (msg_id, json.dumps(user_ids)))
     for user_id, owner in alone.items():
-        for msg_id, src, dst, ts in _ended_rows(cur, _END_USER_HOLDS, (json.dumps(list(owner)), user_id)):
+        ended = _ended_rows(cur, store.keeping, _END_USER_HOLDS, (json.dumps(list(owner)), user_id))
+        for msg_id, src, dst, ts in ended:
             results[owner[msg_id]].append(Completed(src, dst, ts))
     return results
 
@@ -550,14 +602,15 @@ _mark_reached.bulk = True
 _TAKE_COMPLETED = "SELECT msg_id, src, dst, ts FROM temp.completed ORDER BY rowid"
 
 
-def _acknowledge(cur, user_id, src, dst, ts):
-    ids = [
-        msg_id
-        for (msg_id,) in cur.execute(
-            "SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", (src, dst, ts)
-        ).fetchall()
-    ]
-    return _mark_delivered(None, cur, [(user_id, ids)])[0]
+def _acknowledge(store, cur, items):
+    results = []
+    for user_id, src, dst, ts in items:
+        found = cur.execute("SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", (src, dst, ts))
+        results += _mark_delivered(store, cur, [(user_id, [msg_id for (msg_id,) in found.fetchall()])])
+    return results
+
+
+_acknowledge.bulk = True
 
 
 def _hold(cur, user_id, code, src, dst, ts):
@@ -603,3 +656,125 @@ def _group_messages_since(cur, group_id, ts):
     return cur.execute(
         f"SELECT src, ts FROM messages WHERE {where} AND ts > ? ORDER BY ts, id", (group_id, ts)
     ).fetchall()
+
+
+# -- housekeeping: one small pass at a time, in the batch's transaction ------
+
+#: Messages a housekeeping pass looks at per kind of work, and held
+#: messages --expire-held drops per pass: a millisecond or two of the
+#: transaction it shares with the frames of that moment.
+SWEEP_BATCH = 500
+#: Seconds between two retention marks: the precision of every age below.
+MARK_EVERY = 60
+
+#: A stored message's id, ts, whether it has its text, whether every
+#: recipient has it, and whether it is read by all (a group's 09 needs its
+#: identity until then; a direct message counts as read).
+_SCAN = (
+    "SELECT id, body IS NOT NULL, "
+    f"CASE WHEN {to_group()} THEN remaining = 0 "
+    "ELSE NOT EXISTS (SELECT 1 FROM inbox WHERE msg_id = messages.id AND code = 6) END, "
+    f"CASE WHEN {to_group()} THEN ts <= coalesce((SELECT low_mark FROM groups WHERE id = dst), ts) "
+    "ELSE 1 END "
+    "FROM messages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?"
+)
+
+
+def _sweep(cur, keeping, now, online):
+    """One housekeeping pass (``IChatStore.sweep``), each kind of work a batch of SWEEP_BATCH."""
+    retention = keeping.retention
+    _mark(cur, now, max(retention.dedup_window, retention.keep_delivered))
+    texts = 0
+    if keeping.archive:
+        keeping.text_cutoff = _id_at(cur, now - retention.keep_delivered)
+        texts, more_texts = _sweep_texts(cur, keeping)
+    else:
+        more_texts = False
+    identities, more = _sweep_identities(cur, keeping, _id_at(cur, now - retention.dedup_window))
+    held = _expire_held(cur, now - retention.expire_held, online) if retention.expire_held else {}
+    return Swept(identities, texts, held, more or more_texts or sum(held.values()) >= SWEEP_BATCH)
+
+
+def _mark(cur, now, longest):
+    """Note the highest id now (at most one mark a MARK_EVERY), and forget marks no age needs."""
+    (last,) = cur.execute("SELECT max(at) FROM retention_marks").fetchone()
+    if last is None or now - last >= MARK_EVERY:
+        cur.execute(
+            "INSERT OR REPLACE INTO retention_marks (at, last_id) "
+            "SELECT ?, coalesce(max(id), 0) FROM messages",
+            (now,),
+        )
+    # The newest mark at least ``longest`` old still answers _id_at; older ones never will.
+    cur.execute(
+        "DELETE FROM retention_marks WHERE at < (SELECT max(at) FROM retention_marks WHERE at <= ?)",
+        (now - longest,),
+    )
+
+
+def _id_at(cur, when) -> int:
+    """The highest message id stored at or before ``when`` (0: none known to be that old)."""
+    (last_id,) = cur.execute(
+        "SELECT coalesce(max(last_id), 0) FROM retention_marks WHERE at <= ?", (when,)
+    ).fetchone()
+    return last_id
+
+
+def _scan(cur, cursor: int, cutoff: int):
+    """The next SWEEP_BATCH messages after ``cursor`` up to ``cutoff``, and where to go on from."""
+    rows = cur.execute(_SCAN, (cursor, cutoff, SWEEP_BATCH)).fetchall()
+    return rows, (rows[-1][0] if len(rows) == SWEEP_BATCH else 0)
+
+
+def _sweep_identities(cur, keeping, cutoff):
+    """Delete delivered (and read) messages stored before the window, oldest first.
+
+    The cursor goes back to the start once it reaches the cutoff, so a
+    message skipped while held is looked at again in the next round.
+    """
+    rows, keeping.identity_cursor = _scan(cur, keeping.identity_cursor, cutoff)
+    gone = [(msg_id,) for msg_id, _, delivered, read in rows if delivered and read]
+    cur.executemany("DELETE FROM messages WHERE id = ?", gone)
+    return len(gone), bool(gone) and keeping.identity_cursor != 0
+
+
+def _sweep_texts(cur, keeping):
+    """With an archive: drop the texts of delivered messages older than it.
+
+    The cursor only goes forward: a message delivered after it passed loses
+    its text at delivery (``_forget_texts``, its id being under the cutoff).
+    """
+    cutoff = keeping.text_cutoff
+    rows = cur.execute(_SCAN, (keeping.text_cursor, cutoff, SWEEP_BATCH)).fetchall()
+    keeping.text_cursor = rows[-1][0] if len(rows) == SWEEP_BATCH else max(keeping.text_cursor, cutoff)
+    gone = [(msg_id,) for msg_id, has_text, delivered, _ in rows if has_text and delivered]
+    cur.executemany("UPDATE messages SET body = NULL WHERE id = ?", gone)
+    return len(gone), len(rows) == SWEEP_BATCH
+
+
+#: Messages held for users not seen since a time, but for the users online.
+_STALE_HOLDS = (
+    "SELECT i.seq, i.user_id, i.msg_id, i.dst FROM users u JOIN inbox i ON i.user_id = u.id "
+    "WHERE u.last_seen < ? AND u.id NOT IN (SELECT value FROM json_each(?)) AND i.code = 6 LIMIT ?"
+)
+
+
+def _expire_held(cur, before, online) -> dict[str, int]:
+    """Drop up to SWEEP_BATCH messages held for users not seen since ``before``.
+
+    A direct message goes whole (it reached no one: a resend is a new
+    message); a group message is counted down, and its text goes once no
+    member waits for it. No 07 is owed for either: they were not delivered.
+    """
+    if RETURNING:  # json_each: the users online are left out by the query
+        rows = cur.execute(_STALE_HOLDS, (before, json.dumps(sorted(online)), SWEEP_BATCH)).fetchall()
+    else:
+        rows = cur.execute(_STALE_HOLDS.replace("(SELECT value FROM json_each(?))", "()"), (before, -1))
+        rows = [row for row in rows if row[1] not in online][:SWEEP_BATCH]
+    cur.executemany("DELETE FROM inbox WHERE seq = ?", [(row[0],) for row in rows])
+    cur.executemany("DELETE FROM messages WHERE id = ?", [(row[2],) for row in rows if not is_group(row[3])])
+    counts = Counter(row[2] for row in rows if is_group(row[3]))
+    cur.executemany(
+        "UPDATE messages SET remaining = remaining - ? WHERE id = ?", [(n, m) for m, n in counts.items()]
+    )
+    cur.executemany("UPDATE messages SET body = NULL WHERE id = ? AND remaining = 0", [(m,) for m in counts])
+    return dict(Counter(row[1] for row in rows))

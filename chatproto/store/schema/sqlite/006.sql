@@ -1,13 +1,16 @@
--- chatproto schema, version 5, whole: a fresh database is made from this file,
+-- chatproto schema, version 6, whole: a fresh database is made from this file,
 -- an older one is brought here by the upgrade_*.sql files (tests/test_schema.py
 -- checks that both end the same). Ids are 13-digit text, timestamps Unix seconds.
 CREATE TABLE schema_version (version INTEGER NOT NULL);
-INSERT INTO schema_version (version) VALUES (5);
+INSERT INTO schema_version (version) VALUES (6);
 
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
     secret_hash TEXT,            -- NULL for an account made with 01
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    -- Since version 6: the user's last login or logout (Unix seconds), for
+    -- --expire-held; the upgrade set it to the upgrade's time.
+    last_seen INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 CREATE TABLE groups (
@@ -30,7 +33,7 @@ CREATE TABLE messages (
     src TEXT NOT NULL,
     dst TEXT NOT NULL,           -- a user or a group
     ts INTEGER NOT NULL,
-    body BLOB NOT NULL,          -- UTF-8 text without its NUL padding
+    body BLOB,                   -- UTF-8 text without its NUL padding; NULL once delivered
     remaining INTEGER NOT NULL,  -- a group message's members that have not got it yet; 0 for a direct one
     body_hash INTEGER            -- CRC-32 of body; NULL after a collision
 );
@@ -45,6 +48,18 @@ CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body_hash);
 -- Only group messages are looked up by destination (a group id starts with
 -- 1, a user id with 0); since version 3 a direct message adds no entry here.
 CREATE INDEX messages_by_dst ON messages (dst, ts) WHERE dst >= '1';
+-- Since version 6 a message's text is kept only while a recipient still
+-- waits for it (or for --keep-delivered): once every recipient has it, its
+-- body is NULL and the row is its identity alone, kept for --dedup-window
+-- (a resend is still recognized by its hash), then deleted by housekeeping.
+
+-- Since version 6: the highest message id at a moment, a row a minute at
+-- most, so that housekeeping can tell a message's age without a column a
+-- message: every id up to last_id was stored at or before at.
+CREATE TABLE retention_marks (
+    at INTEGER PRIMARY KEY,      -- Unix seconds
+    last_id INTEGER NOT NULL
+);
 
 -- Everything held for a user until it reaches them: messages (code 6) until
 -- delivered or acknowledged, and 07, 09, 11 until their next login.
