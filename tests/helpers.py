@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from chatproto.cork import Cork
 from chatproto.domain import Domain, LocalRouting
 from chatproto.server import ChatFactory
+from chatproto.store import DEFAULT_RETENTION
 from chatproto.store.memory import MemoryStore
 from chatproto.store.sqlite import SQLiteStore
 
@@ -192,8 +193,10 @@ class Net:
         routing=LocalRouting,
         memory=None,
         busy_timeout_ms: int | None = None,
+        retention=DEFAULT_RETENTION,
     ):
         self.kind = kind
+        self.retention = retention
         self.busy_timeout_ms = busy_timeout_ms
         self.routing = routing
         self.max_held = max_held
@@ -203,7 +206,7 @@ class Net:
         self.reactor = ThreadedClock()
         self._ports = count(40000)
         self.conns: list[Conn] = []
-        self._memory = (memory or MemoryStore()) if kind == "memory" else None
+        self._memory = (memory or MemoryStore(retention)) if kind == "memory" else None
         self._old_stores: list[RecordingStore] = []
         self._late: list = []
         self._start()
@@ -220,6 +223,7 @@ class Net:
                 answering=self.cork,
                 on_commit=self.on_commit,
                 busy_timeout_ms=self.busy_timeout_ms,
+                retention=self.retention,
             )
         self.store = RecordingStore(inner)
         self.domain = Domain(

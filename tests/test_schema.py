@@ -4,8 +4,11 @@ by the store and by ``twist chat`` at start-up, in one clear line."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import subprocess
+import time
 
 import pytest
 
@@ -14,7 +17,9 @@ from chatproto.store.sqlite import (
     _COUNT_DOWN_BY,
     _END_MESSAGE_HOLDS,
     _END_USER_HOLDS,
+    _FORGET_TEXTS,
     _REPEATS,
+    _SCAN,
     RETURNING,
     SCHEMA_VERSION,
     DatabaseTooNew,
@@ -29,7 +34,7 @@ from chatproto.store.sqlite import (
 )
 
 from . import installed
-from .helpers import Net, s_added, s_message, ts
+from .helpers import Net, f_send, s_added, s_delivered, s_message, ts
 
 A, B, C = b"0000000000001", b"0000000000002", b"0000000000003"
 GROUP = b"1000000000001"
@@ -293,10 +298,18 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         ("SELECT src, ts FROM messages WHERE dst = ? AND dst >= '1' AND ts > ? ORDER BY ts, id", 2),
         ("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", 2),
         ("SELECT * FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq", 2),
+        # Housekeeping's batch: a range of ids, each looked up in the inbox and groups.
+        (_SCAN, 3),
     ]
     if RETURNING:
         # Each item of a JSON list is looked up (the list itself is read whole).
-        lookups += [(_END_USER_HOLDS, 2), (_END_MESSAGE_HOLDS, 2), (_COUNT_DOWN, 1), (_COUNT_DOWN_BY, 2)]
+        lookups += [
+            (_END_USER_HOLDS, 2),
+            (_END_MESSAGE_HOLDS, 2),
+            (_COUNT_DOWN, 1),
+            (_COUNT_DOWN_BY, 2),
+            (_FORGET_TEXTS, 1),
+        ]
     for sql, params in lookups:
         steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, ("[]",) * params)]
         plan = " / ".join(step for step in steps if "VIRTUAL TABLE" not in step)
@@ -305,3 +318,74 @@ def test_the_hot_lookups_use_an_index(tmp_path):
             # Not a walk through the user's inbox, which may hold 100,000 rows.
             assert "inbox_by_message" in plan, (sql, plan)
     conn.close()
+
+
+#: make_v5's delivered messages beyond make_v1's: what a version 5 server kept for ever.
+V5_DELIVERED = 1500
+
+
+def make_v5(path: str) -> None:
+    """make_v1 brought to version 5 by its upgrades, plus V5_DELIVERED delivered
+    messages from A to B (each with its text, as version 5 kept them)."""
+    make_v1(path)
+    conn = connect(path)
+    steps = "".join(upgrade_sql(version) for version in range(1, 5))
+    conn.executescript("BEGIN;" + steps + "UPDATE schema_version SET version = 5; COMMIT;")
+    a, b = A.decode(), B.decode()
+    with conn:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO messages (id, src, dst, ts, body, remaining, body_hash) "
+            "VALUES (?, ?, ?, ?, ?, 0, ?)",
+            [
+                (100 + i, a, b, 1700001000 + i, b"old %d" % i, body_hash(b"old %d" % i))
+                for i in range(V5_DELIVERED)
+            ],
+        )
+    conn.close()
+
+
+def test_the_upgrade_from_5_removes_delivered_texts_and_keeps_held_ones_and_every_identity(tmp_path):
+    path = str(tmp_path / "v5.sqlite3")
+    make_v5(path)
+    assert schema_version(sqlite3.connect(path)) == 5
+    old = os.umask(0o022)
+    try:
+        conn = connect(path)
+        assert ensure_schema(conn) == SCHEMA_VERSION
+        conn.close()
+    finally:
+        os.umask(old)
+    conn = sqlite3.connect(path)
+    texts = conn.execute("SELECT id, body FROM messages WHERE body IS NOT NULL ORDER BY id").fetchall()
+    assert texts == [(1, b"hello B"), (2, b"hello group")], "only what A and B still wait for"
+    (identities,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+    assert identities == 3 + V5_DELIVERED
+    hashes = dict(conn.execute("SELECT id, body_hash FROM messages WHERE id >= 100"))
+    assert hashes == {100 + i: body_hash(b"old %d" % i) for i in range(V5_DELIVERED)}
+    seen = {when for (when,) in conn.execute("SELECT last_seen FROM users")}
+    assert len(seen) == 1 and abs(seen.pop() - time.time()) < 60, "absence is counted from the upgrade"
+    conn.close()
+    # The copy taken before keeps every text, and only its owner can read it.
+    copy = backup_path(path, 5)
+    assert stat.S_IMODE(os.stat(copy).st_mode) == 0o600
+    (kept,) = sqlite3.connect(copy).execute("SELECT count(*) FROM messages WHERE body IS NOT NULL").fetchone()
+    assert kept == 3 + V5_DELIVERED
+
+    # The server delivers what was held, and a resend of a message delivered
+    # under version 5 is still recognized by its identity: its 07 again only.
+    net = Net("sqlite", path)
+    try:
+        cb = net.online(B)
+        assert cb.held == [
+            s_added(GROUP, ts(1700000100), [C, A, B]),
+            s_message(C, B, ts(1700000200), b"hello B"),
+            s_message(C, GROUP, ts(1700000300), b"hello group"),
+        ]
+        ca = net.online(A)
+        ca.take()
+        ca.send(f_send(A, B, ts(1700001005), b"old 5"))
+        assert ca.take() == [s_delivered(B, ts(1700001005))]
+        assert cb.take() == []
+    finally:
+        net.shutdown()

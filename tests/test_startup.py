@@ -144,6 +144,9 @@ def test_a_new_database_is_readable_by_its_owner_alone(server, tmp_path):
     finally:
         os.umask(old)
     srv.client().register()
+    # SQLite gives its -wal and -shm files the database's mode.
+    for path in (srv.db, f"{srv.db}-wal", f"{srv.db}-shm"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
     assert srv.stop() in (0, -signal.SIGTERM)
     assert stat.S_IMODE(os.stat(srv.db).st_mode) == 0o600
 

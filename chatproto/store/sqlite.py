@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -214,6 +215,11 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
             # last commit, which that lock keeps the latest until we are done.
             backup = backup_path(path, version)
             source = sqlite3.connect(path)
+            # Readable by its owner alone, whatever the umask, as the database
+            # is: the copy holds every text the upgrade removes.
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
             copy = sqlite3.connect(backup)
             try:
                 source.backup(copy)
