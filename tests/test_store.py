@@ -11,11 +11,14 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 
 import pytest
 from zope.interface.verify import verifyObject
 
 from chatproto.store import (
+    DAY,
+    DEFAULT_RETENTION,
     DUPLICATE_DELIVERED,
     DUPLICATE_PENDING,
     HELD_ADDED,
@@ -25,6 +28,7 @@ from chatproto.store import (
     NEW,
     Completed,
     IChatStore,
+    Retention,
 )
 from chatproto.store import sqlite as sqlite_store
 from chatproto.store.memory import MemoryStore
@@ -42,20 +46,37 @@ class Backend:
     """A store and a way to get its answers; ``reopen`` is a restart for a file
     (or a database: ``path`` is then its URL)."""
 
-    def __init__(self, kind, path):
+    def __init__(self, kind, path, retention=DEFAULT_RETENTION):
         self.kind = kind
         self.path = path
+        self.retention = retention
         self.reactor = ThreadedClock()
         self.store = self._open()
 
     def _open(self):
         if self.kind == "memory":
-            return MemoryStore()
+            return MemoryStore(self.retention)
         if self.kind == "postgres":
             from chatproto.store.postgres import PostgresStore
 
-            return PostgresStore(self.path, self.reactor)
-        return SQLiteStore(self.path, self.reactor)
+            return PostgresStore(self.path, self.reactor, retention=self.retention)
+        return SQLiteStore(self.path, self.reactor, retention=self.retention)
+
+    def texts(self) -> list[bytes | None]:
+        """Every stored message's text (None: its identity alone), by id."""
+        if self.kind == "memory":
+            return [m.text for _, m in sorted(self.store.messages.items())]
+        sql = "SELECT body FROM messages ORDER BY id"
+        if self.kind == "postgres":
+            import psycopg
+
+            with psycopg.connect(self.path) as conn:
+                return [None if body is None else bytes(body) for (body,) in conn.execute(sql)]
+        conn = sqlite3.connect(self.path)
+        try:
+            return [body for (body,) in conn.execute(sql)]
+        finally:
+            conn.close()
 
     def run(self, d):
         return wait(self.reactor, d)
@@ -98,6 +119,26 @@ def sql_backend(request, tmp_path):
     b = Backend(request.param, _location(request, tmp_path))
     yield b
     b.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "sqlite-trigger", "postgres"])
+def make_backend(request, tmp_path):
+    """``make_backend(**retention)``: a backend of each kind with a retention policy."""
+    if request.param == "sqlite-trigger":
+        request.getfixturevalue("monkeypatch").setattr(sqlite_store, "RETURNING", False)
+    made = []
+
+    def make(**retention):
+        made.append(
+            Backend(
+                request.param.removesuffix("-trigger"), _location(request, tmp_path), Retention(**retention)
+            )
+        )
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
 
 
 @pytest.fixture
@@ -417,3 +458,79 @@ def test_the_database_thread_gives_way_to_the_reactor(sqlite_backend):
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     assert sqlite_backend.run(store._submit(priority)) == 10
+
+
+# -- what is kept, and for how long (issue 19) -----------------------------------
+
+
+def test_a_text_goes_when_its_last_recipient_has_it_and_its_identity_stays(make_backend):
+    backend = make_backend()
+    direct = backend.record_message(A, B, 100, b"held", [B])
+    group = backend.record_message(A, G, 100, b"to all", [B, C])
+    backend.record_message(A, C, 100, b"acked", [C])
+    backend.record_delivered(A, B, [(101, b"live")])
+    assert backend.texts() == [b"held", b"to all", b"acked", None], "a live message's text is never written"
+    backend.mark_delivered(B, [direct.msg_id, group.msg_id])
+    assert backend.texts() == [None, b"to all", b"acked", None], "C still waits for the group's"
+    backend.mark_reached(group.msg_id, [C])
+    backend.acknowledge(C, A, C, 100)
+    assert backend.texts() == [None, None, None, None]
+    for dst, ts, text in [(B, 100, b"held"), (G, 100, b"to all"), (C, 100, b"acked"), (B, 101, b"live")]:
+        again = backend.record_message(A, dst, ts, text, [dst])
+        assert (again.status, again.complete) == (DUPLICATE_DELIVERED, True), (dst, ts)
+    assert backend.inbox(B) == [] or all(item.code != HELD_MESSAGE for item in backend.inbox(B))
+    assert backend.latest_timestamp(A, B) == 101
+
+
+def test_an_identity_outlives_its_text_for_the_window_only(make_backend):
+    backend = make_backend(dedup_window=DAY)
+    first = backend.record_message(A, B, 100, b"once", [B])
+    backend.mark_delivered(B, [first.msg_id])
+    held = backend.record_message(A, C, 100, b"waits", [C])
+    start = 1_800_000_000
+    assert backend.sweep(start, []).identities == 0
+    assert backend.sweep(start + DAY - 1, []).identities == 0
+    swept = backend.sweep(start + DAY, [])
+    assert swept.identities == 1 and not swept.more
+    assert backend.texts() == [b"waits"], "what is held is never swept"
+    again = backend.record_message(A, B, 100, b"once", [B])
+    assert again.status == NEW, "after the window a resend is a new message"
+    assert [item.msg_id for item in backend.inbox(C)] == [held.msg_id]
+
+
+def test_an_archive_keeps_delivered_texts_for_its_time(make_backend):
+    backend = make_backend(dedup_window=7 * DAY, keep_delivered=DAY)
+    early = backend.record_message(A, B, 100, b"early", [B])
+    backend.mark_delivered(B, [early.msg_id])
+    backend.record_delivered(A, B, [(101, b"live")])
+    assert backend.texts() == [b"early", b"live"]
+    start = 1_800_000_000
+    backend.sweep(start, [])
+    late = backend.record_message(A, C, 100, b"late", [C])
+    assert backend.sweep(start + DAY, []).texts == 2
+    assert backend.texts() == [None, None, b"late"]
+    backend.mark_delivered(C, [late.msg_id])
+    assert backend.texts() == [None, None, b"late"], "delivered less than a day after it was stored"
+    assert backend.sweep(start + 2 * DAY, []).texts == 1
+    assert backend.sweep(start + 7 * DAY, []).identities == 2
+    assert backend.texts() == [None], "the late one's window runs a day longer"
+
+
+def test_expire_held_drops_what_waits_for_users_away_too_long(make_backend):
+    backend = make_backend(expire_held=7 * DAY)
+    for user in (A, B, C):
+        backend.add_user(user, None)
+    backend.record_message(A, B, 100, b"for b", [B])
+    backend.record_message(A, G, 100, b"for the group", [B, C])
+    backend.record_message(A, C, 100, b"for c", [C])
+    now = time.time()
+    assert backend.sweep(now + 6 * DAY, []).held == {}
+    swept = backend.sweep(now + 8 * DAY, [C])
+    assert swept.held == {B: 2}, "C is online: nothing of its goes"
+    assert [item.text for item in backend.inbox(C)] == [b"for the group", b"for c"]
+    assert backend.inbox(B) == []
+    assert backend.texts() == [b"for the group", b"for c"], "b's message is gone whole"
+    assert backend.mark_delivered(C, [item.msg_id for item in backend.inbox(C)]) == [
+        Completed(A, G, 100),
+        Completed(A, C, 100),
+    ]

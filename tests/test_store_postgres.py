@@ -8,6 +8,7 @@ watches; stores of several "nodes" share it and one fresh database.
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import subprocess
 import sys
@@ -412,3 +413,77 @@ def test_a_listener_reconnecting_ends_its_own_lost_connection(cluster):
 def test_a_store_needs_its_database_to_start(cluster, postgres):
     with pytest.raises(StoreUnavailable, match="no_such_database"):
         PostgresStore(postgres.dsn("no_such_database"), cluster.reactor)
+
+
+def _shape(dsn) -> dict:
+    """A schema's tables, columns and indexes, as PostgreSQL describes them."""
+    with psycopg.connect(dsn) as conn:
+        columns = conn.execute(
+            "SELECT table_name, ordinal_position, column_name, data_type, is_nullable, column_default "
+            "FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2"
+        ).fetchall()
+        indexes = conn.execute(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2"
+        ).fetchall()
+    return {"columns": columns, "indexes": indexes}
+
+
+def test_a_first_schema_database_is_upgraded_with_its_data(postgres):
+    """Version 1 kept every text; the upgrade keeps only what a recipient waits
+    for, every identity (now a SHA-256 of the text), and the store goes on:
+    a resend of a message delivered under version 1 is still recognized."""
+    from chatproto.store.postgres import schema_sql
+
+    old, fresh = postgres.create_database(), postgres.create_database()
+    with psycopg.connect(old) as conn:
+        conn.execute(schema_sql(1))
+        conn.execute("INSERT INTO schema_history (version, applied) VALUES (1, 1700000000)")
+        conn.execute(
+            "INSERT INTO users (id, secret_hash, created) VALUES (%s, NULL, 1), (%s, NULL, 2), (%s, NULL, 3)",
+            (A, B, C),
+        )
+        conn.execute("INSERT INTO groups VALUES (%s, 10, 10, 0)", (G,))
+        conn.execute("INSERT INTO members VALUES (%s, %s, 0, 0), (%s, %s, 1, 0)", (G, A, G, B))
+        conn.execute(
+            "INSERT INTO messages (id, src, dst, ts, body, remaining) VALUES "
+            "(1, %s, %s, 100, 'delivered', 0), (2, %s, %s, 101, 'held', 1), (3, %s, %s, 102, 'group', 1)",
+            (A, B, A, B, A, G),
+        )
+        conn.execute("SELECT setval('messages_id_seq', 3)")
+        conn.execute(
+            "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES "
+            "(%s, 6, 2, %s, %s, 101), (%s, 6, 3, %s, %s, 102)",
+            (B, A, B, B, A, G),
+        )
+    PostgresStore(fresh, SelectReactor()).close()
+    reactor = SelectReactor()
+    store = PostgresStore(old, reactor)
+    try:
+        assert _shape(old) == _shape(fresh)
+        with psycopg.connect(old) as conn:
+            rows = conn.execute("SELECT id, body, digest FROM messages ORDER BY id").fetchall()
+            assert [(i, body and bytes(body)) for i, body, _ in rows] == [
+                (1, None),
+                (2, b"held"),
+                (3, b"group"),
+            ]
+            assert [bytes(d) for _, _, d in rows] == [
+                hashlib.sha256(text).digest() for text in (b"delivered", b"held", b"group")
+            ]
+            assert conn.execute(
+                "SELECT version, previous FROM schema_history ORDER BY applied"
+            ).fetchall() == [
+                (1, None),
+                (SCHEMA_VERSION, 1),
+            ]
+        cluster = Cluster(old)
+        cluster.reactor = reactor
+        node = Node(cluster, store)
+        again = node.record_message(A, B, 100, b"delivered", [B])
+        assert (again.status, again.complete) == (DUPLICATE_DELIVERED, True)
+        assert [item.text for item in node.inbox(B)] == [b"held", b"group"]
+    finally:
+        done = []
+        store.close().addBoth(done.append)
+        while not done:
+            reactor.iterate(0.05)

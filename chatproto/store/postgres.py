@@ -9,11 +9,13 @@ and only once it is durable.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
 import sys
 import time
+from collections import Counter
 from importlib import resources
 from itertools import count
 
@@ -28,6 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from . import (
+    DEFAULT_RETENTION,
     DUPLICATE_DELIVERED,
     DUPLICATE_PENDING,
     HELD_ADDED,
@@ -46,16 +49,23 @@ from . import (
     Reconnected,
     Recorded,
     Released,
+    Retention,
     StoreUnavailable,
+    Swept,
     Takeover,
+    UpgradeFailed,
     UserAdded,
+    is_group,
     next_low_mark,
+    to_group,
 )
 from .batching import BatchingStore, load_snapshot, record_delivered
 
-#: The schema this code writes; a database at another version is refused
-#: (there is no older PostgreSQL schema to upgrade from yet).
-SCHEMA_VERSION = 1
+#: The schema this code writes. A fresh database is made from ``NNN.sql`` of
+#: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
+SCHEMA_VERSION = 2
+
+_schema_log = Logger(namespace="chatproto.store.postgres")
 
 #: The one NOTIFY channel every node listens on.
 CHANNEL = "chatproto"
@@ -101,6 +111,12 @@ def schema_sql(version: int) -> str:
     return resources.files(__package__).joinpath(f"schema/postgres/{version:03d}.sql").read_text()
 
 
+def upgrade_sql(version: int) -> str:
+    """The step from ``version`` to the next one."""
+    name = f"schema/postgres/upgrade_{version:03d}_to_{version + 1:03d}.sql"
+    return resources.files(__package__).joinpath(name).read_text()
+
+
 def schema_version(conn: psycopg.Connection) -> int | None:
     """The version the database records, or None for an empty database."""
     (table,) = conn.execute("SELECT to_regclass('schema_version')").fetchone()
@@ -111,11 +127,14 @@ def schema_version(conn: psycopg.Connection) -> int | None:
 
 
 def ensure_schema(conn: psycopg.Connection) -> int:
-    """Make the schema in an empty database; refuse one of another version.
+    """Make the schema in an empty database, upgrade an older one, refuse a newer one.
 
     Under a transaction-level advisory lock, so that nodes starting together
-    make it once; the DDL commits with the version, or not at all.
+    make or upgrade it once; the DDL commits with the version, or not at
+    all. No copy is taken first: PostgreSQL is backed up with its own tools
+    (docs/scaling.md), before starting a newer chatproto.
     """
+    where = f"{conn.info.dbname} on {conn.info.host}:{conn.info.port}"
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         version = schema_version(conn)
@@ -125,14 +144,32 @@ def ensure_schema(conn: psycopg.Connection) -> int:
                 "INSERT INTO schema_history (version, applied) VALUES (%s, %s)",
                 (SCHEMA_VERSION, int(time.time())),
             )
-        elif version != SCHEMA_VERSION:
-            where = f"{conn.info.dbname} on {conn.info.host}:{conn.info.port}"
-            if version > SCHEMA_VERSION:
-                raise DatabaseTooNew(
-                    f"the database {where} has schema version {version}, newer than this "
-                    f"chatproto's {SCHEMA_VERSION}: run a newer chatproto"
-                )
-            raise DatabaseTooNew(f"the database {where} has schema version {version}, unknown to chatproto")
+        elif version > SCHEMA_VERSION:
+            raise DatabaseTooNew(
+                f"the database {where} has schema version {version}, newer than this "
+                f"chatproto's {SCHEMA_VERSION}: run a newer chatproto"
+            )
+        elif version < SCHEMA_VERSION:
+            try:
+                with conn.transaction():  # a savepoint: a failed step is rolled back, then said
+                    for step in range(version, SCHEMA_VERSION):
+                        conn.execute(upgrade_sql(step))
+                    conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+                    conn.execute(
+                        "INSERT INTO schema_history (version, applied, previous) VALUES (%s, %s, %s)",
+                        (SCHEMA_VERSION, int(time.time()), version),
+                    )
+            except psycopg.DatabaseError as e:
+                raise UpgradeFailed(
+                    f"upgrading the database {where} from schema version {version} to {SCHEMA_VERSION} "
+                    f"failed ({e}); it was left at version {version}"
+                ) from e
+            _schema_log.info(
+                "upgraded {where} from schema version {old} to {new}",
+                where=where,
+                old=version,
+                new=SCHEMA_VERSION,
+            )
     return SCHEMA_VERSION
 
 
@@ -171,7 +208,15 @@ class PostgresStore(BatchingStore):
     ops = sys.modules[__name__]
     clustered = True
 
-    def __init__(self, dsn: str, reactor, node: str | None = None, answering=None, on_commit=None):
+    def __init__(
+        self,
+        dsn: str,
+        reactor,
+        node: str | None = None,
+        answering=None,
+        on_commit=None,
+        retention: Retention = DEFAULT_RETENTION,
+    ):
         self.dsn = dsn
         self.node = node or secrets.token_hex(4)
         self._conn: psycopg.Connection | None = None
@@ -186,7 +231,7 @@ class PostgresStore(BatchingStore):
         self._sync_ids = count(1)
         self._handler = None
         self._listener: _Listener | None = None
-        super().__init__(reactor, "chatproto-postgres", answering, on_commit)
+        super().__init__(reactor, "chatproto-postgres", answering, on_commit, retention)
 
     # -- the connection and the transaction ----------------------------------
 
@@ -534,11 +579,16 @@ def _load(store, cur):
 
 
 def _add_user(store, cur, user_id, secret_hash):
+    now = int(time.time())
     cur.execute(
-        "INSERT INTO users (id, secret_hash, created) VALUES (%s, %s, %s)",
-        (user_id, secret_hash, int(time.time())),
+        "INSERT INTO users (id, secret_hash, created, last_seen) VALUES (%s, %s, %s, %s)",
+        (user_id, secret_hash, now, now),
     )
     store._notes.append(_dumps("u", user_id, secret_hash))
+
+
+def _seen(store, cur, user_id, now):
+    cur.execute("UPDATE users SET last_seen = %s WHERE id = %s", (now, user_id))
 
 
 def _add_group(store, cur, group_id, ts, members, hold_for):
@@ -563,24 +613,30 @@ def _record_messages(store, cur, items):
     """Record a run of messages: one INSERT for all, per-item work only for resends.
 
     A message that completes here (no recipient, or a resend of a delivered
-    one) holds its sender's 07 in the same transaction.
+    one) holds its sender's 07 in the same transaction. The text is written
+    only if a recipient still waits for it (or for an archive).
     """
+    archive = store.keeping.archive
+    digests = [hashlib.sha256(text).digest() for _, _, _, text, _ in items]
     cur.execute(
-        "INSERT INTO messages (src, dst, ts, body, remaining) "
-        "SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bytea[], %b::integer[]) "
-        "ON CONFLICT (src, dst, ts, body) DO NOTHING RETURNING id, src, dst, ts, body",
-        _columns((src, dst, ts, text, len(held)) for src, dst, ts, text, held in items),
+        "INSERT INTO messages (src, dst, ts, body, remaining, digest) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bytea[], %b::integer[], %b::bytea[]) "
+        "ON CONFLICT (src, dst, ts, digest) DO NOTHING RETURNING id, src, dst, ts, digest",
+        _columns(
+            (src, dst, ts, text if held or archive else None, len(held), digest)
+            for (src, dst, ts, text, held), digest in zip(items, digests, strict=True)
+        ),
     )
-    made = {(src, dst, ts, bytes(body)): msg_id for msg_id, src, dst, ts, body in cur.fetchall()}
+    made = {(src, dst, ts, bytes(digest)): msg_id for msg_id, src, dst, ts, digest in cur.fetchall()}
     results = []
     rows = []
     texts = {}
-    for src, dst, ts, text, held in items:
-        msg_id = made.pop((src, dst, ts, text), None)
+    for (src, dst, ts, text, held), digest in zip(items, digests, strict=True):
+        msg_id = made.pop((src, dst, ts, digest), None)
         if msg_id is None:
             known_id, remaining = cur.execute(
-                "SELECT id, remaining FROM messages WHERE src = %s AND dst = %s AND ts = %s AND body = %s",
-                (src, dst, ts, text),
+                "SELECT id, remaining FROM messages WHERE src = %s AND dst = %s AND ts = %s AND digest = %s",
+                (src, dst, ts, digest),
             ).fetchone()
             status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
             results.append(Recorded(known_id, status, remaining == 0))
@@ -600,14 +656,17 @@ _record_messages.bulk = True
 
 #: Ends holds and counts each message's remaining recipients down by the rows
 #: actually deleted: the UPDATE waits for another node's on the same message
-#: and counts from its result, so a message completes once across nodes.
+#: and counts from its result, so a message completes once across nodes. A
+#: message completed loses its text in the same statement (unless an archive
+#: still keeps it: its id is past the text cutoff).
 _END_HOLDS = """
 WITH gone AS (
     DELETE FROM inbox i USING unnest(%b::bigint[], %b::text[]) AS t(msg_id, user_id)
     WHERE i.code = 6 AND i.msg_id = t.msg_id AND i.user_id = t.user_id
     RETURNING i.msg_id
 )
-UPDATE messages m SET remaining = m.remaining - g.n
+UPDATE messages m SET remaining = m.remaining - g.n,
+    body = CASE WHEN m.remaining = g.n AND m.id <= %s THEN NULL ELSE m.body END
 FROM (SELECT msg_id, count(*) AS n FROM gone GROUP BY msg_id) AS g
 WHERE m.id = g.msg_id
 RETURNING m.id, m.src, m.dst, m.ts, m.remaining
@@ -630,7 +689,10 @@ def _end_holds(store, cur, ops):
         "SELECT id FROM messages WHERE id = ANY(%b::bigint[]) ORDER BY id FOR UPDATE",
         (sorted({msg_id for msg_id, _ in pairs}),),
     )
-    cur.execute(_END_HOLDS, ([msg_id for msg_id, _ in pairs], [user_id for _, user_id in pairs]))
+    cur.execute(
+        _END_HOLDS,
+        ([msg_id for msg_id, _ in pairs], [user_id for _, user_id in pairs], store.keeping.text_cutoff),
+    )
     completed = {msg_id: Completed(src, dst, ts) for msg_id, src, dst, ts, n in cur.fetchall() if n == 0}
     owner = {msg_id: at for at, op in enumerate(ops) for msg_id, _ in op}
     rows = []
@@ -811,3 +873,89 @@ def _alive(cur, node: str) -> bool:
 def _release_session(store, cur, user_id):
     cur.execute("DELETE FROM sessions WHERE user_id = %s AND node = %s", (user_id, store.node))
     store._notes.append(_dumps("r", user_id, store.node))
+
+
+# -- housekeeping: SQLite's passes (store/sqlite.py), in PostgreSQL's SQL ----
+# Every node runs its own passes; two deleting the same rows wait for each
+# other and the second deletes nothing.
+
+#: As SQLite's.
+SWEEP_BATCH = 500
+MARK_EVERY = 60
+
+#: (id, has its text, every recipient has it, read by every member). A
+#: message counts its recipients down here, direct ones too.
+_SCAN = f"""
+SELECT m.id, m.body IS NOT NULL, m.remaining = 0,
+    CASE WHEN {to_group("m.dst")}
+    THEN m.ts <= coalesce((SELECT low_mark FROM groups g WHERE g.id = m.dst), m.ts) ELSE true END
+FROM messages m WHERE m.id > %s AND m.id <= %s ORDER BY m.id LIMIT %s
+"""
+
+
+def _sweep(store, cur, keeping, now, online):
+    """One housekeeping pass (``IChatStore.sweep``), each kind of work a batch of SWEEP_BATCH."""
+    retention = keeping.retention
+    _mark(cur, now, max(retention.dedup_window, retention.keep_delivered))
+    texts, more_texts = 0, False
+    if keeping.archive:
+        keeping.text_cutoff = _id_at(cur, now - retention.keep_delivered)
+        rows = cur.execute(_SCAN, (keeping.text_cursor, keeping.text_cutoff, SWEEP_BATCH)).fetchall()
+        more_texts = len(rows) == SWEEP_BATCH
+        keeping.text_cursor = rows[-1][0] if more_texts else max(keeping.text_cursor, keeping.text_cutoff)
+        gone = [msg_id for msg_id, has_text, delivered, _ in rows if has_text and delivered]
+        cur.execute("UPDATE messages SET body = NULL WHERE id = ANY(%b::bigint[])", (gone,))
+        texts = len(gone)
+    cutoff = _id_at(cur, now - retention.dedup_window)
+    rows = cur.execute(_SCAN, (keeping.identity_cursor, cutoff, SWEEP_BATCH)).fetchall()
+    keeping.identity_cursor = rows[-1][0] if len(rows) == SWEEP_BATCH else 0
+    gone = [msg_id for msg_id, _, delivered, read in rows if delivered and read]
+    cur.execute("DELETE FROM messages WHERE id = ANY(%b::bigint[]) AND remaining = 0", (gone,))
+    more = bool(gone) and keeping.identity_cursor != 0
+    held = _expire_held(cur, now - retention.expire_held, online) if retention.expire_held else {}
+    return Swept(len(gone), texts, held, more or more_texts or sum(held.values()) >= SWEEP_BATCH)
+
+
+def _mark(cur, now, longest):
+    (last,) = cur.execute("SELECT max(at) FROM retention_marks").fetchone()
+    if last is None or now - last >= MARK_EVERY:
+        cur.execute(
+            "INSERT INTO retention_marks (at, last_id) SELECT %s, coalesce(max(id), 0) FROM messages "
+            "ON CONFLICT (at) DO NOTHING",
+            (now,),
+        )
+    cur.execute(
+        "DELETE FROM retention_marks WHERE at < (SELECT max(at) FROM retention_marks WHERE at <= %s)",
+        (now - longest,),
+    )
+
+
+def _id_at(cur, when) -> int:
+    (last_id,) = cur.execute(
+        "SELECT coalesce(max(last_id), 0) FROM retention_marks WHERE at <= %s", (when,)
+    ).fetchone()
+    return last_id
+
+
+def _expire_held(cur, before, online) -> dict[str, int]:
+    """SQLite's ``_expire_held``; a user logged in on any node (a sessions row) keeps everything."""
+    rows = cur.execute(
+        "SELECT i.seq, i.user_id, i.msg_id, i.dst FROM users u JOIN inbox i ON i.user_id = u.id "
+        "WHERE u.last_seen < %s AND u.id <> ALL(%b::text[]) AND i.code = 6 "
+        "AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = u.id) LIMIT %s",
+        (before, sorted(online), SWEEP_BATCH),
+    ).fetchall()
+    if not rows:
+        return {}
+    cur.execute("DELETE FROM inbox WHERE seq = ANY(%b::bigint[])", ([row[0] for row in rows],))
+    direct = [row[2] for row in rows if not is_group(row[3])]
+    cur.execute("DELETE FROM messages WHERE id = ANY(%b::bigint[])", (direct,))
+    counts = Counter(row[2] for row in rows if is_group(row[3]))
+    if counts:
+        cur.execute(
+            "UPDATE messages m SET remaining = m.remaining - t.n, "
+            "body = CASE WHEN m.remaining = t.n THEN NULL ELSE m.body END "
+            "FROM unnest(%b::bigint[], %b::integer[]) AS t(id, n) WHERE m.id = t.id",
+            (list(counts), list(counts.values())),
+        )
+    return dict(Counter(row[1] for row in rows))

@@ -1,0 +1,80 @@
+-- chatproto schema for PostgreSQL, version 2, whole: a fresh database is made
+-- from this file, an older one is brought here by the upgrade_*.sql files. The tables are SQLite's (schema/sqlite/), plus the sessions
+-- several nodes share. Ids are 13-digit text, timestamps Unix seconds.
+CREATE TABLE schema_version (version integer NOT NULL);
+INSERT INTO schema_version (version) VALUES (2);
+
+-- When the database was made or upgraded, like SQLite's.
+CREATE TABLE schema_history (
+    version integer NOT NULL,    -- the version reached
+    applied bigint NOT NULL,     -- Unix seconds
+    previous integer,            -- the version upgraded from; NULL when made at this version
+    backup text                  -- unused here: PostgreSQL is backed up by its own tools
+);
+
+CREATE TABLE users (
+    id text PRIMARY KEY,
+    secret_hash text,            -- NULL for an account made with 01
+    created bigint NOT NULL,
+    last_seen bigint NOT NULL DEFAULT 0  -- the last login or logout (Unix seconds), for --expire-held
+);
+
+CREATE TABLE groups (
+    id text PRIMARY KEY,
+    ts bigint NOT NULL,          -- the TIMESTAMP of the 10 that made it
+    created bigint NOT NULL,
+    low_mark bigint NOT NULL     -- every member has read up to here
+);
+
+CREATE TABLE members (
+    group_id text NOT NULL,
+    user_id text NOT NULL,
+    position integer NOT NULL,
+    read_mark bigint NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+);
+
+-- Ids come from the sequence: every node writes here.
+CREATE TABLE messages (
+    id bigserial PRIMARY KEY,
+    src text NOT NULL,
+    dst text NOT NULL,           -- a user or a group
+    ts bigint NOT NULL,
+    body bytea,                  -- UTF-8 text without its NUL padding; NULL once delivered
+    remaining integer NOT NULL,  -- recipients that have not got it yet
+    digest bytea NOT NULL        -- sha256(body): the identity, which outlives the text
+);
+-- A message is identified by (src, dst, ts, the text's SHA-256): a resend is
+-- refused here. Since version 2 the text is kept only until every recipient
+-- has it (or for --keep-delivered); the row, its identity alone, is kept for
+-- --dedup-window, then deleted by housekeeping.
+CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, digest);
+CREATE INDEX messages_by_dst ON messages (dst, ts);
+
+-- Everything held for a user until it reaches them: messages (code 6) until
+-- delivered or acknowledged, and 07, 09, 11 until their next login.
+CREATE TABLE inbox (
+    seq bigserial PRIMARY KEY,
+    user_id text NOT NULL,
+    code smallint NOT NULL,
+    msg_id bigint,
+    src text NOT NULL,
+    dst text NOT NULL,
+    ts bigint NOT NULL
+);
+CREATE INDEX inbox_by_user ON inbox (user_id, seq);
+CREATE INDEX inbox_by_message ON inbox (msg_id, user_id) WHERE code = 6;
+
+-- Since version 2: the highest message id at a moment, a row a minute at most,
+-- so that housekeeping can tell a message's age without a column a message.
+CREATE TABLE retention_marks (
+    at bigint PRIMARY KEY,       -- Unix seconds
+    last_id bigint NOT NULL
+);
+
+-- The node each logged-in user's session is on: one session per user across nodes.
+CREATE TABLE sessions (
+    user_id text PRIMARY KEY,
+    node text NOT NULL,
+    since bigint NOT NULL        -- when the login arrived: Unix milliseconds
+);
