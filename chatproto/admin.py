@@ -21,9 +21,10 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 
+from .config import duration
 from .domain import hash_secret
 from .service import DEFAULT_DB
-from .store import HELD_MESSAGE, to_group
+from .store import DAY, HELD_MESSAGE, to_group
 from .store.sqlite import SCHEMA_VERSION, schema_version
 from .version import describe
 
@@ -140,6 +141,8 @@ def cmd_stats(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         ).fetchone()
         (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()
         version = schema_version(conn)
+        kept = _kept(conn, version)
+        away = _away(conn, version, int(time.time()) - args.expire_held)
     data = {
         "users": users,
         "groups": groups,
@@ -149,6 +152,8 @@ def cmd_stats(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         "held_notices": notices,
         "oldest_queued": None,
         "schema_version": version,
+        **kept,
+        "expire_held": {"after_seconds": args.expire_held, "messages": away[0], "users": away[1]},
     }
     lines = [
         f"users:            {users}",
@@ -156,6 +161,13 @@ def cmd_stats(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         f"messages stored:  {messages}",
         f"queued messages:  {queued} (waiting for {waiting} users)",
         f"held notices:     {notices} (07, 09, 11 waiting for their user's next login)",
+        f"texts held:       {kept['texts_held']} ({kept['texts_held_bytes']} bytes), "
+        "for recipients who do not have them yet",
+        f"identities kept:  {kept['identities']} (delivered, text deleted; kept for --dedup-window)",
+        f"archive:          {kept['archived']} delivered texts ({kept['archived_bytes']} bytes; "
+        "--keep-delivered, or delivered before schema version 6)",
+        f"--expire-held {_duration_text(args.expire_held)} would drop: {away[0]} held messages "
+        f"for {away[1]} users not seen since {when(int(time.time()) - args.expire_held)}",
     ]
     if oldest:
         user, src, dst, ts = oldest
@@ -165,6 +177,63 @@ def cmd_stats(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         lines.append("oldest queued:    none")
     lines.append(f"schema version:   {version}")
     return data, lines
+
+
+#: Whether a message has reached every recipient, as SQL on ``messages m``
+#: (since schema version 5; before, every message counted its recipients down).
+_DELIVERED = (
+    f"CASE WHEN {to_group('m.dst')} OR ?1 < 5 THEN m.remaining = 0 "
+    f"ELSE NOT EXISTS (SELECT 1 FROM inbox i WHERE i.msg_id = m.id AND i.code = {HELD_MESSAGE}) END"
+)
+
+
+def _kept(conn: sqlite3.Connection, version: int) -> dict:
+    """What the messages table keeps: texts still to deliver, identities alone, delivered texts."""
+    held, held_bytes, identities, archived, archived_bytes = conn.execute(
+        "SELECT coalesce(sum(body IS NOT NULL AND NOT delivered), 0), "
+        "coalesce(sum(CASE WHEN NOT delivered THEN length(body) END), 0), "
+        "coalesce(sum(body IS NULL), 0), "
+        "coalesce(sum(body IS NOT NULL AND delivered), 0), "
+        "coalesce(sum(CASE WHEN delivered THEN length(body) END), 0) "
+        f"FROM (SELECT m.body, {_DELIVERED} AS delivered FROM messages m)",
+        (version,),
+    ).fetchone()
+    return {
+        "texts_held": held,
+        "texts_held_bytes": held_bytes,
+        "identities": identities,
+        "archived": archived,
+        "archived_bytes": archived_bytes,
+    }
+
+
+def _away(conn: sqlite3.Connection, version: int, before: int) -> tuple[int, int]:
+    """(messages, users): what is held for users not seen since ``before``, as --expire-held counts.
+
+    Before schema version 6 no login was recorded: each user counts from
+    their account's creation, as the upgrade will count from its own time.
+    """
+    seen = "u.last_seen" if version >= 6 else "u.created"
+    messages, users = conn.execute(
+        "SELECT count(*), count(DISTINCT i.user_id) FROM users u JOIN inbox i ON i.user_id = u.id "
+        f"WHERE i.code = ? AND {seen} < ?",
+        (HELD_MESSAGE, before),
+    ).fetchone()
+    return messages, users
+
+
+def _duration_text(seconds: int) -> str:
+    for unit, size in (("d", DAY), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _expire_held_option(value: str) -> int:
+    try:
+        return duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_user_show(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
@@ -215,10 +284,12 @@ def cmd_user_delete(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
     down, as a delivery would, but its sender gets no 07, since it never
     arrived. Items held for an id that is no longer a user (sent to it while
     the server still knew it) are removed too, so running this again after
-    the restart finishes the job.
+    the restart finishes the job. A message no one waits for any more loses
+    its text (since schema version 6), as a delivered one does.
     """
     user = check_user_id(args.id)
     with _Transaction(conn, write=True):
+        version = schema_version(conn)
         existed = conn.execute("DELETE FROM users WHERE id = ?", (user,)).rowcount
         conn.execute(
             "UPDATE messages SET remaining = remaining - (SELECT count(*) FROM inbox i "
@@ -226,8 +297,15 @@ def cmd_user_delete(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
             "WHERE id IN (SELECT msg_id FROM inbox WHERE user_id = ?1 AND code = ?2) "
             # Since schema version 5 only a group message counts its members down.
             f"AND ({to_group()} OR ?3 < 5)",
-            (user, HELD_MESSAGE, schema_version(conn)),
+            (user, HELD_MESSAGE, version),
         )
+        if version >= 6:
+            conn.execute(
+                "UPDATE messages SET body = NULL "
+                "WHERE id IN (SELECT msg_id FROM inbox WHERE user_id = ?1 AND code = ?2) "
+                f"AND (remaining = 0 OR NOT ({to_group()}))",
+                (user, HELD_MESSAGE),
+            )
         held = conn.execute("DELETE FROM inbox WHERE user_id = ?", (user,)).rowcount
         groups = conn.execute("DELETE FROM members WHERE user_id = ?", (user,)).rowcount
         if not existed and not held and not groups:
@@ -359,7 +437,12 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         (orphans,) = conn.execute(
             "SELECT count(*) FROM inbox WHERE user_id NOT IN (SELECT id FROM users)"
         ).fetchone()
-    ok = integrity_ok and miscounted == 0
+        # Since version 6 a delivered message's text may be gone; one still to deliver never is.
+        (textless,) = conn.execute(
+            f"SELECT count(*) FROM messages m WHERE m.body IS NULL AND NOT ({_DELIVERED})", (version,)
+        ).fetchone()
+        kept = _kept(conn, version)
+    ok = integrity_ok and miscounted == 0 and textless == 0
     data = {
         "ok": ok,
         "integrity": problems,
@@ -368,6 +451,8 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         "schema_history": history,
         "miscounted_messages": miscounted,
         "held_for_deleted_users": orphans,
+        "held_without_text": textless,
+        **kept,
     }
     lines = [f"integrity:        {'ok' if integrity_ok else 'FAILED'}"]
     if not integrity_ok:
@@ -387,6 +472,18 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
             if miscounted == 0
             else f"{miscounted} messages' remaining count disagrees with their holds"
         )
+    )
+    lines.append(
+        "held texts:       "
+        + (
+            "every message still to deliver has its text"
+            if textless == 0
+            else f"{textless} messages still to deliver have lost their text"
+        )
+    )
+    lines.append(
+        f"kept:             {kept['texts_held']} texts to deliver, {kept['identities']} identities, "
+        f"{kept['archived']} delivered texts ({kept['archived_bytes']} bytes)"
     )
     if orphans:
         lines.append(
@@ -436,7 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = commands.add_parser(
-        "stats", parents=[common], help="users, groups, queued messages and held notices, oldest queued"
+        "stats",
+        parents=[common],
+        help="users, groups, queued messages and held notices, oldest queued; "
+        "what is kept (texts, identities, archive)",
+    )
+    p.add_argument(
+        "--expire-held",
+        type=_expire_held_option,
+        default=30 * DAY,
+        metavar="DURATION",
+        help="count what the server's --expire-held DURATION would drop (default: 30d)",
     )
     p.set_defaults(run=cmd_stats)
 

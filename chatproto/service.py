@@ -20,7 +20,7 @@ from .cork import Cork
 from .domain import DatabaseRouting, Domain, LocalRouting
 from .housekeeping import Housekeeping
 from .server import ChatFactory, Limits
-from .store import Retention, StoreUnavailable
+from .store import DEFAULT_RETENTION, Retention, StoreUnavailable
 from .store.sqlite import SchemaError, SQLiteStore
 
 DEFAULT_PORT = "tcp:7000"
@@ -45,9 +45,9 @@ DEFAULTS = {
     "login-timeout": Limits.login_timeout,
     "max-buffer": Limits.max_buffer,
     "require-secrets": False,
-    "dedup-window": Retention.dedup_window,
-    "keep-delivered": Retention.keep_delivered,
-    "expire-held": Retention.expire_held,
+    "dedup-window": DEFAULT_RETENTION.dedup_window,
+    "keep-delivered": DEFAULT_RETENTION.keep_delivered,
+    "expire-held": DEFAULT_RETENTION.expire_held,
 }
 
 

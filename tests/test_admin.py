@@ -95,10 +95,30 @@ def test_stats(chat, capsys):
         "held_notices": 1,
         "oldest_queued": {"user": chat["b"], "src": chat["a"], "dst": chat["b"], "ts": 1700000001},
         "schema_version": SCHEMA_VERSION,
+        # B's two texts wait for B; C has the one to C: its identity alone is kept.
+        "texts_held": 2,
+        "texts_held_bytes": len(b"one") + len(b"two"),
+        "identities": 1,
+        "archived": 0,
+        "archived_bytes": 0,
+        "expire_held": {"after_seconds": 30 * 86400, "messages": 0, "users": 0},
     }
+    # As if B had not logged in or out for 40 days: --expire-held 30d would drop its two.
+    conn = sqlite3.connect(chat["db"], isolation_level=None)
+    conn.execute("UPDATE users SET last_seen = last_seen - 40 * 86400 WHERE id = ?", (chat["b"],))
+    conn.close()
+    away = admin_json(capsys, "--db", chat["db"], "stats")["expire_held"]
+    assert away == {"after_seconds": 30 * 86400, "messages": 2, "users": 1}
+    away = admin_json(capsys, "--db", chat["db"], "stats", "--expire-held", "41d")["expire_held"]
+    assert away == {"after_seconds": 41 * 86400, "messages": 0, "users": 0}
+    code, out, err = admin(capsys, "stats", "--db", chat["db"], "--expire-held", "soon")
+    assert code == 2 and "--expire-held: not a duration" in err
     code, out, err = admin(capsys, "stats", "--db", chat["db"])
     assert (code, err) == (0, "")
     assert "queued messages:  2 (waiting for 1 users)" in out
+    assert "texts held:       2 (6 bytes), for recipients who do not have them yet" in out
+    assert "identities kept:  1 (delivered, text deleted; kept for --dedup-window)" in out
+    assert "--expire-held 30d would drop: 2 held messages for 1 users not seen since" in out
     assert (
         f"oldest queued:    for {chat['b']}, from {chat['a']} to {chat['b']}, sent 2023-11-14 22:13:21 UTC"
         in out

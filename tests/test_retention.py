@@ -14,8 +14,10 @@ import time
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
-from chatproto.housekeeping import Housekeeping
+from chatproto.housekeeping import SWEEP_INTERVAL, Housekeeping
+from chatproto.service import Options, makeService
 from chatproto.store import DAY, Retention
 from chatproto.store.sqlite import SWEEP_BATCH
 
@@ -319,3 +321,32 @@ def test_expired_holds_lower_the_domain_s_count_of_what_is_held(make):
     delivery.held_offline[b"0000000000009"] = 5
     delivery.expired({"0000000000009": 3, "0000000000008": 2})
     assert delivery.held_offline == {b"0000000000009": 2}
+
+
+def test_the_options_default_to_30_days_no_archive_no_expiry_and_take_durations():
+    options = Options()
+    options.parseOptions([])
+    assert (options["dedup-window"], options["keep-delivered"], options["expire-held"]) == (30 * DAY, 0, 0)
+    options = Options()
+    options.parseOptions(["--dedup-window", "12h", "--keep-delivered", "2w", "--expire-held", "90"])
+    assert (options["dedup-window"], options["keep-delivered"], options["expire-held"]) == (
+        12 * 3600,
+        2 * WEEK,
+        90,
+    )
+    with pytest.raises(SystemExit, match="--expire-held soon: not a duration"):
+        Options().parseOptions(["--expire-held", "soon"])
+
+
+def test_make_service_gives_the_store_its_policy_and_runs_housekeeping(tmp_path):
+    options = Options()
+    options.parseOptions(
+        ["--db", str(tmp_path / "chat.sqlite3"), "--dedup-window", "1d", "--keep-delivered", "1h"]
+    )
+    service = makeService(options, reactor=MemoryReactorClock())
+    try:
+        assert service.store.keeping.retention == Retention(DAY, 3600, 0)
+        (keeper,) = [child for child in service if isinstance(child, Housekeeping)]
+        assert keeper.domain is service.domain and keeper.step == SWEEP_INTERVAL
+    finally:
+        service.store.close()

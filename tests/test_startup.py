@@ -65,6 +65,7 @@ def loopback(port: int) -> str:
         ("--max-held", "lots", "not a whole number"),
         ("--max-frame-rate", "-1", "must not be negative"),
         ("--login-timeout", "soon", "not a number"),
+        ("--dedup-window", "a month", "not a duration"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_status_1(tmp_path, option, value, reason):
