@@ -5,8 +5,9 @@ does, or ``worktree``), a fresh ``twist chat`` on a fresh file, and two phases,
 each on a fresh database:
 
 - **online**: ten senders and ten readers, all logged in; steady batches of
-  1,000 messages (100 per pair), each batch read and confirmed (every 07 in)
-  before the next; the database's size after every 100,000.
+  1,000 messages (100 per pair) at ``--rate`` messages a second, each batch
+  read and confirmed (every 07 in) before the next; the database's size
+  after every 100,000.
 - **offline, then draining**: the ten readers are offline; the same batches
   are held for them (each batch ends with a live message to an online pacer,
   whose 07 says the batch is committed); then each reader logs in and reads
@@ -85,15 +86,20 @@ def size(db: str) -> dict:
 
 
 class Run:
-    def __init__(
-        self, label: str, source: Path, server_args: list[str], workdir: Path, messages: int, step: int
-    ):
+    def __init__(self, label, source: Path, server_args: list[str], workdir: Path, messages, step, rate):
         self.label = label
+        self.rate = rate
         self.source = source
         self.server_args = server_args
         self.workdir = workdir
         self.messages = messages
         self.step = step
+
+    def pace(self, started: float, sent: int) -> None:
+        """Hold the rate: wait until ``sent`` messages are due."""
+        ahead = started + sent / self.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
 
     def start(self, name: str):
         db = str(self.workdir / f"{name}.sqlite3")
@@ -125,6 +131,7 @@ class Run:
                     read_exactly(readers[k], 256 * per)
                     read_exactly(senders[k], 25 * per)
                 sent = first + BATCH
+                self.pace(started, sent)
                 if sent % self.step == 0:
                     rows.append((sent, time.monotonic() - started, size(db)))
                     print(f"  {self.label} online {sent}: {rows[-1][2]}", flush=True)
@@ -156,6 +163,7 @@ class Run:
                     read_exactly(pacer, 256)
                     read_exactly(senders[k], 25)
                 sent = first + BATCH
+                self.pace(started, sent)
                 if sent % self.step == 0:
                     filled.append((sent, time.monotonic() - started, size(db)))
                     print(f"  {self.label} held {sent}: {filled[-1][2]}", flush=True)
@@ -206,6 +214,7 @@ def main() -> int:
     )
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--step", type=int, default=100_000)
+    ap.add_argument("--rate", type=float, default=10_000, help="messages a second, sending (default 10000)")
     ap.add_argument("--output", default=None, help="write the tables here (markdown)")
     args = ap.parse_args()
     results = []
@@ -215,7 +224,7 @@ def main() -> int:
             workdir = Path(tmp) / f"run{n}"
             workdir.mkdir()
             source, described = export_tree(ref, workdir / "src")
-            run = Run(label, source, extra.split(), workdir, args.messages, args.step)
+            run = Run(label, source, extra.split(), workdir, args.messages, args.step, args.rate)
             print(f"{label}: {described}, server args {extra!r}", flush=True)
             started = time.monotonic()
             online = run.online()
@@ -223,15 +232,16 @@ def main() -> int:
             results.append((label, described, extra, online, filled, drained, time.monotonic() - started))
     load = os.getloadavg()
     lines = [
-        f"{args.messages:,} messages, {PAIRS} sender/reader pairs, batches of {BATCH:,} (each read and "
-        f"confirmed before the next); load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        f"{args.messages:,} messages at {args.rate:,.0f} msg/s, {PAIRS} sender/reader pairs, batches of "
+        f"{BATCH:,} (each read and confirmed before the next); `{' '.join(sys.argv)}`; load average at "
+        f"the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores shared with other work)",
         "",
     ]
     for label, described, extra, online, _, _, seconds in results:
         rate = args.messages / online[-1][1]
         lines.append(
             f"- **{label}**: {described}, server args `{extra or '(defaults)'}`; online phase "
-            f"{online[-1][1]:.0f} s ({rate:,.0f} msg/s), whole run {seconds:.0f} s"
+            f"{online[-1][1]:.1f} s ({rate:,.0f} msg/s), whole run {seconds:.0f} s"
         )
     lines.append("")
     lines += table("Online: every message delivered live", [(r[0], r[3]) for r in results])

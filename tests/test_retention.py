@@ -350,3 +350,10 @@ def test_make_service_gives_the_store_its_policy_and_runs_housekeeping(tmp_path)
         assert keeper.domain is service.domain and keeper.step == SWEEP_INTERVAL
     finally:
         service.store.close()
+
+
+def test_ages_are_a_minute_precise_or_a_tenth_of_a_short_window():
+    assert Retention().mark_every == 60
+    assert Retention(dedup_window=100).mark_every == 10
+    assert Retention(dedup_window=DAY, keep_delivered=30).mark_every == 3
+    assert Retention(dedup_window=0).mark_every == 1

@@ -103,6 +103,13 @@ class Retention(NamedTuple):
     #: are dropped (0: never).
     expire_held: int = 0
 
+    @property
+    def mark_every(self) -> int:
+        """Seconds between two retention marks, the precision of every age: a
+        minute, or a tenth of the shortest age kept if that is shorter."""
+        ages = [self.dedup_window] + ([self.keep_delivered] if self.keep_delivered else [])
+        return max(1, min([60, *(age // 10 for age in ages)]))
+
 
 #: The defaults, for a store made without a policy (the tests').
 DEFAULT_RETENTION = Retention()

@@ -29,9 +29,8 @@ from . import (
     is_group,
 )
 
-#: As SQLite's: work per housekeeping pass, and seconds between marks.
+#: As SQLite's: work per housekeeping pass.
 SWEEP_BATCH = 500
-MARK_EVERY = 60
 
 
 class _Message:
@@ -199,7 +198,7 @@ class MemoryStore:
         """SQLite's housekeeping (store/sqlite.py ``_sweep``) over the dicts."""
         retention, keeping = self.keeping.retention, self.keeping
         now = int(now)
-        if not self.marks or now - self.marks[-1][0] >= MARK_EVERY:
+        if not self.marks or now - self.marks[-1][0] >= retention.mark_every:
             self.marks.append((now, max(self.messages, default=0)))
         longest = max(retention.dedup_window, retention.keep_delivered)
         while len(self.marks) > 1 and self.marks[1][0] <= now - longest:

@@ -881,7 +881,6 @@ def _release_session(store, cur, user_id):
 
 #: As SQLite's.
 SWEEP_BATCH = 500
-MARK_EVERY = 60
 
 #: (id, has its text, every recipient has it, read by every member). A
 #: message counts its recipients down here, direct ones too.
@@ -896,7 +895,7 @@ FROM messages m WHERE m.id > %s AND m.id <= %s ORDER BY m.id LIMIT %s
 def _sweep(store, cur, keeping, now, online):
     """One housekeeping pass (``IChatStore.sweep``), each kind of work a batch of SWEEP_BATCH."""
     retention = keeping.retention
-    _mark(cur, now, max(retention.dedup_window, retention.keep_delivered))
+    _mark(cur, now, retention)
     texts, more_texts = 0, False
     if keeping.archive:
         keeping.text_cutoff = _id_at(cur, now - retention.keep_delivered)
@@ -916,9 +915,10 @@ def _sweep(store, cur, keeping, now, online):
     return Swept(len(gone), texts, held, more or more_texts or sum(held.values()) >= SWEEP_BATCH)
 
 
-def _mark(cur, now, longest):
+def _mark(cur, now, retention):
+    longest = max(retention.dedup_window, retention.keep_delivered)
     (last,) = cur.execute("SELECT max(at) FROM retention_marks").fetchone()
-    if last is None or now - last >= MARK_EVERY:
+    if last is None or now - last >= retention.mark_every:
         cur.execute(
             "INSERT INTO retention_marks (at, last_id) SELECT %s, coalesce(max(id), 0) FROM messages "
             "ON CONFLICT (at) DO NOTHING",

@@ -670,8 +670,6 @@ def _group_messages_since(cur, group_id, ts):
 #: messages --expire-held drops per pass: a millisecond or two of the
 #: transaction it shares with the frames of that moment.
 SWEEP_BATCH = 500
-#: Seconds between two retention marks: the precision of every age below.
-MARK_EVERY = 60
 
 #: A stored message's id, ts, whether it has its text, whether every
 #: recipient has it, and whether it is read by all (a group's 09 needs its
@@ -689,7 +687,7 @@ _SCAN = (
 def _sweep(cur, keeping, now, online):
     """One housekeeping pass (``IChatStore.sweep``), each kind of work a batch of SWEEP_BATCH."""
     retention = keeping.retention
-    _mark(cur, now, max(retention.dedup_window, retention.keep_delivered))
+    _mark(cur, now, retention)
     texts = 0
     if keeping.archive:
         keeping.text_cutoff = _id_at(cur, now - retention.keep_delivered)
@@ -701,10 +699,11 @@ def _sweep(cur, keeping, now, online):
     return Swept(identities, texts, held, more or more_texts or sum(held.values()) >= SWEEP_BATCH)
 
 
-def _mark(cur, now, longest):
-    """Note the highest id now (at most one mark a MARK_EVERY), and forget marks no age needs."""
+def _mark(cur, now, retention):
+    """Note the highest id now (a mark a ``retention.mark_every`` at most); forget marks no age needs."""
+    longest = max(retention.dedup_window, retention.keep_delivered)
     (last,) = cur.execute("SELECT max(at) FROM retention_marks").fetchone()
-    if last is None or now - last >= MARK_EVERY:
+    if last is None or now - last >= retention.mark_every:
         cur.execute(
             "INSERT OR REPLACE INTO retention_marks (at, last_id) "
             "SELECT ?, coalesce(max(id), 0) FROM messages",
