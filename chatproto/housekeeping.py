@@ -33,9 +33,19 @@ class Housekeeping(TimerService):
         self.domain = domain
         #: Totals since start, for the logs and the tests.
         self.identities = self.texts = self.held = 0
+        self._stopping = False
+
+    def startService(self):
+        self._stopping = False
+        return super().startService()
+
+    def stopService(self):
+        """Stop after the pass in flight: a round's next pass is not started."""
+        self._stopping = True
+        return super().stopService()
 
     def round(self):
-        """Deferred: passes until one finds less than a full batch (or the service stops)."""
+        """Deferred: passes until one finds less than a full batch (or the service is stopping)."""
         return self._pass()
 
     def _pass(self):
@@ -56,6 +66,6 @@ class Housekeeping(TimerService):
             )
         self.identities += swept.identities
         self.texts += swept.texts
-        if swept.more and self.running:
+        if swept.more and not self._stopping:
             return self._pass()
         return None

@@ -312,7 +312,30 @@ def test_housekeeping_passes_go_on_while_a_batch_is_full(make):
     net.settle()
     assert keeper.identities == total
     assert stored(net) == []
-    keeper.stopService()
+    stopped = keeper.stopService()
+    net.settle()
+    assert stopped.called
+
+
+def test_a_stop_ends_the_round_after_the_pass_in_flight(make):
+    net = make("sqlite", dedup_window=DAY)
+    a, b = pair(net)
+    ca = net.online(a)
+    net.online(b)
+    total = SWEEP_BATCH * 3
+    for i in range(0, total, 100):
+        ca.send(*[f_send(a, b, ts(1000 + j), b"m%d" % j) for j in range(i, i + 100)])
+        net.settle()
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    keeper = Housekeeping(clock, net.domain, interval=DAY)
+    keeper.startService()
+    net.settle()
+    clock.advance(DAY)  # the round starts: its first pass is in flight
+    stopped = keeper.stopService()
+    assert not stopped.called, "it waits for the pass in flight"
+    net.settle()
+    assert stopped.called and keeper.identities == SWEEP_BATCH, "and starts no other"
 
 
 def test_expired_holds_lower_the_domain_s_count_of_what_is_held(make):
