@@ -187,15 +187,22 @@ _DELIVERED = (
 )
 
 
+def _texts(version: int) -> str:
+    """SQL for the messages and their texts: ``texts`` since schema version 6, ``body`` before."""
+    if version >= 6:
+        return "messages m LEFT JOIN texts t ON t.msg_id = m.id"
+    return "messages m JOIN messages t ON t.id = m.id"
+
+
 def _kept(conn: sqlite3.Connection, version: int) -> dict:
-    """What the messages table keeps: texts still to deliver, identities alone, delivered texts."""
+    """What is kept of the messages: texts still to deliver, identities alone, delivered texts."""
     held, held_bytes, identities, archived, archived_bytes = conn.execute(
         "SELECT coalesce(sum(body IS NOT NULL AND NOT delivered), 0), "
         "coalesce(sum(CASE WHEN NOT delivered THEN length(body) END), 0), "
         "coalesce(sum(body IS NULL), 0), "
         "coalesce(sum(body IS NOT NULL AND delivered), 0), "
         "coalesce(sum(CASE WHEN delivered THEN length(body) END), 0) "
-        f"FROM (SELECT m.body, {_DELIVERED} AS delivered FROM messages m)",
+        f"FROM (SELECT t.body, {_DELIVERED} AS delivered FROM {_texts(version)})",
         (version,),
     ).fetchone()
     return {
@@ -301,9 +308,9 @@ def cmd_user_delete(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         )
         if version >= 6:
             conn.execute(
-                "UPDATE messages SET body = NULL "
-                "WHERE id IN (SELECT msg_id FROM inbox WHERE user_id = ?1 AND code = ?2) "
-                f"AND (remaining = 0 OR NOT ({to_group()}))",
+                "DELETE FROM texts WHERE msg_id IN (SELECT m.id FROM messages m JOIN inbox i "
+                "ON i.msg_id = m.id AND i.user_id = ?1 AND i.code = ?2 "
+                f"WHERE m.remaining = 0 OR NOT ({to_group('m.dst')}))",
                 (user, HELD_MESSAGE),
             )
         held = conn.execute("DELETE FROM inbox WHERE user_id = ?", (user,)).rowcount
@@ -439,7 +446,7 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         ).fetchone()
         # Since version 6 a delivered message's text may be gone; one still to deliver never is.
         (textless,) = conn.execute(
-            f"SELECT count(*) FROM messages m WHERE m.body IS NULL AND NOT ({_DELIVERED})", (version,)
+            f"SELECT count(*) FROM {_texts(version)} WHERE t.body IS NULL AND NOT ({_DELIVERED})", (version,)
         ).fetchone()
         kept = _kept(conn, version)
     ok = integrity_ok and miscounted == 0 and textless == 0

@@ -59,7 +59,10 @@ def stored(net) -> list[tuple]:
         return [(m.src, m.dst, m.ts, m.text) for _, m in sorted(net._memory.messages.items())]
     conn = sqlite3.connect(net.path)
     try:
-        return conn.execute("SELECT src, dst, ts, body FROM messages ORDER BY id").fetchall()
+        return conn.execute(
+            "SELECT m.src, m.dst, m.ts, t.body FROM messages m "
+            "LEFT JOIN texts t ON t.msg_id = m.id ORDER BY m.id"
+        ).fetchall()
     finally:
         conn.close()
 

@@ -66,14 +66,15 @@ class Backend:
         """Every stored message's text (None: its identity alone), by id."""
         if self.kind == "memory":
             return [m.text for _, m in sorted(self.store.messages.items())]
-        sql = "SELECT body FROM messages ORDER BY id"
         if self.kind == "postgres":
             import psycopg
 
             with psycopg.connect(self.path) as conn:
-                return [None if body is None else bytes(body) for (body,) in conn.execute(sql)]
+                rows = conn.execute("SELECT body FROM messages ORDER BY id")
+                return [None if body is None else bytes(body) for (body,) in rows]
         conn = sqlite3.connect(self.path)
         try:
+            sql = "SELECT t.body FROM messages m LEFT JOIN texts t ON t.msg_id = m.id ORDER BY m.id"
             return [body for (body,) in conn.execute(sql)]
         finally:
             conn.close()

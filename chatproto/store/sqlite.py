@@ -123,6 +123,9 @@ def connect(path: str, busy_timeout_ms: int | None = None) -> sqlite3.Connection
     # NORMAL in WAL mode survives a crash of the process (kill -9); FULL
     # would also survive a power cut, at an fsync per commit.
     conn.execute("PRAGMA synchronous = NORMAL")
+    # A deleted text's bytes are zeroed in the page that held it (FAST: no
+    # write more than the delete makes anyway), not left in the file's free space.
+    conn.execute("PRAGMA secure_delete = FAST")
     return conn
 
 
@@ -357,9 +360,10 @@ def _add_group(cur, group_id, ts, members, hold_for):
 
 #: A new message, or nothing when the identity index already has it.
 _INSERT_MESSAGES = (
-    "INSERT OR IGNORE INTO messages (id, src, dst, ts, body, remaining, body_hash)\n"
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO messages (id, src, dst, ts, remaining, body_hash)\nVALUES (?, ?, ?, ?, ?, ?)"
 )
+#: A message's text, kept while a recipient waits for it (or for the archive).
+_INSERT_TEXTS = "INSERT INTO texts (msg_id, body) VALUES (?, ?)"
 _INSERT_HOLDS = "INSERT INTO inbox (user_id, code, msg_id, src, dst, ts) VALUES (?, ?, ?, ?, ?, ?)"
 
 
@@ -374,7 +378,8 @@ def _record_messages(store, cur, items):
 
     Ids come from the store's counter, so the new rows need no read-back; a
     row the unique index refuses is a resend (or, rarely, a different text
-    with the same hash), looked up on its own.
+    with the same hash), looked up on its own. A text is written only for a
+    message someone waits for (or for the archive).
     """
     first = store._next_msg_id
     store._next_msg_id += len(items)
@@ -382,19 +387,19 @@ def _record_messages(store, cur, items):
     cur.executemany(
         _INSERT_MESSAGES,
         [
-            (first + i, src, dst, ts, text if held or archive else None, _remaining(dst, held), hashed)
+            (first + i, src, dst, ts, _remaining(dst, held), body_hash(text))
             for i, (src, dst, ts, text, held) in enumerate(items)
-            for hashed in (body_hash(text),)
         ],
     )
     all_new = cur.rowcount == len(items)
     results = []
     inbox = []
+    texts = []
     for i, (src, dst, ts, text, held) in enumerate(items):
         msg_id = first + i
         holds = [(user_id, HELD_MESSAGE, msg_id, src, dst, ts) for user_id in held]
         if not all_new:
-            known = _stored_as(cur, msg_id, src, dst, ts, text, held, archive)
+            known = _stored_as(cur, msg_id, src, dst, ts, text, held)
             if known is not None:
                 known_id, remaining = known
                 status = DUPLICATE_DELIVERED if remaining == 0 else DUPLICATE_PENDING
@@ -402,11 +407,17 @@ def _record_messages(store, cur, items):
                 continue
             # A repeat further on in this run is told pending by these holds.
             cur.executemany(_INSERT_HOLDS, holds)
+            if held or archive:
+                cur.execute(_INSERT_TEXTS, (msg_id, text))
         else:
             inbox += holds
+            if held or archive:
+                texts.append((msg_id, text))
         results.append(Recorded(msg_id, NEW, not held))
     if inbox:
         cur.executemany(_INSERT_HOLDS, inbox)
+    if texts:
+        cur.executemany(_INSERT_TEXTS, texts)
     return results
 
 
@@ -423,37 +434,41 @@ def _record_delivered(store, cur, runs):
     ids = count(store._next_msg_id)
     archive = store.keeping.archive
     rows = [
-        (next(ids), src, dst, ts, text if archive else None, 0, body_hash(text))
-        for src, dst, stamped in runs
-        for ts, text in stamped
+        (next(ids), src, dst, ts, 0, body_hash(text)) for src, dst, stamped in runs for ts, text in stamped
     ]
     store._next_msg_id += len(rows)
     cur.executemany(_INSERT_MESSAGES, rows)
     if cur.rowcount != len(rows):
         held = []
         texts = (text for _, _, stamped in runs for _, text in stamped)
-        for (msg_id, src, dst, ts, _, _, hashed), text in zip(rows, texts, strict=True):
-            known = _stored_as(cur, msg_id, src, dst, ts, text, (), archive, hashed)
-            if known is not None and known[1] > 0:
+        for (msg_id, src, dst, ts, _, hashed), text in zip(rows, texts, strict=True):
+            known = _stored_as(cur, msg_id, src, dst, ts, text, (), hashed)
+            if known is None and archive:
+                cur.execute(_INSERT_TEXTS, (msg_id, text))
+            elif known is not None and known[1] > 0:
                 held.append((known[0], [dst]))
         if held:
             _mark_reached(store, cur, held)
+    elif archive:
+        texts = (text for _, _, stamped in runs for _, text in stamped)
+        cur.executemany(_INSERT_TEXTS, [(row[0], text) for row, text in zip(rows, texts, strict=True)])
     return [None] * len(runs)
 
 
 _record_delivered.bulk = True
 
 
-#: Stored messages a new one may repeat: (id, recipients still to get it, body, hash).
+#: Stored messages a new one may repeat: (id, recipients still to get it, text, hash).
 #: A direct message's recipient is still to get it while it holds it.
 _REPEATS = (
-    f"SELECT id, CASE WHEN {to_group()} THEN remaining ELSE "
-    "(SELECT count(*) FROM inbox WHERE msg_id = messages.id AND code = 6) END, body, body_hash "
-    "FROM messages WHERE src = ? AND dst = ? AND ts = ? AND (body_hash = ? OR body_hash IS NULL)"
+    f"SELECT m.id, CASE WHEN {to_group('m.dst')} THEN m.remaining ELSE "
+    "(SELECT count(*) FROM inbox WHERE msg_id = m.id AND code = 6) END, t.body, m.body_hash "
+    "FROM messages m LEFT JOIN texts t ON t.msg_id = m.id "
+    "WHERE m.src = ? AND m.dst = ? AND m.ts = ? AND (m.body_hash = ? OR m.body_hash IS NULL)"
 )
 
 
-def _stored_as(cur, msg_id, src, dst, ts, text, held, archive, hashed=None):
+def _stored_as(cur, msg_id, src, dst, ts, text, held, hashed=None):
     """(id, remaining) of the stored message this one repeats, or None once it is stored as ``msg_id``.
 
     The identity index compares hashes: a row with the same hash and another
@@ -470,8 +485,8 @@ def _stored_as(cur, msg_id, src, dst, ts, text, held, archive, hashed=None):
         if body == text or (body is None and known_hash == hashed):
             return known_id, remaining
     cur.execute(
-        "INSERT INTO messages (id, src, dst, ts, body, remaining, body_hash) VALUES (?, ?, ?, ?, ?, ?, NULL)",
-        (msg_id, src, dst, ts, text if held or archive else None, _remaining(dst, held)),
+        "INSERT INTO messages (id, src, dst, ts, remaining, body_hash) VALUES (?, ?, ?, ?, ?, NULL)",
+        (msg_id, src, dst, ts, _remaining(dst, held)),
     )
     return None
 
@@ -541,7 +556,7 @@ def _ended_rows(cur, keeping, statement: str, args: tuple) -> list[tuple[int, st
 
 
 #: The texts of a JSON list of messages, every recipient having them.
-_FORGET_TEXTS = "UPDATE messages SET body = NULL WHERE id IN (SELECT value FROM json_each(?))"
+_FORGET_TEXTS = "DELETE FROM texts WHERE msg_id IN (SELECT value FROM json_each(?))"
 
 
 def _forget_texts(cur, keeping, msg_ids) -> None:
@@ -553,7 +568,7 @@ def _forget_texts(cur, keeping, msg_ids) -> None:
     if RETURNING:
         cur.execute(_FORGET_TEXTS, (json.dumps(gone),))
     else:
-        cur.executemany("UPDATE messages SET body = NULL WHERE id = ?", [(msg_id,) for msg_id in gone])
+        cur.executemany("DELETE FROM texts WHERE msg_id = ?", [(msg_id,) for msg_id in gone])
 
 
 def _end_holds_by_trigger(cur, keeping, ops):
@@ -628,8 +643,8 @@ def _hold(cur, user_id, code, src, dst, ts):
 
 def _inbox(cur, user_id, after, limit):
     rows = cur.execute(
-        "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
-        "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? AND i.seq > ? "
+        "SELECT i.seq, i.code, i.src, i.dst, i.ts, t.body, i.msg_id FROM inbox i "
+        "LEFT JOIN texts t ON t.msg_id = i.msg_id WHERE i.user_id = ? AND i.seq > ? "
         "ORDER BY i.seq LIMIT ?",
         (user_id, after, -1 if limit is None else limit),
     )
@@ -675,7 +690,7 @@ SWEEP_BATCH = 500
 #: recipient has it, and whether it is read by all (a group's 09 needs its
 #: identity until then; a direct message counts as read).
 _SCAN = (
-    "SELECT id, body IS NOT NULL, "
+    "SELECT id, EXISTS (SELECT 1 FROM texts WHERE msg_id = messages.id), "
     f"CASE WHEN {to_group()} THEN remaining = 0 "
     "ELSE NOT EXISTS (SELECT 1 FROM inbox WHERE msg_id = messages.id AND code = 6) END, "
     f"CASE WHEN {to_group()} THEN ts <= coalesce((SELECT low_mark FROM groups WHERE id = dst), ts) "
@@ -739,6 +754,7 @@ def _sweep_identities(cur, keeping, cutoff):
     rows, keeping.identity_cursor = _scan(cur, keeping.identity_cursor, cutoff)
     gone = [(msg_id,) for msg_id, _, delivered, read in rows if delivered and read]
     cur.executemany("DELETE FROM messages WHERE id = ?", gone)
+    cur.executemany("DELETE FROM texts WHERE msg_id = ?", gone)  # an archive's, if it is still there
     return len(gone), bool(gone) and keeping.identity_cursor != 0
 
 
@@ -752,7 +768,7 @@ def _sweep_texts(cur, keeping):
     rows = cur.execute(_SCAN, (keeping.text_cursor, cutoff, SWEEP_BATCH)).fetchall()
     keeping.text_cursor = rows[-1][0] if len(rows) == SWEEP_BATCH else max(keeping.text_cursor, cutoff)
     gone = [(msg_id,) for msg_id, has_text, delivered, _ in rows if has_text and delivered]
-    cur.executemany("UPDATE messages SET body = NULL WHERE id = ?", gone)
+    cur.executemany("DELETE FROM texts WHERE msg_id = ?", gone)
     return len(gone), len(rows) == SWEEP_BATCH
 
 
@@ -776,7 +792,9 @@ def _expire_held(cur, before, online) -> dict[str, int]:
         rows = cur.execute(_STALE_HOLDS.replace("(SELECT value FROM json_each(?))", "()"), (before, -1))
         rows = [row for row in rows if row[1] not in online][:SWEEP_BATCH]
     cur.executemany("DELETE FROM inbox WHERE seq = ?", [(row[0],) for row in rows])
-    cur.executemany("DELETE FROM messages WHERE id = ?", [(row[2],) for row in rows if not is_group(row[3])])
+    direct = [(row[2],) for row in rows if not is_group(row[3])]
+    cur.executemany("DELETE FROM messages WHERE id = ?", direct)
+    cur.executemany("DELETE FROM texts WHERE msg_id = ?", direct)
     counts = Counter(row[2] for row in rows if is_group(row[3]))
     if RETURNING:
         cur.executemany(
@@ -786,5 +804,8 @@ def _expire_held(cur, before, online) -> dict[str, int]:
         # The triggers of _connection_setup counted the group messages down
         # and took the deletes for deliveries: they were not, no 07 is owed.
         cur.execute("DELETE FROM temp.completed")
-    cur.executemany("UPDATE messages SET body = NULL WHERE id = ? AND remaining = 0", [(m,) for m in counts])
+    cur.executemany(
+        "DELETE FROM texts WHERE msg_id = ? AND (SELECT remaining FROM messages WHERE id = ?) = 0",
+        [(m, m) for m in counts],
+    )
     return dict(Counter(row[1] for row in rows))

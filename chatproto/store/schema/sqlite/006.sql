@@ -33,9 +33,8 @@ CREATE TABLE messages (
     src TEXT NOT NULL,
     dst TEXT NOT NULL,           -- a user or a group
     ts INTEGER NOT NULL,
-    body BLOB,                   -- UTF-8 text without its NUL padding; NULL once delivered
     remaining INTEGER NOT NULL,  -- a group message's members that have not got it yet; 0 for a direct one
-    body_hash INTEGER            -- CRC-32 of body; NULL after a collision
+    body_hash INTEGER            -- CRC-32 of its text; NULL after a collision
 );
 -- A message is identified by (src, dst, ts, body): a resend is refused here,
 -- by a short key. Since version 4 the index holds the body's CRC-32, not
@@ -48,10 +47,19 @@ CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body_hash);
 -- Only group messages are looked up by destination (a group id starts with
 -- 1, a user id with 0); since version 3 a direct message adds no entry here.
 CREATE INDEX messages_by_dst ON messages (dst, ts) WHERE dst >= '1';
--- Since version 6 a message's text is kept only while a recipient still
--- waits for it (or for --keep-delivered): once every recipient has it, its
--- body is NULL and the row is its identity alone, kept for --dedup-window
--- (a resend is still recognized by its hash), then deleted by housekeeping.
+-- Since version 6 a message's row is its identity alone, kept for
+-- --dedup-window once it is delivered (a resend is still recognized by its
+-- hash), then deleted by housekeeping; its text is in texts.
+
+-- Since version 6: a message's text (UTF-8, without its NUL padding), only
+-- while a recipient still waits for it (or for --keep-delivered). A table
+-- of its own, so that a deleted text frees whole pages, which SQLite reuses
+-- (a shorter row left in place would leave a hole no new row fills), and a
+-- message delivered the live way writes none.
+CREATE TABLE texts (
+    msg_id INTEGER PRIMARY KEY,  -- messages.id
+    body BLOB NOT NULL
+);
 
 -- Since version 6: the highest message id at a moment, a row a minute at
 -- most, so that housekeeping can tell a message's age without a column a

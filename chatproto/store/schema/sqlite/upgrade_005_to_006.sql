@@ -1,28 +1,31 @@
 -- From version 5 to 6: a message's text is kept only until every recipient
--- has it. body may be NULL now, which SQLite can change only by rebuilding
--- the table; the copy leaves out the texts already delivered (a direct
--- message no inbox row holds, a group message no member still waits for),
--- so they are gone from the live tables when the upgrade commits (their
--- pages are free for reuse; the copy taken before the upgrade still has
--- them). Users get last_seen, from now: nobody's held messages are old by
--- --expire-held's measure until that long after the upgrade. Run inside the
--- upgrade's transaction; schema_version is set by the code.
+-- has it, in a table of its own (texts); messages keeps the identities. The
+-- texts still to deliver move there (a direct message an inbox row holds, a
+-- group message a member still waits for); the ones already delivered are
+-- left behind when messages is rebuilt without its body column, so they are
+-- gone when the upgrade commits (their pages are free for reuse; the copy
+-- taken before the upgrade still has them). Users get last_seen, from now:
+-- nobody's held messages are old by --expire-held's measure until that long
+-- after the upgrade. Run inside the upgrade's transaction; schema_version is
+-- set by the code.
+CREATE TABLE texts (
+    msg_id INTEGER PRIMARY KEY,
+    body BLOB NOT NULL
+);
+INSERT INTO texts (msg_id, body)
+SELECT id, body FROM messages
+WHERE (dst >= '1' AND remaining > 0)
+   OR (dst < '1' AND EXISTS (SELECT 1 FROM inbox WHERE msg_id = messages.id AND code = 6));
 CREATE TABLE messages_v6 (
     id INTEGER PRIMARY KEY,
     src TEXT NOT NULL,
     dst TEXT NOT NULL,
     ts INTEGER NOT NULL,
-    body BLOB,
     remaining INTEGER NOT NULL,
     body_hash INTEGER
 );
-INSERT INTO messages_v6 (id, src, dst, ts, body, remaining, body_hash)
-SELECT id, src, dst, ts,
-       CASE WHEN (dst >= '1' AND remaining = 0)
-              OR (dst < '1' AND NOT EXISTS (SELECT 1 FROM inbox WHERE msg_id = messages.id AND code = 6))
-            THEN NULL ELSE body END,
-       remaining, body_hash
-FROM messages;
+INSERT INTO messages_v6 (id, src, dst, ts, remaining, body_hash)
+SELECT id, src, dst, ts, remaining, body_hash FROM messages;
 DROP TABLE messages;
 ALTER TABLE messages_v6 RENAME TO messages;
 CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body_hash);
