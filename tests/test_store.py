@@ -535,3 +535,19 @@ def test_expire_held_drops_what_waits_for_users_away_too_long(make_backend):
         Completed(A, G, 100),
         Completed(A, C, 100),
     ]
+
+
+def test_a_housekeeping_pass_has_a_transaction_of_its_own(sql_backend):
+    """Whatever befalls a pass fails no frame's operation committed beside it."""
+    store = sql_backend.store
+    sql_backend.run(store.barrier())
+    before = store.transactions
+    ds = [
+        store.record_message(A, B, 100, b"one", [B]),
+        store.sweep(1_800_000_000, []),
+        store.record_message(A, B, 101, b"two", [B]),
+        store.hold(A, HELD_SEEN, B, "", 100),
+    ]
+    for d in ds:
+        sql_backend.run(d)
+    assert store.transactions - before == 3, "the two around the pass are not in its transaction"

@@ -91,7 +91,9 @@ class BatchingStore:
 
     An operation is ``fn(cur, *args)``, or, when ``fn.bulk`` is set,
     ``fn(store, cur, [args, ...])`` for a run of consecutive calls, so that
-    a burst goes to the database as one statement per table.
+    a burst goes to the database as one statement per table. One with
+    ``fn.alone`` set (housekeeping) runs in a transaction of its own, so that
+    whatever befalls it fails no frame's operation.
     """
 
     log = Logger()
@@ -160,8 +162,13 @@ class BatchingStore:
         queue = self._queue
         taken = cut = 0
         while cut < len(queue) and (cut == 0 or taken + queue[cut][3] <= MAX_BATCH):
+            alone = getattr(queue[cut][0], "alone", False)
+            if alone and cut:
+                break  # it gets a transaction of its own, next
             taken += queue[cut][3]
             cut += 1
+            if alone:
+                break
         batch, self._queue = queue[:cut], queue[cut:]
         self._queued -= taken
         self._busy = True

@@ -915,6 +915,9 @@ def _sweep(store, cur, keeping, now, online):
     return Swept(len(gone), texts, held, more or more_texts or sum(held.values()) >= SWEEP_BATCH)
 
 
+_sweep.alone = True
+
+
 def _mark(cur, now, retention):
     longest = max(retention.dedup_window, retention.keep_delivered)
     (last,) = cur.execute("SELECT max(at) FROM retention_marks").fetchone()

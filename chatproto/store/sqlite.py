@@ -714,6 +714,9 @@ def _sweep(cur, keeping, now, online):
     return Swept(identities, texts, held, more or more_texts or sum(held.values()) >= SWEEP_BATCH)
 
 
+_sweep.alone = True
+
+
 def _mark(cur, now, retention):
     """Note the highest id now (a mark a ``retention.mark_every`` at most); forget marks no age needs."""
     longest = max(retention.dedup_window, retention.keep_delivered)
