@@ -4,9 +4,9 @@ A delivered message's text goes the moment its last recipient has it (in the
 transaction that records it, store/); what stays (its identity, for the
 dedup window; an archived text, with ``--keep-delivered``; messages held for
 users long gone, with ``--expire-held``) is removed here, by passes of the
-store's ``sweep``: each a small batch in the transaction it shares with the
-frames of that moment, so no pass holds the database for long and no frame
-waits for more than one.
+store's ``sweep``: each a small batch in a short transaction of its own,
+between the frames' transactions, so no pass holds the database for long and
+no frame waits for more than one.
 """
 
 from __future__ import annotations

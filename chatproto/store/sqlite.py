@@ -682,8 +682,8 @@ def _group_messages_since(cur, group_id, ts):
 # -- housekeeping: one small pass at a time, in the batch's transaction ------
 
 #: Messages a housekeeping pass looks at per kind of work, and held
-#: messages --expire-held drops per pass: a millisecond or two of the
-#: transaction it shares with the frames of that moment.
+#: messages --expire-held drops per pass: a transaction of a millisecond or
+#: two, between the frames' transactions.
 SWEEP_BATCH = 500
 
 #: A stored message's id, ts, whether it has its text, whether every
