@@ -565,7 +565,10 @@ def _forget_texts(cur, keeping, msg_ids) -> None:
     gone = [msg_id for msg_id in msg_ids if msg_id <= cutoff]
     if not gone:
         return
-    if RETURNING:
+    if gone[-1] - gone[0] + 1 == len(gone):
+        # A run of ids (a flush's page, a burst of one conversation): one range.
+        cur.execute("DELETE FROM texts WHERE msg_id BETWEEN ? AND ?", (gone[0], gone[-1]))
+    elif RETURNING:
         cur.execute(_FORGET_TEXTS, (json.dumps(gone),))
     else:
         cur.executemany("DELETE FROM texts WHERE msg_id = ?", [(msg_id,) for msg_id in gone])
