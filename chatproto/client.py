@@ -1020,6 +1020,7 @@ class ChatClient:
         if not self._stopped:
             reason = getattr(protocol, "lost_reason", None)
             why, short = failure_reason(reason) if reason is not None else ("the connection closed", "closed")
+            self.log.info("lost {address}: {why}", address=self.address, why=why)
             if why.startswith("certificate"):
                 self.model.set_status(RECONNECTING, why, short)
             else:

@@ -19,6 +19,7 @@ from chatproto_tui.__main__ import parse_args
 from chatproto_tui.keys import CONTEXT_TITLES, KEYS, help_lines
 from chatproto_tui.theme import REQUIRED_STYLES, THEMES, TICKS
 from chatproto_tui.ui import NOTICE_SECONDS, App
+from chatproto_tui.widgets import SizedScreen
 
 from chatproto import wire
 from chatproto.client import ChatClient
@@ -424,6 +425,17 @@ def test_opening_a_conversation_marks_where_the_unread_messages_start(live):
     assert "already read" in lines[marker - 1] and "unread 1" in lines[marker + 1]
 
 
+def test_the_unread_marker_comes_after_the_days_heading(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, f"unread {i}") for i in range(2)))
+    app.open(BOB)
+    lines = [x[25:].strip() for x in app.render_text().splitlines()]  # right of the list
+    marker = lines.index("─── new messages ───")
+    assert lines[marker - 1] == f"— {time.strftime('%a %d %b %Y', time.localtime(T0))} —"
+    assert "unread 0" in lines[marker + 1]
+
+
 def test_bidi_and_other_format_characters_are_neutralised(live):
     app, protocol, _ = live
     app.model.add_contact(BOB, "B\u202eob")
@@ -494,3 +506,32 @@ def test_search_in_the_conversation_and_across_conversations(live):
     assert "3 messages with “apple”" in screen and "Carol · Carol: carol's apple" in screen
     app.press("enter")  # the newest: Carol's
     assert app.model.open_id == CAROL and "Match 1 of 1" in app.render_text()
+
+
+class _KeepingScreen(SizedScreen):
+    """What urwid's raw screen does that matters here: it keeps the last canvas it drew,
+    so urwid's canvas cache can hand a widget's old canvas back for the same size."""
+
+    canvas = None
+
+    def draw_screen(self, size, canvas) -> None:
+        self.canvas = canvas
+
+    def text(self) -> str:
+        return "\n".join(line.decode() for line in self.canvas.text)
+
+
+def test_the_list_key_works_at_an_unchanged_size_in_a_running_loop(live):
+    """F4 at 100 columns did nothing in a real terminal: the layout was chosen in render,
+    which urwid skips when it still holds a canvas of that size."""
+    app, _, _ = live
+    keeping = _KeepingScreen((100, 30))
+    app.loop = urwid.MainLoop(app.top, screen=keeping, handle_mouse=False)
+    app.loop.draw_screen()
+    assert keeping.text().splitlines()[1].startswith("Conversations")
+    app.loop.process_input(["f4"])
+    app.loop.draw_screen()
+    assert "Conversations" not in keeping.text()
+    app.loop.process_input(["meta l"])
+    app.loop.draw_screen()
+    assert keeping.text().splitlines()[1].startswith("Conversations")

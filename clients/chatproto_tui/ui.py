@@ -86,6 +86,8 @@ class Body(urwid.WidgetPlaceholder):
         return "list" if mode == "shown" else "main"
 
     def _arrange(self, size) -> None:
+        """Show what the width and the list mode ask for. Called when the mode changes too, not
+        only from render: urwid reuses a canvas of the same size without calling render again."""
         self.maxcol = size[0]
         want = {"both": self.columns, "list": self.sidebar, "main": self.main}[self.layout(size[0])]
         if self.original_widget is not want:
@@ -433,6 +435,7 @@ class App:
                 " F3 makes a group; F1 lists every key; Ctrl-Q quits.",
             )
         ]
+        self.msg_list.to_start()  # a short screen shows the id first
 
     def _rebuild_messages(self) -> None:
         model = self.model
@@ -452,10 +455,13 @@ class App:
         items: list[urwid.Widget] = []
         marker = None
         for i in range(start, len(conv.messages)):
+            lines = self._lines_for(conv.messages[i])
             if i == marker_at:
-                marker = urwid.Text(("unread", "─── new messages ───"), align="center")
-                items.append(marker)
-            items.extend(self._lines_for(conv.messages[i]))
+                # After the day's heading, if one comes here: the marker sits on the message.
+                rule = "───" if self.glyphs == "unicode" else "---"
+                marker = urwid.Text(("unread", f"{rule} new messages {rule}"), align="center")
+                lines.insert(len(lines) - 1, marker)
+            items.extend(lines)
         self._view_n = len(conv.messages)
         self.msg_walker[:] = items
         if marker is not None:
@@ -588,7 +594,7 @@ class App:
         self._rebuild = True
         self._dirty_rows.update(x for x in (previous, cid) if x is not None)
         if self.body.maxcol < NARROW and self.list_mode == "shown":
-            self.list_mode = "auto"
+            self._set_list_mode("auto")
         self.apply()
         self._focus_input()
 
@@ -789,18 +795,22 @@ class App:
     def do_switch_focus(self) -> None:
         if self._input_focused():
             if self.body.layout(self.body.maxcol) == "main":
-                self.list_mode = "shown"
+                self._set_list_mode("shown")
             self.frame.focus_position = "body"
             if self.body.layout(self.body.maxcol) == "both":
                 self.columns.focus_position = 0
         else:
             if self.body.maxcol < NARROW:
-                self.list_mode = "auto"
+                self._set_list_mode("auto")
             self._focus_input()
+
+    def _set_list_mode(self, mode: str) -> None:
+        self.list_mode = mode
+        self.body._arrange((self.body.maxcol,))
 
     def do_toggle_list(self) -> None:
         shown = self.body.layout(self.body.maxcol) != "main"
-        self.list_mode = "hidden" if shown else "shown"
+        self._set_list_mode("hidden" if shown else "shown")
         if self.list_mode == "shown" and self.body.maxcol < NARROW:
             self.frame.focus_position = "body"
         else:
