@@ -352,8 +352,8 @@ class ChatProtocol(Protocol):
         if status == -1:
             self._refuse(self._buffer[:2], wire.UNKNOWN_CODE)
         elif status == -2:
-            # A 10 whose N is not two digits: its length is unknowable.
-            self._refuse(wire.CREATE_GROUP, wire.MALFORMED)
+            # A 10 or 19 whose N is not two digits: its length is unknowable.
+            self._refuse(self._buffer[:2], wire.MALFORMED)
 
     def _unthrottle(self, _):
         if self.domain.backlog > _STORE_BACKLOG:
@@ -467,6 +467,10 @@ class ChatProtocol(Protocol):
         if self.session.user is not None:
             self.domain.received(self.session, src, dst, ts)
 
+    def _not_served_yet(self, frame):
+        """17, 19 and 20 are framed but not yet acted on: refused as before (12 XX 02)."""
+        self._refuse(frame[:2], wire.UNKNOWN_CODE)
+
     _handlers = {
         wire.REGISTER: _register,
         wire.ONLINE: _online,
@@ -476,6 +480,9 @@ class ChatProtocol(Protocol):
         wire.REGISTER_SECRET: _register_secret,
         wire.ONLINE_SECRET: _online_secret,
         wire.RECEIVED: _received,
+        wire.SET_SUBJECT: _not_served_yet,
+        wire.ADD_MEMBERS: _not_served_yet,
+        wire.LEAVE_GROUP: _not_served_yet,
     }
 
 

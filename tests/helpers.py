@@ -33,8 +33,10 @@ SERVER_FRAME_LEN = {
     b"11": 27,
     b"12": 6,
     b"14": 47,
+    b"18": 102,
+    b"21": 25,
 }
-CLIENT_CODES = (b"01", b"03", b"05", b"08", b"10", b"13", b"15", b"16")
+CLIENT_CODES = (b"01", b"03", b"05", b"08", b"10", b"13", b"15", b"16", b"17", b"19", b"20")
 SERVER_CODES = tuple(SERVER_FRAME_LEN)
 
 
