@@ -467,9 +467,42 @@ class ChatProtocol(Protocol):
         if self.session.user is not None:
             self.domain.received(self.session, src, dst, ts)
 
-    def _not_served_yet(self, frame):
-        """17, 19 and 20 are framed but not yet acted on: refused as before (12 XX 02)."""
-        self._refuse(frame[:2], wire.UNKNOWN_CODE)
+    def _member_frame(self, code: bytes, src: bytes, group: bytes, ts: bytes) -> bool:
+        """The checks a 17, 19 and 20 share after their own: well-formed ids and
+        timestamp, online, SRC the connection's user (the error sent if not)."""
+        if not (wire.is_id(src) and wire.is_id(group) and wire.is_timestamp(ts)):
+            self.error(code, wire.MALFORMED)
+            return False
+        user = self.session.user
+        if user is None:
+            self.error(code, wire.NOT_ONLINE)
+            return False
+        if src != user:
+            self.error(code, wire.WRONG_SRC)
+            return False
+        return True
+
+    def _set_subject(self, frame):
+        group, src, ts, field = wire.decode_set_subject(frame)
+        name = wire.unpad_name(field)
+        if name is None:
+            return self.error(wire.SET_SUBJECT, wire.MALFORMED)
+        if self._member_frame(wire.SET_SUBJECT, src, group, ts):
+            self.domain.set_subject(self.session, group, ts, name)
+
+    def _add_members(self, frame):
+        src, group, ts, count, members = wire.decode_add_members(frame)
+        if count == b"00" or len(frame) != wire.ADD_HEADER_LEN + wire.ID_LEN * int(count):
+            return self.error(wire.ADD_MEMBERS, wire.MALFORMED)
+        if not all(map(wire.is_id, members)):
+            return self.error(wire.ADD_MEMBERS, wire.MALFORMED)
+        if self._member_frame(wire.ADD_MEMBERS, src, group, ts):
+            self.domain.add_members(self.session, group, ts, members)
+
+    def _leave_group(self, frame):
+        src, group, ts = wire.decode_leave(frame)
+        if self._member_frame(wire.LEAVE_GROUP, src, group, ts):
+            self.domain.leave_group(self.session, group, ts)
 
     _handlers = {
         wire.REGISTER: _register,
@@ -480,9 +513,9 @@ class ChatProtocol(Protocol):
         wire.REGISTER_SECRET: _register_secret,
         wire.ONLINE_SECRET: _online_secret,
         wire.RECEIVED: _received,
-        wire.SET_SUBJECT: _not_served_yet,
-        wire.ADD_MEMBERS: _not_served_yet,
-        wire.LEAVE_GROUP: _not_served_yet,
+        wire.SET_SUBJECT: _set_subject,
+        wire.ADD_MEMBERS: _add_members,
+        wire.LEAVE_GROUP: _leave_group,
     }
 
 
