@@ -164,8 +164,13 @@ def test_group_conversation_shows_each_senders_name(live):
     app.press("tab", " ", "down", " ", "enter")
     found, _, _ = wire.split_frames(wire.CLIENT_FRAME_LEN, transport.value())
     assert found == [wire.create_group(b(ME), wire.timestamp(T0), [b(BOB), b(CAROL)])]
+    transport.clear()
     protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(ME), b(BOB), b(CAROL)]))
-    assert app.model.open_id == GROUP and "Pals" in app.render_text()
+    # The subject goes right after the 11; the name is the server's 18, for every member.
+    assert transport.value() == wire.set_subject(b(ME), b(GROUP), wire.timestamp(T0 + 1), b"Pals")
+    assert app.model.open_id == GROUP and "group: Bob, Carol" in app.render_text()
+    protocol.dataReceived(wire.subject(b(GROUP), b(ME), wire.timestamp(T0 + 1), b"Pals"))
+    assert "Pals  (group " in app.render_text()
     protocol.dataReceived(
         incoming(BOB, GROUP, T0 + 1, "from bob") + incoming(CAROL, GROUP, T0 + 2, "from carol")
     )
