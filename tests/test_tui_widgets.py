@@ -24,7 +24,7 @@ from chatproto_tui.widgets import SizedScreen
 from chatproto import wire
 from chatproto.client import ChatClient
 
-from .client_fakes import BOB, CAROL, GROUP, ME, T0, FakeEndpoint, b, drop, make_model, online
+from .client_fakes import BOB, CAROL, DAVE, GROUP, ME, T0, FakeEndpoint, b, drop, make_model, online
 
 
 def incoming(src, dst, ts, text):
@@ -540,3 +540,88 @@ def test_the_list_key_works_at_an_unchanged_size_in_a_running_loop(live):
     app.loop.process_input(["meta l"])
     app.loop.draw_screen()
     assert keeping.text().splitlines()[1].startswith("Conversations")
+
+
+def client_frames(transport) -> list[bytes]:
+    found, _, _ = wire.split_frames(wire.CLIENT_FRAME_LEN, transport.value())
+    transport.clear()
+    return found
+
+
+def test_a_group_is_named_by_its_subject_and_its_changes_are_lines_in_it(live):
+    app, protocol, transport = live
+    for who, nick in ((BOB, "Bob"), (CAROL, "Carol"), (DAVE, "Dave")):
+        app.model.add_contact(who, nick)
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME)]))
+    app.open(GROUP)
+    protocol.dataReceived(wire.subject(b(GROUP), b(BOB), wire.timestamp(T0 + 1), b"Trio"))
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0 + 2), [b(BOB), b(ME), b(CAROL)]))
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0 + 3), [b(ME), b(CAROL)]))
+    screen = app.render_text((100, 24))
+    assert f" Trio  (group {GROUP})" in screen and "▸ Trio" in screen
+    assert "Bob named the group “Trio”" in screen
+    lines = [line.strip() for line in screen.splitlines()]
+    # The 11 does not say who added Carol, so nobody is named.
+    assert any(line.endswith(" Carol was added") for line in lines), screen
+    assert any(line.endswith(" Bob left") for line in lines), screen
+
+
+def test_rename_add_and_leave_keys_send_17_19_20_and_a_left_group_takes_nothing(live):
+    app, protocol, transport = live
+    for who, nick in ((BOB, "Bob"), (CAROL, "Carol"), (DAVE, "Dave")):
+        app.model.add_contact(who, nick)
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME), b(CAROL)]))
+    protocol.dataReceived(wire.subject(b(GROUP), b(BOB), wire.timestamp(T0 + 1), b"Trio"))
+    app.open(GROUP)
+    client_frames(transport)
+
+    # Rename: the subject field holds the subject; a new one goes as a 17.
+    app.press("f8")
+    assert "Rename the group" in app.render_text() and "Subject:  Trio" in app.render_text()
+    app.press(*["backspace"] * 4, *"Quad", "enter", "enter")
+    assert "Rename the group" not in app.render_text()
+    assert client_frames(transport) == [wire.set_subject(b(ME), b(GROUP), wire.timestamp(T0), b"Quad")]
+    protocol.dataReceived(wire.subject(b(GROUP), b(ME), wire.timestamp(T0), b"Quad"))
+    assert "You named the group “Quad”" in app.render_text() and " Quad  (group" in app.render_text()
+    # A nickname only here: no frame, shown instead, with the subject beside it in the header.
+    app.press("meta t", "enter", *"Lunch", "enter")
+    assert client_frames(transport) == []
+    assert f" Lunch  “Quad”  (group {GROUP})" in app.render_text() and "▸ Lunch" in app.render_text()
+
+    # Add: only contacts not in the group are offered.
+    app.press("f9")
+    screen = app.render_text()
+    assert "Add to Lunch" in screen and f"Dave ({DAVE})" in screen and f"Bob ({BOB})" not in screen
+    app.press(" ", "enter")
+    (frame,) = client_frames(transport)
+    assert frame == wire.add_members(b(ME), b(GROUP), frame[28:38], [b(DAVE)])
+    protocol.dataReceived(wire.added_to_group(b(GROUP), frame[28:38], [b(BOB), b(ME), b(CAROL), b(DAVE)]))
+    assert "Dave was added by you" in app.render_text()
+
+    # Leave: a confirmation that answers n, Esc and y.
+    app.press("meta x")
+    assert "Leave the group?" in app.render_text() and "y: leave" in app.render_text()
+    app.press("n")
+    assert "Leave the group?" not in app.render_text()
+    app.press("meta x", "esc")
+    assert "Leave the group?" not in app.render_text() and client_frames(transport) == []
+    app.press("meta x", "y")
+    (frame,) = client_frames(transport)
+    assert frame[:2] == wire.LEAVE_GROUP and frame[2:28] == b(ME) + b(GROUP)
+    protocol.dataReceived(wire.left_group(b(GROUP), frame[28:38]))
+    screen = app.render_text()
+    assert "You left" in screen and "you left  (group" in screen
+    assert "You left this group; nothing can be sent. >" in screen
+    app.press(*"anyone?", "enter")
+    assert client_frames(transport) == [] and "it stays readable" in app.render_text()
+    app.press("f8")
+    assert "Rename the group" not in app.render_text()
+
+
+def test_creating_a_group_asks_for_its_subject(live):
+    app, _, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("f3", "tab", " ", "enter")
+    assert "Give the group a subject" in app.render_text() and client_frames(transport) == []
+    app.press(*"Duo", "enter")
+    assert client_frames(transport)[0][:2] == wire.CREATE_GROUP
