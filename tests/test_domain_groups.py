@@ -8,7 +8,7 @@ of a call is visible when it returns.
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 
 from chatproto import wire
 from chatproto.domain import Domain
@@ -243,6 +243,40 @@ def test_a_member_who_left_can_be_added_again_and_gets_only_later_messages(domai
     sb.connection.take()
     domain.send_many(sa, [message(a, group, ts(5), b"b is back")])
     assert sb.connection.take() == [s_message(a, group, ts(5), b"b is back")]
+
+
+class SlowLatestStore(MemoryStore):
+    """Answers ``latest_timestamp`` when the test says, as SQLite answers after a commit."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list = []
+
+    def latest_timestamp(self, src, dst):
+        d = Deferred()
+        self.asked.append((d, super().latest_timestamp(src, dst).result))
+        return d
+
+
+def test_a_message_sent_before_leaving_is_not_refused_when_it_goes_out_after():
+    """A 05 read while a member, waiting for its conversation's latest, then a
+    20: the message was sent while a member, and goes to the others."""
+    store = SlowLatestStore()
+    domain = Domain(store)
+    domain.load(store.load().result)
+    a, b, c = user(domain), user(domain), user(domain)
+    sa, sb, sc = online(domain, a), online(domain, b), online(domain, c)
+    group = group_of(domain, sa, [b, c])
+    domain.send_many(sa, [message(a, group, ts(2), b"my last words")])
+    domain.leave_group(sa, group, ts(3))
+    domain.logout(sc, closed=True)  # C cannot take it now: it goes the held way
+    sb.connection.take()
+    for d, latest in store.asked:
+        d.callback(latest)
+    assert s_error(b"05", b"07") not in sa.connection.take()
+    assert sb.connection.take() == [s_message(a, group, ts(2), b"my last words")]
+    sc = online(domain, c)
+    assert s_message(a, group, ts(2), b"my last words") in sc.connection.take()
 
 
 # -- the low mark: current members, never back -----------------------------------------

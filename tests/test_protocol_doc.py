@@ -317,6 +317,10 @@ def test_choices_section_names_each_decision():
         "Messages to oneself",
         "`09 GROUP LOWMARK`",
         "TCP send buffer",
+        "`12 19 01`",
+        "comes last",
+        "lists the members of its moment",
+        "A group everyone left",
     ):
         assert needed in body, f"the choices section no longer says {needed}"
 

@@ -74,6 +74,7 @@ def test_any_split_of_a_client_stream_decodes_to_the_same_frames(no_logged_failu
 
 A = b"0100000000001"
 B = b"0200000000002"
+NO_GROUP = b"1000000000009"
 
 
 def session_net() -> Net:
@@ -100,6 +101,14 @@ valid_ish = st.one_of(
     ),
     st.just(f_online(A)),
     st.just(b"15" + A + b"0" * 32),
+    # 17, 19 and 20 for a group no one made: answered 12 XX 06 (or 01, 05), never framed wrong.
+    st.builds(lambda t, x: b"17" + A + NO_GROUP + t + x[:64].ljust(64, b"\0"), timestamps, texts),
+    st.builds(
+        lambda t, ms: b"19" + A + NO_GROUP + t + b"%02d" % len(ms) + b"".join(ms),
+        timestamps,
+        st.lists(st.sampled_from([A, B, b"0999999999999"]), max_size=4),
+    ),
+    st.builds(lambda t: b"20" + B + NO_GROUP + t, timestamps),
 )
 
 

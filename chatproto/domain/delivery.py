@@ -402,7 +402,7 @@ class Delivery:
                 at = self._send_live(conversation, readers, items, at)
                 if at == end:
                     return
-            self.send(session, *items[at])
+            self._send_accepted(session, *items[at])
             at += 1
 
     def _send_live(
@@ -495,9 +495,7 @@ class Delivery:
 
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src`` the held way; ``frame`` is the 06 to deliver."""
-        if dst in self.users:
-            recipients = [dst]
-        else:
+        if dst not in self.users:
             members = self.groups.get(dst)
             if members is None:
                 session.connection.error(wire.SEND, wire.UNKNOWN_DESTINATION)
@@ -505,7 +503,18 @@ class Delivery:
             if src not in members:
                 session.connection.error(wire.SEND, wire.NOT_A_MEMBER)
                 return
-            recipients = [m for m in members if m != src]
+        self._send_accepted(session, src, dst, ts, text, frame)
+
+    def _send_accepted(
+        self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes
+    ) -> None:
+        """A 05 whose sender could send to ``dst`` when it was read, the held way:
+        to the user, or to every other member of the group now. A message that
+        waited in its conversation is not refused if its sender left meanwhile."""
+        if dst in self.users:
+            recipients = [dst]
+        else:
+            recipients = [m for m in self.groups.get(dst, ()) if m != src]
         if self.max_held:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:
