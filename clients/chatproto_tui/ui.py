@@ -34,7 +34,7 @@ from chatproto.client import (
 
 from .keys import KEYS, commands_for, help_lines
 from .theme import DOT, TICK_MEANING, TICKS, palette
-from .widgets import Dialog, MessageList, Row, SizedScreen, StatusLine, safe
+from .widgets import Dialog, Field, MessageList, Row, SizedScreen, StatusLine, safe
 
 SIDEBAR_WIDTH = 24
 #: Below this width the conversation list folds away (a key brings it back).
@@ -72,7 +72,7 @@ def filed_time(m: Message) -> float:
 
 PROMPT = ("input", "> ")
 #: The input line of a group this profile left: it says so, and Enter sends nothing.
-LEFT_PROMPT = ("failed", "You left this group; nothing can be sent. > ")
+LEFT_PROMPT = ("failed", "you left the group > ")
 
 
 class InputLine(urwid.Edit):
@@ -901,7 +901,7 @@ class App:
     # search
 
     def _ask(self, title: str, prompt: str, answer) -> None:
-        field = urwid.Edit(prompt)
+        field = Field(prompt)
 
         def on_key(key):
             if key == "esc":
@@ -1001,8 +1001,8 @@ class App:
         self.show_dialog(title, urwid.ListBox(walker), on_key)
 
     def do_add_contact(self) -> None:
-        who = urwid.Edit("Id:       ")
-        nick = urwid.Edit("Nickname: ")
+        who = Field("Id:       ")
+        nick = Field("Nickname: ")
         problem = urwid.Text("")
         fields = urwid.Pile([who, nick])
         body = urwid.Pile(
@@ -1040,7 +1040,7 @@ class App:
         if not contacts:
             self.say("Add contacts first (F2): a group is made from them.", error=True)
             return
-        name = urwid.Edit("Subject (every member sees it): ")
+        name = Field("Subject (every member sees it): ")
         boxes = [urwid.CheckBox(f"{safe(nick, self.marker)} ({cid})") for cid, nick in contacts]
         problem = urwid.Text("")
         items = [name, urwid.Divider(), urwid.Text("Members (Space ticks, Enter creates):")]
@@ -1089,8 +1089,8 @@ class App:
         group = self._open_group()
         if group is None:
             return
-        subject = urwid.Edit("Subject:  ", group.subject)
-        nick = urwid.Edit("Nickname: ", self.model.names.get(group.id, ""))
+        subject = Field("Subject:  ", group.subject)
+        nick = Field("Nickname: ", self.model.names.get(group.id, ""))
         fields = urwid.Pile([subject, nick])
         problem = urwid.Text("")
         body = urwid.Pile(
