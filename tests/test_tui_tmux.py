@@ -327,3 +327,104 @@ def test_an_untrusted_certificate_is_named_on_the_status_line_even_at_40_columns
     finally:
         tmux.kill()
         server.stop()
+
+
+def test_a_group_is_named_added_to_and_left_from_the_keyboard(world):
+    """Issue 18 by hand: Alice makes "Trio" with Bob and Carol, adds Dave (who sees the name and
+    only later messages), Bob renames it for everyone, Carol (on a 40x12 terminal) leaves."""
+    server, tmux, tmp = world
+    ids = {}
+    for name in ("a", "b", "d"):
+        tmux.start(name, client_command(server, tmp, name))
+    tmux.start("c", client_command(server, tmp, "c"), (40, 12))
+    for name in ("a", "b", "d"):
+        ids[name] = tmux.wait(name, r"you: (\d{13})  ● connected").group(1)
+    ids["c"] = tmux.wait("c", r"^ (\d{13}) ● connected").group(1)
+    for who, nick in (("b", "Bob"), ("c", "Carol"), ("d", "Dave")):
+        add_contact(tmux, "a", ids[who], nick)
+
+    tmux.keys("a", "F3")
+    tmux.wait("a", rf"Carol \({ids['c']}\)")
+    tmux.type("a", "Trio")
+    tmux.wait("a", r"Subject \(every member sees it\): Trio")
+    tmux.keys("a", "Tab", "Space", "Down", "Space", "Enter")
+    tmux.wait("a", r"You named the group “Trio”")
+    tmux.wait("a", r"Trio  \(group 1\d{12}\)")
+    tmux.wait("b", r"Trio")
+    tmux.type("a", "before dave")
+    tmux.keys("a", "Enter")
+    tmux.wait("b", r"Trio +\(1\)")
+    tmux.keys("b", "M-Down")
+    tmux.wait("b", ids["a"] + ": before dave")
+
+    # Add Dave: only contacts not in the group are offered.
+    tmux.keys("a", "F9")
+    tmux.wait("a", rf"Add to Trio[\s\S]*Dave \({ids['d']}\)")
+    assert f"Bob ({ids['b']})" not in tmux.screen("a")
+    tmux.keys("a", "Space", "Enter")
+    tmux.wait("a", r"Dave was added by you")
+    tmux.wait("b", ids["d"] + " was added")
+    tmux.type("a", "welcome dave")
+    tmux.keys("a", "Enter")
+    tmux.wait("d", r"Trio +\(1\)")
+    tmux.keys("d", "M-Down")
+    tmux.wait("d", ids["a"] + r": welcome dave")
+    assert ids["a"] + " named the group “Trio”" in tmux.screen("d")
+    assert "before dave" not in tmux.screen("d")
+
+    # Bob renames it for everyone.
+    tmux.wait("b", ids["a"] + r": welcome dave")
+    tmux.keys("b", "F8")
+    tmux.wait("b", r"Subject:  Trio")
+    tmux.keys("b", "C-u")
+    tmux.type("b", "Quartet")
+    tmux.wait("b", r"Subject:  Quartet")
+    tmux.keys("b", "Enter", "Enter")
+    tmux.wait("b", r"You named the group “Quartet”")
+    tmux.wait("a", r"Bob named the group “Quartet”")
+    tmux.wait("a", r"Quartet  \(group 1\d{12}\)")
+    tmux.wait("d", r"Quartet  \(group 1\d{12}\)")
+
+    # Carol leaves: the confirmation answers n and Esc, then y.
+    tmux.keys("c", "M-Down")
+    tmux.wait("c", r"Quartet  \(group")
+    for answer in ("n", "Escape"):
+        tmux.keys("c", "M-x")
+        tmux.wait("c", r"Leave the group\?")
+        tmux.keys("c", answer)
+        wait_for(f"the dialog to close on {answer}", lambda: "Leave the group?" not in tmux.screen("c"))
+    tmux.keys("c", "M-x")
+    tmux.wait("c", r"y: leave")
+    tmux.keys("c", "y")
+    tmux.wait("c", r"you left  \(group")
+    tmux.wait("c", r"you left the group >")
+    tmux.wait("a", r"Carol left")
+    tmux.wait("d", ids["c"] + " left")
+
+    # Carol gets nothing more from the group: Alice's next group message reaches Bob, and a
+    # direct message Alice sends after it reaches Carol without the group's before it.
+    tmux.type("a", "after carol")
+    tmux.keys("a", "Enter")
+    tmux.wait("b", ids["a"] + ": after carol")
+
+    def open_one() -> str:
+        return re.search(r"\n▸ (\w+)", tmux.screen("a")).group(1)
+
+    for _ in range(4):  # Alt-Down through the list until Carol's conversation is the open one
+        before = open_one()
+        if before == "Carol":
+            break
+        tmux.keys("a", "M-Down")
+        wait_for("the next conversation", lambda before=before: open_one() != before)
+    tmux.wait("a", r"Carol  \(id")
+    tmux.type("a", "direct to carol")
+    tmux.keys("a", "Enter")
+    tmux.wait("a", r"me: direct to carol ✓✓")  # Carol's client has it: Alt-A finds it unread
+    tmux.keys("c", "M-a")
+    tmux.wait("c", ids["a"] + ": direct to carol")
+    tmux.keys("c", "M-Up")
+    tmux.wait("c", r"Quartet  you left")
+    assert "after carol" not in tmux.screen("c")
+    tmux.type("c", "still here?")
+    tmux.keys("c", "Enter")
+    tmux.wait("c", r"nothing can be")
