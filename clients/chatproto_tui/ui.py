@@ -466,11 +466,11 @@ class App:
         self._view_n, self._view_day, self._view_last = 0, None, None
         self._lines = {}
         self._below = 0
+        self._draw_title()
         if cid is None or cid not in model.conversations:
             self._welcome()
             return
         conv = model.conversations[cid]
-        self._draw_title()
         start = 0 if self._show_all else max(0, len(conv.messages) - SHOWN_MESSAGES)
         marker_at = self._unread_from.get(cid)
         items: list[urwid.Widget] = []
@@ -496,18 +496,18 @@ class App:
         and whether we left it; the input line says so too."""
         self._retitle = False
         cid = self.model.open_id
+        left = cid is not None and self.model.has_left(cid)
+        self.input.set_caption(LEFT_PROMPT if left else PROMPT)
         if cid is None:
             return
         words = [f" {self._name(cid)}"]
         group = self.model.groups.get(cid)
         if group is not None and group.subject and cid in self.model.names:
             words.append(f"“{safe(group.subject, self.marker)}”")
-        left = self.model.has_left(cid)
         if left:
             words.append("you left")
         words.append(f"({'group' if cid.startswith('1') else 'id'} {cid})")
         self.title.set_text("  ".join(words))
-        self.input.set_caption(LEFT_PROMPT if left else PROMPT)
 
     def _lines_for(self, m: Message) -> list[urwid.Widget]:
         """A day heading when the day changes, then the message's line."""
