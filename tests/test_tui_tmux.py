@@ -223,7 +223,7 @@ def test_three_people_make_a_group_and_group_ticks_wait_for_everyone(world):
     tmux.type("a", "hi all")
     tmux.keys("a", "Enter")
     for name in ("b", "c"):
-        tmux.wait(name, r"group: .* \(1\)")
+        tmux.wait(name, r"Trio +\(1\)")  # the subject, for every member
     tmux.wait("a", r"me: hi all ✓✓")
 
     tmux.keys("b", "M-Down")
