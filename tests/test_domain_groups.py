@@ -69,17 +69,19 @@ def test_a_subject_from_a_non_member_or_for_no_group_is_refused(domain):
     assert sa.connection.take() == []
 
 
-def test_each_17_is_an_18_the_later_after_the_earlier(domain):
+def test_each_17_is_an_18_and_a_held_one_is_replaced_by_the_next(domain):
     a, b = user(domain), user(domain)
     sa = online(domain, a)
     group = group_of(domain, sa, [b])
     domain.set_subject(sa, group, ts(5), b"one")
-    domain.set_subject(sa, group, ts(6), b"two")
-    assert sa.connection.take() == [s_subject(group, a, ts(5), b"one"), s_subject(group, a, ts(6), b"two")]
+    domain.send_many(sa, [message(a, group, ts(6), b"between")])
+    domain.set_subject(sa, group, ts(7), b"two")
+    assert sa.connection.take() == [s_subject(group, a, ts(5), b"one"), s_subject(group, a, ts(7), b"two")]
     sb = online(domain, b)
-    assert sb.connection.take()[1:] == [
-        s_subject(group, a, ts(5), b"one"),
-        s_subject(group, a, ts(6), b"two"),
+    assert sb.connection.take() == [
+        s_added(group, ts(1), [a, b]),
+        s_message(a, group, ts(6), b"between"),
+        s_subject(group, a, ts(7), b"two"),
     ]
 
 

@@ -12,6 +12,7 @@ import pytest
 from chatproto.store.sqlite import (
     _COUNT_DOWN,
     _COUNT_DOWN_BY,
+    _DROP_SUBJECTS,
     _END_MESSAGE_HOLDS,
     _END_USER_HOLDS,
     _REPEATS,
@@ -289,6 +290,7 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         ("SELECT src, ts FROM messages WHERE dst = ? AND dst >= '1' AND ts > ? ORDER BY ts, id", 2),
         ("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", 2),
         ("SELECT * FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq", 2),
+        (_DROP_SUBJECTS, 2),
     ]
     if RETURNING:
         # Each item of a JSON list is looked up (the list itself is read whole).
@@ -300,6 +302,8 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         if sql in (_END_USER_HOLDS, _END_MESSAGE_HOLDS):
             # Not a walk through the user's inbox, which may hold 100,000 rows.
             assert "inbox_by_message" in plan, (sql, plan)
+        if sql == _DROP_SUBJECTS:
+            assert "inbox_subjects" in plan, plan
     conn.close()
 
 

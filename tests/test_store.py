@@ -440,6 +440,21 @@ def test_a_subject_is_held_for_the_members_not_online(backend):
     assert notices(backend, A) == notices(backend, C) == []
 
 
+def test_a_newer_subject_replaces_the_one_still_held_for_the_same_group(backend):
+    other = "1000000000002"
+    backend.add_group(G, 110, [A, B], [])
+    backend.add_group(other, 111, [A, B], [])
+    backend.set_subject(G, A, 120, b"first", {A})
+    backend.set_subject(other, A, 121, b"elsewhere", {A})
+    backend.record_message(A, G, 125, b"between", [B])
+    backend.set_subject(G, A, 130, b"second", {A})
+    assert [(i.code, i.dst, i.text) for i in backend.inbox(B)] == [
+        (HELD_SUBJECT, other, b"elsewhere"),
+        (HELD_MESSAGE, G, b"between"),
+        (HELD_SUBJECT, G, b"second"),
+    ]
+
+
 def test_added_members_come_last_get_the_11_then_the_subject_and_start_at_the_latest_message(backend):
     backend.add_group(G, 110, [A, B], [])
     backend.set_subject(G, B, 115, b"Duo", {A, B})

@@ -144,8 +144,8 @@ def test_events_arrive_in_commit_order_with_their_fields(cluster):
         held(B, HELD_MESSAGE, A, B, 100, "héllo".encode(), recorded.msg_id),
         held(A, HELD_DELIVERED, "", B, 100),
         GroupAdded(G, [A, B, C]),
-        held(B, HELD_ADDED, "", G, 110),
-        held(C, HELD_ADDED, "", G, 110),
+        held(B, HELD_ADDED, "", G, 110, (A + B + C).encode()),
+        held(C, HELD_ADDED, "", G, 110, (A + B + C).encode()),
     ]
     (delivered,) = n.inbox(A)
     assert n.events[3].item == delivered, "the event carries the committed row, seq and all"

@@ -191,7 +191,7 @@ class Groups:
             self._left,
             self._not_left,
             (group, user, ts, online),
-            errbackArgs=(session, group, members.index(user)),
+            errbackArgs=(session, group, user, members.index(user)),
         )
         self.log.info("{user} left group {group}", user=user.decode(), group=group.decode())
 
@@ -206,10 +206,9 @@ class Groups:
                 self.delivery.notify(member, frame, HELD_ADDED, "", group.decode(), int(ts), text)
         self.routing.member_left(group, user)
 
-    def _not_left(self, failure, session: Session, group: bytes, at: int) -> None:
+    def _not_left(self, failure, session: Session, group: bytes, user: bytes, at: int) -> None:
         """Not stored: the user is still a member, where it was."""
-        user = session.user
         members = self.directory.groups.get(group)
-        if user is not None and members is not None and user not in members:
+        if members is not None and user not in members:
             self.directory.groups[group] = [*members[:at], user, *members[at:]]
         busy(failure, session, wire.LEAVE_GROUP)

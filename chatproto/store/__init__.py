@@ -318,7 +318,8 @@ class IChatStore(Interface):
         """Deferred[list[str]]: the group's subject is ``name``, set by src at ts; its members.
 
         An 18 is held for every member not in ``online`` (the ones the
-        caller writes to itself once this is committed).
+        caller writes to itself once this is committed), replacing the
+        group's 18 still held for them, if any: it said nothing more.
         """
 
     def add_members(group_id, ts, added, online):

@@ -89,6 +89,10 @@ class MemoryStore:
         members = list(self.groups[group_id])
         for user_id in members:
             if user_id not in online:
+                # The 18 still held says nothing the new one does not.
+                inbox = self._inboxes.get(user_id, {})
+                for seq in [q for q, i in inbox.items() if i.code == HELD_SUBJECT and i.dst == group_id]:
+                    del inbox[seq]
                 self._put(user_id, HELD_SUBJECT, src, group_id, ts, name, None)
         return succeed(members)
 

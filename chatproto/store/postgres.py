@@ -615,10 +615,15 @@ def _set_subject(store, cur, group_id, src, ts, name, online):
         "UPDATE groups SET subject = %s, subject_src = %s, subject_ts = %s WHERE id = %s",
         (name, src, ts, group_id),
     )
-    rows = [
-        (user_id, HELD_SUBJECT, src, group_id, ts, None, name) for user_id in members if user_id not in online
-    ]
-    _insert_notices(store, cur, rows)
+    offline = [user_id for user_id in members if user_id not in online]
+    # The 18 still held for them says nothing the new one does not (inbox_subjects).
+    cur.execute(
+        "DELETE FROM inbox WHERE user_id = ANY(%b::text[]) AND dst = %s AND code = %s",
+        (offline, group_id, HELD_SUBJECT),
+    )
+    _insert_notices(
+        store, cur, [(user_id, HELD_SUBJECT, src, group_id, ts, None, name) for user_id in offline]
+    )
     return members
 
 

@@ -356,11 +356,14 @@ def _set_subject(cur, group_id, src, ts, name, online):
         (name, src, ts, group_id),
     )
     members = _members(cur, group_id)
-    cur.executemany(
-        _INSERT_NOTICE,
-        [(user_id, HELD_SUBJECT, src, group_id, ts, name) for user_id in members if user_id not in online],
-    )
+    offline = [user_id for user_id in members if user_id not in online]
+    cur.executemany(_DROP_SUBJECTS, [(user_id, group_id) for user_id in offline])
+    cur.executemany(_INSERT_NOTICE, [(user_id, HELD_SUBJECT, src, group_id, ts, name) for user_id in offline])
     return members
+
+
+#: The 18 of a group still held for a user, replaced by a newer one (inbox_subjects).
+_DROP_SUBJECTS = f"DELETE FROM inbox WHERE user_id = ? AND dst = ? AND code = {HELD_SUBJECT}"
 
 
 def _add_members(cur, group_id, ts, added, online):

@@ -573,7 +573,8 @@ class App:
         while (found := low.find(self.search, at)) >= 0:
             out += [("text", text[at:found]), ("selected", text[found : found + len(self.search)])]
             at = found + len(self.search)
-        return [*out, ("text", text[at:])]
+        # No empty runs: urwid 2.6 (our floor) drops the rest of a line after one.
+        return [run for run in [*out, ("text", text[at:])] if run[1]]
 
     def _append_messages(self) -> None:
         cid = self._view_cid

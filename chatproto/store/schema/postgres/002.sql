@@ -69,6 +69,9 @@ CREATE TABLE inbox (
 );
 CREATE INDEX inbox_by_user ON inbox (user_id, seq);
 CREATE INDEX inbox_by_message ON inbox (msg_id, user_id) WHERE code = 6;
+-- Since version 2: a user's held 18s, by group. A newer 18 for a group
+-- replaces the one still held (it says all the older one said).
+CREATE INDEX inbox_subjects ON inbox (user_id, dst) WHERE code = 18;
 
 -- The node each logged-in user's session is on: one session per user across nodes.
 CREATE TABLE sessions (

@@ -7,3 +7,5 @@ ALTER TABLE groups ADD COLUMN subject bytea;
 ALTER TABLE groups ADD COLUMN subject_src text;
 ALTER TABLE groups ADD COLUMN subject_ts bigint;
 ALTER TABLE inbox ADD COLUMN body bytea;
+-- A user's held 18s, by group: a newer one replaces the one still held.
+CREATE INDEX inbox_subjects ON inbox (user_id, dst) WHERE code = 18;

@@ -68,6 +68,9 @@ CREATE TABLE inbox (
 );
 CREATE INDEX inbox_by_user ON inbox (user_id, seq);
 CREATE INDEX inbox_by_message ON inbox (msg_id);
+-- Since version 6: a user's held 18s, by group. A newer 18 for a group
+-- replaces the one still held (it says all the older one said).
+CREATE INDEX inbox_subjects ON inbox (user_id, dst) WHERE code = 18;
 
 -- Since version 2: when the database was made or upgraded, and the copy
 -- taken before each upgrade, so an operator can find it (chatproto-admin check).

@@ -7,3 +7,5 @@ ALTER TABLE groups ADD COLUMN subject BLOB;
 ALTER TABLE groups ADD COLUMN subject_src TEXT;
 ALTER TABLE groups ADD COLUMN subject_ts INTEGER;
 ALTER TABLE inbox ADD COLUMN body BLOB;
+-- A user's held 18s, by group: a newer one replaces the one still held.
+CREATE INDEX inbox_subjects ON inbox (user_id, dst) WHERE code = 18;
