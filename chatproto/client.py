@@ -735,6 +735,8 @@ class ClientModel:
     def _send_read(self, conv: Conversation) -> None:
         if not self.read_receipts or self.connection is None or conv.read_upto <= conv.read_sent:
             return
+        if self.has_left(conv.id):
+            return  # the server would refuse it (12 08 07): its readers are no longer ours to tell
         self.connection.write(wire.seen(conv.id.encode(), wire.timestamp(conv.read_upto)))
         conv.read_sent = conv.read_upto
         self.store.save_conversation(conv)

@@ -590,6 +590,11 @@ def test_leaving_sends_20_and_after_the_21_the_group_is_readable_but_takes_nothi
         with pytest.raises(ValueError, match="left"):
             refused()
     assert frames(transport) == []
+    # A message sent before we left, arriving after the 21, is kept; no 08 goes for it.
+    protocol.dataReceived(incoming(BOB, GROUP, T0 + 2, "sent before you left"))
+    model.open(GROUP)
+    client.clock.advance(0)
+    assert frames(transport) == [wire.received(b(BOB), b(GROUP), wire.timestamp(T0 + 2))]
     model = reopen(model, client.clock)
     assert model.has_left(GROUP) and model.conversations[GROUP].messages[0].text == "before you go"
     # Added back later: a member again.
