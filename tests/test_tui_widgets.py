@@ -252,10 +252,13 @@ def test_quit_asks_only_when_something_is_unsent(tmp_path):
 
 
 def test_every_dialog_answers_esc_through_urwids_own_dispatch(live):
-    app, _, _ = live
+    app, protocol, _ = live
     app.model.add_contact(BOB, "Bob")
+    app.model.add_contact(CAROL, "Carol")
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME)]))
+    app.open(GROUP)
     app.press("x")
-    for opener in ("f1", "f2", "f3", "ctrl q"):
+    for opener in ("f1", "f2", "f3", "ctrl f", "f7", "f8", "f9", "meta x", "ctrl q"):
         app.press(opener)
         assert app.dialog is not None, opener
         app.press("esc")
