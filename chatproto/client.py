@@ -1156,6 +1156,10 @@ class ChatClient:
             prepareConnection=self._prepare,
         )
         self.protocol: ChatClientProtocol | None = None
+        #: Connections in a row that ended before their login did (a certificate refused in the
+        #: handshake, a server that closes at once). ClientService counts each as a success, so
+        #: without this its backoff would start again from the first delay every time.
+        self._unanswered = 0
         self._stopped = True
         self._stopping: list[Deferred] = []
 
@@ -1166,7 +1170,7 @@ class ChatClient:
 
     def _retry_policy(self, attempt: int) -> float:
         """The backoff's delay, which the status line counts down."""
-        delay = self._policy(attempt)
+        delay = self._policy(max(attempt, self._unanswered))
         if not self._stopped:
             self.model.retry_at = self.clock.seconds() + delay
             self.model._emit("status")
@@ -1208,12 +1212,14 @@ class ChatClient:
 
     def _prepare(self, protocol) -> Deferred:
         self.model.set_status(RECONNECTING, f"logging in to {self.address}", "logging in")
+        self._unanswered += 1
         d = protocol.login()
         d.addCallback(self._logged_in)
         return d
 
     def _logged_in(self, protocol) -> None:
         if protocol is not None:
+            self._unanswered = 0
             self.model.logged_in(protocol)
 
     def lost(self, protocol: ChatClientProtocol) -> None:

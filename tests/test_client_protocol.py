@@ -427,6 +427,23 @@ def test_conversations_are_ordered_by_last_activity_with_unread_counts(tmp_path)
         model.add_contact("12345", "short")
 
 
+def test_connections_that_end_before_their_login_back_off_like_refused_ones(tmp_path):
+    """A TLS certificate the client does not trust fails after TCP connected: ClientService
+    calls that a success, and retried every second for ever; now the delay grows."""
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    asked = []
+    client = ChatClient(clock, endpoint, model, retry_policy=lambda n: asked.append(n) or 1.0)
+    client.start()
+    for _ in range(3):
+        drop(endpoint.last[0])  # closed before any 04
+        clock.advance(1.0)
+    assert asked == [1, 2, 3] and len(endpoint.connections) == 4
+    endpoint.last[0].dataReceived(wire.online_ok(b(ME)))
+    drop(endpoint.last[0])  # a login that worked starts the count again
+    assert asked[-1] == 1
+
+
 # -- groups ------------------------------------------------------------------------
 
 
