@@ -160,12 +160,12 @@ def cmd_stats(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         f"groups:           {groups}",
         f"messages stored:  {messages}",
         f"queued messages:  {queued} (waiting for {waiting} users)",
-        f"held notices:     {notices} (07, 09, 11 waiting for their user's next login)",
+        f"held notices:     {notices} (07, 09, 11, 18, 21 waiting for their user's next login)",
         f"texts held:       {kept['texts_held']} ({kept['texts_held_bytes']} bytes), "
         "for recipients who do not have them yet",
         f"identities kept:  {kept['identities']} (delivered, text deleted; kept for --dedup-window)",
         f"archive:          {kept['archived']} delivered texts ({kept['archived_bytes']} bytes; "
-        "--keep-delivered, or delivered before schema version 6)",
+        "--keep-delivered, or delivered before schema version 7)",
         f"--expire-held {_duration_text(args.expire_held)} would drop: {away[0]} held messages "
         f"for {away[1]} users not seen since {when(int(time.time()) - args.expire_held)}",
     ]
@@ -188,8 +188,8 @@ _DELIVERED = (
 
 
 def _texts(version: int) -> str:
-    """SQL for the messages and their texts: ``texts`` since schema version 6, ``body`` before."""
-    if version >= 6:
+    """SQL for the messages and their texts: ``texts`` since schema version 7, ``body`` before."""
+    if version >= 7:
         return "messages m LEFT JOIN texts t ON t.msg_id = m.id"
     return "messages m JOIN messages t ON t.id = m.id"
 
@@ -217,10 +217,10 @@ def _kept(conn: sqlite3.Connection, version: int) -> dict:
 def _away(conn: sqlite3.Connection, version: int, before: int) -> tuple[int, int]:
     """(messages, users): what is held for users not seen since ``before``, as --expire-held counts.
 
-    Before schema version 6 no login was recorded: each user counts from
+    Before schema version 7 no login was recorded: each user counts from
     their account's creation, as the upgrade will count from its own time.
     """
-    seen = "u.last_seen" if version >= 6 else "u.created"
+    seen = "u.last_seen" if version >= 7 else "u.created"
     messages, users = conn.execute(
         "SELECT count(*), count(DISTINCT i.user_id) FROM users u JOIN inbox i ON i.user_id = u.id "
         f"WHERE i.code = ? AND {seen} < ?",
@@ -292,7 +292,7 @@ def cmd_user_delete(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
     arrived. Items held for an id that is no longer a user (sent to it while
     the server still knew it) are removed too, so running this again after
     the restart finishes the job. A message no one waits for any more loses
-    its text (since schema version 6), as a delivered one does.
+    its text (since schema version 7), as a delivered one does.
     """
     user = check_user_id(args.id)
     with _Transaction(conn, write=True):
@@ -306,7 +306,7 @@ def cmd_user_delete(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
             f"AND ({to_group()} OR ?3 < 5)",
             (user, HELD_MESSAGE, version),
         )
-        if version >= 6:
+        if version >= 7:
             conn.execute(
                 "DELETE FROM texts WHERE msg_id IN (SELECT m.id FROM messages m JOIN inbox i "
                 "ON i.msg_id = m.id AND i.user_id = ?1 AND i.code = ?2 "
@@ -444,7 +444,7 @@ def cmd_check(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         (orphans,) = conn.execute(
             "SELECT count(*) FROM inbox WHERE user_id NOT IN (SELECT id FROM users)"
         ).fetchone()
-        # Since version 6 a delivered message's text may be gone; one still to deliver never is.
+        # Since version 7 a delivered message's text may be gone; one still to deliver never is.
         (textless,) = conn.execute(
             f"SELECT count(*) FROM {_texts(version)} WHERE t.body IS NULL AND NOT ({_DELIVERED})", (version,)
         ).fetchone()

@@ -15,6 +15,7 @@ import pytest
 from chatproto.store.sqlite import (
     _COUNT_DOWN,
     _COUNT_DOWN_BY,
+    _DROP_SUBJECTS,
     _END_MESSAGE_HOLDS,
     _END_USER_HOLDS,
     _FORGET_TEXTS,
@@ -34,7 +35,19 @@ from chatproto.store.sqlite import (
 )
 
 from . import installed
-from .helpers import Net, f_send, s_added, s_delivered, s_message, ts
+from .helpers import (
+    Net,
+    f_add,
+    f_leave,
+    f_send,
+    f_subject,
+    s_added,
+    s_delivered,
+    s_left,
+    s_message,
+    s_subject,
+    ts,
+)
 
 A, B, C = b"0000000000001", b"0000000000002", b"0000000000003"
 GROUP = b"1000000000001"
@@ -77,13 +90,18 @@ def make_v1(path: str) -> None:
 
 
 #: The columns of version 1, which every later version keeps as they were.
-V1_COLUMNS = {"messages": "id, src, dst, ts, body, remaining", "users": "id, secret_hash, created"}
+V1_COLUMNS = {
+    "messages": "id, src, dst, ts, body, remaining",
+    "groups": "id, ts, created, low_mark",
+    "inbox": "seq, user_id, code, msg_id, src, dst, ts",
+    "users": "id, secret_hash, created",
+}
 #: make_v1's texts by message id: what each identity's hash is of.
 V1_TEXTS = {1: b"hello B", 2: b"hello group", 3: b"delivered"}
 
 
-#: Since version 6 a message's text is in texts: the version 1 columns, read back.
-V6_MESSAGES = (
+#: Since version 7 a message's text is in texts: the version 1 columns, read back.
+V7_MESSAGES = (
     "(SELECT m.id, m.src, m.dst, m.ts, t.body, m.remaining "
     "FROM messages m LEFT JOIN texts t ON t.msg_id = m.id)"
 )
@@ -92,8 +110,8 @@ V6_MESSAGES = (
 def dump(path: str, tables=V1_TABLES) -> dict[str, list[tuple]]:
     conn = sqlite3.connect(path)
     try:
-        since_6 = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'texts'").fetchone()
-        source = {"messages": V6_MESSAGES} if since_6 else {}
+        since_7 = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'texts'").fetchone()
+        source = {"messages": V7_MESSAGES} if since_7 else {}
         return {
             t: conn.execute(
                 f"SELECT {V1_COLUMNS.get(t, '*')} FROM {source.get(t, t)} ORDER BY 1, 2"
@@ -105,7 +123,7 @@ def dump(path: str, tables=V1_TABLES) -> dict[str, list[tuple]]:
 
 
 def assert_hashed(path: str) -> None:
-    """Since version 4 every message's identity key is its body's hash (since 6, kept when the body goes)."""
+    """Since version 4 every message's identity key is its body's hash (since 7, kept when the body goes)."""
     rows = sqlite3.connect(path).execute("SELECT id, body_hash FROM messages").fetchall()
     assert rows and all(stored == body_hash(V1_TEXTS[msg_id]) for msg_id, stored in rows)
 
@@ -309,6 +327,7 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         ("SELECT src, ts FROM messages WHERE dst = ? AND dst >= '1' AND ts > ? ORDER BY ts, id", 2),
         ("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", 2),
         ("SELECT * FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq", 2),
+        (_DROP_SUBJECTS, 2),
         # Housekeeping's batch: a range of ids, each looked up in the inbox and groups.
         (_SCAN, 3),
     ]
@@ -328,20 +347,92 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         if sql in (_END_USER_HOLDS, _END_MESSAGE_HOLDS):
             # Not a walk through the user's inbox, which may hold 100,000 rows.
             assert "inbox_by_message" in plan, (sql, plan)
+        if sql == _DROP_SUBJECTS:
+            assert "inbox_subjects" in plan, plan
     conn.close()
 
 
-#: make_v5's delivered messages beyond make_v1's: what a version 5 server kept for ever.
-V5_DELIVERED = 1500
+def without_delivered_texts(before: dict) -> dict:
+    """make_v1's data once at version 7: message 3 was delivered, its text is gone."""
+    return dict(before, messages=[(*m[:4], None if m[0] == 3 else m[4], m[5]) for m in before["messages"]])
 
 
 def make_v5(path: str) -> None:
-    """make_v1 brought to version 5 by its upgrades, plus V5_DELIVERED delivered
-    messages from A to B (each with its text, as version 5 kept them)."""
+    """make_v1's database as version 5 left it (the version before groups were managed)."""
     make_v1(path)
     conn = connect(path)
-    steps = "".join(upgrade_sql(version) for version in range(1, 5))
+    steps = "".join(upgrade_sql(step) for step in range(1, 5))
     conn.executescript("BEGIN;" + steps + "UPDATE schema_version SET version = 5; COMMIT;")
+    conn.close()
+
+
+def test_a_fifth_schema_database_is_upgraded_and_its_groups_can_be_managed(tmp_path):
+    """Version 6 adds a group's subject and a held item's text: the rows come
+    through as they were, the new columns empty; a held 11 of before lists
+    the members as they are when it is sent; 17, 19 and 20 work on the old
+    group and survive a restart."""
+    old, fresh = str(tmp_path / "v5.sqlite3"), str(tmp_path / "fresh.sqlite3")
+    make_v5(old)
+    assert shape(old)["version"] == 5
+    before = dump(old)
+
+    upgrade_beside_fresh(old, fresh)
+
+    assert shape(old) == shape(fresh)
+    assert dump(old) == without_delivered_texts(before)
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT subject, subject_src, subject_ts FROM groups").fetchall() == [
+        (None, None, None)
+    ]
+    assert conn.execute("SELECT count(*) FROM inbox WHERE body IS NOT NULL").fetchone() == (0,)
+    assert conn.execute("SELECT version, previous FROM schema_history").fetchall() == [(SCHEMA_VERSION, 5)]
+    conn.close()
+    assert shape(backup_path(old, 5))["version"] == 5
+
+    net = Net("sqlite", old)
+    try:
+        d, _ = net.register()
+        ca = net.online(A)
+        assert ca.held == [
+            s_added(GROUP, ts(1700000100), [C, A, B]),
+            s_message(C, GROUP, ts(1700000300), b"hello group"),
+        ]
+        ca.send(f_subject(A, GROUP, ts(1700000400), b"Old friends"))
+        ca.send(f_add(A, GROUP, ts(1700000401), [d]))
+        named = s_subject(GROUP, A, ts(1700000400), b"Old friends")
+        four = s_added(GROUP, ts(1700000401), [C, A, B, d])
+        assert ca.take() == [named, four]
+        ca.send(f_leave(A, GROUP, ts(1700000402)))
+        assert ca.take() == [s_left(GROUP, ts(1700000402))]
+        net.restart()
+        cb = net.online(B)
+        assert cb.held == [
+            # Held by version 5, with no member list: the members when it is sent.
+            s_added(GROUP, ts(1700000100), [C, B, d]),
+            s_message(C, B, ts(1700000200), b"hello B"),
+            s_message(C, GROUP, ts(1700000300), b"hello group"),
+            named,
+            four,
+            s_added(GROUP, ts(1700000402), [C, B, d]),
+        ]
+        cd = net.online(d)
+        assert cd.held == [four, named, s_added(GROUP, ts(1700000402), [C, B, d])]
+    finally:
+        net.shutdown()
+
+
+#: make_v6's delivered messages beyond make_v1's: what a version 6 server kept for ever.
+V6_DELIVERED = 1500
+
+
+def make_v6(path: str) -> None:
+    """make_v1 brought to version 6 (the last that kept every text) by its
+    upgrades, plus V6_DELIVERED delivered messages from A to B, each with
+    its text, as version 6 kept them."""
+    make_v1(path)
+    conn = connect(path)
+    steps = "".join(upgrade_sql(version) for version in range(1, 6))
+    conn.executescript("BEGIN;" + steps + "UPDATE schema_version SET version = 6; COMMIT;")
     a, b = A.decode(), B.decode()
     with conn:
         conn.execute("BEGIN")
@@ -350,16 +441,16 @@ def make_v5(path: str) -> None:
             "VALUES (?, ?, ?, ?, ?, 0, ?)",
             [
                 (100 + i, a, b, 1700001000 + i, b"old %d" % i, body_hash(b"old %d" % i))
-                for i in range(V5_DELIVERED)
+                for i in range(V6_DELIVERED)
             ],
         )
     conn.close()
 
 
-def test_the_upgrade_from_5_removes_delivered_texts_and_keeps_held_ones_and_every_identity(tmp_path):
-    path = str(tmp_path / "v5.sqlite3")
-    make_v5(path)
-    assert schema_version(sqlite3.connect(path)) == 5
+def test_the_upgrade_from_6_removes_delivered_texts_and_keeps_held_ones_and_every_identity(tmp_path):
+    path = str(tmp_path / "v6.sqlite3")
+    make_v6(path)
+    assert schema_version(sqlite3.connect(path)) == 6
     old = os.umask(0o022)
     try:
         conn = connect(path)
@@ -371,20 +462,20 @@ def test_the_upgrade_from_5_removes_delivered_texts_and_keeps_held_ones_and_ever
     texts = conn.execute("SELECT msg_id, body FROM texts ORDER BY msg_id").fetchall()
     assert texts == [(1, b"hello B"), (2, b"hello group")], "only what A and B still wait for"
     (identities,) = conn.execute("SELECT count(*) FROM messages").fetchone()
-    assert identities == 3 + V5_DELIVERED
+    assert identities == 3 + V6_DELIVERED
     hashes = dict(conn.execute("SELECT id, body_hash FROM messages WHERE id >= 100"))
-    assert hashes == {100 + i: body_hash(b"old %d" % i) for i in range(V5_DELIVERED)}
+    assert hashes == {100 + i: body_hash(b"old %d" % i) for i in range(V6_DELIVERED)}
     seen = {when for (when,) in conn.execute("SELECT last_seen FROM users")}
     assert len(seen) == 1 and abs(seen.pop() - time.time()) < 60, "absence is counted from the upgrade"
     conn.close()
     # The copy taken before keeps every text, and only its owner can read it.
-    copy = backup_path(path, 5)
+    copy = backup_path(path, 6)
     assert stat.S_IMODE(os.stat(copy).st_mode) == 0o600
     (kept,) = sqlite3.connect(copy).execute("SELECT count(*) FROM messages WHERE body IS NOT NULL").fetchone()
-    assert kept == 3 + V5_DELIVERED
+    assert kept == 3 + V6_DELIVERED
 
     # The server delivers what was held, and a resend of a message delivered
-    # under version 5 is still recognized by its identity: its 07 again only.
+    # under version 6 is still recognized by its identity: its 07 again only.
     net = Net("sqlite", path)
     try:
         cb = net.online(B)

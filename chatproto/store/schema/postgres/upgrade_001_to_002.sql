@@ -1,18 +1,11 @@
--- From version 1 to 2: a message's text is kept only until every recipient
--- has it. Its identity becomes the text's SHA-256 (computed for every stored
--- message here), the texts already delivered (no recipient left) are
--- removed, users get last_seen from now (nobody's held messages are old by
--- --expire-held's measure until that long after the upgrade). Run inside the
--- upgrade's transaction; schema_version is set by the code.
-ALTER TABLE users ADD COLUMN last_seen bigint NOT NULL DEFAULT 0;
-UPDATE users SET last_seen = extract(epoch FROM now())::bigint;
-ALTER TABLE messages ALTER COLUMN body DROP NOT NULL;
-ALTER TABLE messages ADD COLUMN digest bytea;
-UPDATE messages SET digest = sha256(body), body = CASE WHEN remaining = 0 THEN NULL ELSE body END;
-ALTER TABLE messages ALTER COLUMN digest SET NOT NULL;
-DROP INDEX messages_identity;
-CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, digest);
-CREATE TABLE retention_marks (
-    at bigint PRIMARY KEY,
-    last_id bigint NOT NULL
-);
+-- From version 1 to 2: groups people manage (17-21). A group has a subject,
+-- and a held 11 or 18 carries its text (an 11's members then, an 18's name).
+-- Rows held before keep a NULL body: such an 11 lists the members as they
+-- are when it is sent, as before. Run inside the upgrade's transaction,
+-- under the schema lock; schema_version is set by the code.
+ALTER TABLE groups ADD COLUMN subject bytea;
+ALTER TABLE groups ADD COLUMN subject_src text;
+ALTER TABLE groups ADD COLUMN subject_ts bigint;
+ALTER TABLE inbox ADD COLUMN body bytea;
+-- A user's held 18s, by group: a newer one replaces the one still held.
+CREATE INDEX inbox_subjects ON inbox (user_id, dst) WHERE code = 18;

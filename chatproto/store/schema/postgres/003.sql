@@ -1,8 +1,9 @@
--- chatproto schema for PostgreSQL, version 2, whole: a fresh database is made
--- from this file, an older one is brought here by the upgrade_*.sql files. The tables are SQLite's (schema/sqlite/), plus the sessions
--- several nodes share. Ids are 13-digit text, timestamps Unix seconds.
+-- chatproto schema for PostgreSQL, version 3, whole: a fresh database is made
+-- from this file, an older one is brought here by the upgrade_*.sql files.
+-- The tables are SQLite's (schema/sqlite/), plus the sessions several nodes
+-- share. Ids are 13-digit text, timestamps Unix seconds.
 CREATE TABLE schema_version (version integer NOT NULL);
-INSERT INTO schema_version (version) VALUES (2);
+INSERT INTO schema_version (version) VALUES (3);
 
 -- When the database was made or upgraded, like SQLite's.
 CREATE TABLE schema_history (
@@ -16,16 +17,22 @@ CREATE TABLE users (
     id text PRIMARY KEY,
     secret_hash text,            -- NULL for an account made with 01
     created bigint NOT NULL,
-    last_seen bigint NOT NULL DEFAULT 0  -- the last login or logout (Unix seconds), for --expire-held
+    last_seen bigint NOT NULL DEFAULT 0  -- since version 3: the last login or logout (Unix seconds), for --expire-held
 );
 
 CREATE TABLE groups (
     id text PRIMARY KEY,
     ts bigint NOT NULL,          -- the TIMESTAMP of the 10 that made it
     created bigint NOT NULL,
-    low_mark bigint NOT NULL     -- every member has read up to here
+    low_mark bigint NOT NULL,    -- every member has read up to here
+    -- Since version 2, the group's subject (17), NULL until one is set:
+    subject bytea,               -- the NAME, UTF-8 without its NUL padding
+    subject_src text,            -- the member who set it
+    subject_ts bigint            -- the TIMESTAMP of its 17
 );
 
+-- The current members: a member who leaves (20) is deleted; one added (19)
+-- comes after the others.
 CREATE TABLE members (
     group_id text NOT NULL,
     user_id text NOT NULL,
@@ -45,14 +52,14 @@ CREATE TABLE messages (
     digest bytea NOT NULL        -- sha256(body): the identity, which outlives the text
 );
 -- A message is identified by (src, dst, ts, the text's SHA-256): a resend is
--- refused here. Since version 2 the text is kept only until every recipient
+-- refused here. Since version 3 the text is kept only until every recipient
 -- has it (or for --keep-delivered); the row, its identity alone, is kept for
 -- --dedup-window, then deleted by housekeeping.
 CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, digest);
 CREATE INDEX messages_by_dst ON messages (dst, ts);
 
 -- Everything held for a user until it reaches them: messages (code 6) until
--- delivered or acknowledged, and 07, 09, 11 until their next login.
+-- delivered or acknowledged, and 07, 09, 11, 18, 21 until their next login.
 CREATE TABLE inbox (
     seq bigserial PRIMARY KEY,
     user_id text NOT NULL,
@@ -60,12 +67,18 @@ CREATE TABLE inbox (
     msg_id bigint,
     src text NOT NULL,
     dst text NOT NULL,
-    ts bigint NOT NULL
+    ts bigint NOT NULL,
+    -- Since version 2: an 11's members then (their ids joined), an 18's
+    -- name; NULL otherwise (and in an 11 held before: the members now).
+    body bytea
 );
 CREATE INDEX inbox_by_user ON inbox (user_id, seq);
 CREATE INDEX inbox_by_message ON inbox (msg_id, user_id) WHERE code = 6;
+-- Since version 2: a user's held 18s, by group. A newer 18 for a group
+-- replaces the one still held (it says all the older one said).
+CREATE INDEX inbox_subjects ON inbox (user_id, dst) WHERE code = 18;
 
--- Since version 2: the highest message id at a moment, a row a minute at most,
+-- Since version 3: the highest message id at a moment, a row a minute at most,
 -- so that housekeeping can tell a message's age without a column a message.
 CREATE TABLE retention_marks (
     at bigint PRIMARY KEY,       -- Unix seconds
