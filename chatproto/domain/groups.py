@@ -13,8 +13,10 @@ from .session import Session
 class Groups:
     log = Logger()
 
-    def __init__(self, directory, store, delivery, receipts, routing):
+    def __init__(self, directory, store, delivery, receipts, routing, max_groups_per_user: int = 0):
         self.directory = directory
+        #: Groups one user may be a member of (0: no cap): a 10 past it for any member gets 12 10 11.
+        self.max_groups_per_user = max_groups_per_user
         self.store = store
         self.delivery = delivery
         self.receipts = receipts
@@ -33,6 +35,10 @@ class Groups:
         if any(member not in users for member in members):
             session.connection.error(wire.CREATE_GROUP, wire.UNKNOWN_USER)
             return None
+        cap = self.max_groups_per_user
+        if cap and any(self.directory.memberships.get(member, 0) >= cap for member in members):
+            session.connection.error(wire.CREATE_GROUP, wire.BUSY)
+            return None
         return members
 
     def create(self, session: Session, ts: bytes, listed: list[bytes]) -> None:
@@ -40,7 +46,7 @@ class Groups:
         if members is None:
             return
         group = self.directory.new_group_id()
-        self.directory.groups[group] = members
+        self.directory.joined(group, members)
         self.receipts.group_created(group)
         d = self.routing.add_group(group, ts, members)
         d.addCallbacks(self._created, self._not_created, (group, ts, members), errbackArgs=(session, group))
@@ -59,5 +65,5 @@ class Groups:
 
     def _not_created(self, failure, session: Session, group: bytes) -> None:
         """A group that was not stored is not handed out."""
-        self.directory.groups.pop(group, None)
+        self.directory.forget_group(group)
         busy(failure, session, wire.CREATE_GROUP)

@@ -551,10 +551,13 @@ _TAKE_COMPLETED = "SELECT msg_id, src, dst, ts FROM temp.completed ORDER BY rowi
 
 
 def _acknowledge(cur, user_id, src, dst, ts):
+    """A 16 ends one hold: the oldest pending for user_id with that name."""
     ids = [
         msg_id
         for (msg_id,) in cur.execute(
-            "SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", (src, dst, ts)
+            "SELECT msg_id FROM inbox WHERE user_id = ? AND code = ? AND src = ? AND dst = ? AND ts = ? "
+            "ORDER BY seq LIMIT 1",
+            (user_id, HELD_MESSAGE, src, dst, ts),
         ).fetchall()
     ]
     return _mark_delivered(None, cur, [(user_id, ids)])[0]
