@@ -267,7 +267,9 @@ def test_sighup_reopens_the_log_file_and_the_server_goes_on(tmp_path):
         client.send(b"01")
         (made,) = client.read(1)
         assert made[:2] == b"02", made
-        wait_for_text(log, "registered")
+        client.send(b"03" + made[2:15])
+        assert client.read(1) == [b"04" + made[2:15]]
+        wait_for_text(log, f"{made[2:15].decode()} online")
         assert proc.poll() is None
         proc.send_signal(signal.SIGHUP)  # twice: the handler stays
         wait_for_text(log, "SIGHUP: reopened")
@@ -277,7 +279,7 @@ def test_sighup_reopens_the_log_file_and_the_server_goes_on(tmp_path):
         code = proc.wait(DEADLINE)
     assert code in (0, -signal.SIGTERM), proc.stderr.read()
     assert "chatproto stopped in" in log.read_text()
-    assert "registered" not in rotated.read_text()
+    assert "online" not in rotated.read_text()
     assert not (tmp_path / "chat.sqlite3-wal").exists()
 
 

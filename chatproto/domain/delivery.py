@@ -562,7 +562,10 @@ class Delivery:
             if user not in sessions:
                 count = held.get(user, 0)
                 if count >= self.max_held:
-                    self.log.warn("held data cap reached for {user}", user=user.decode())
+                    if count == self.max_held:
+                        # Once, not at each refused 05: the count stays past it until the user logs in.
+                        self.log.warn("held data cap reached for {user}", user=user.decode())
+                        held[user] = count + 1
                     if dst == user:
                         session.connection.error(wire.SEND, wire.BUSY)
                     continue
