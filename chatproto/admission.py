@@ -51,6 +51,8 @@ HOUR = 3600.0
 #: Addresses remembered at most: past it, quiet ones are forgotten first, and
 #: a new address is refused (12 00 11) only if none is quiet.
 MAX_ADDRESSES = 100_000
+#: Seconds a connection over its address's frame budget is read no further, at least.
+MIN_PAUSE = 0.1
 #: Seconds over which one failed login is forgiven.
 FAILURE_DECAY = 60.0
 
@@ -87,8 +89,8 @@ class Policy:
     #: New connections a second, sustained (bursts up to ``connections``); past it 12 00 10.
     connect_rate: float = 10.0
     #: Frames a second over all of an address's connections, and its burst.
-    frame_rate: float = 1000.0
-    frame_burst: float = 5000.0
+    frame_rate: float = 500.0
+    frame_burst: float = 10000.0
     #: Accounts (01/13) an address may make an hour; all of them at once if it likes.
     registrations: int = 300
     #: Groups a user may create (10) an hour.
@@ -266,6 +268,12 @@ class Admission:
             return True
         self.count(peer, FRAMES_REFUSED)
         return False
+
+    def refill_wait(self, peer: Peer) -> float:
+        """Seconds until ``peer``'s frame budget has a tenth of a second's worth again."""
+        frames = peer.frames
+        wanted = min(frames.burst, max(1.0, frames.rate * MIN_PAUSE))
+        return max(MIN_PAUSE, (wanted - frames.tokens) / frames.rate)
 
     def spend(self, quota: Quota, peer: Peer, user: bytes | None) -> bool:
         """A frame that spends ``quota``: True if it may be acted on (a per-user

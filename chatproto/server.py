@@ -383,8 +383,13 @@ class ChatProtocol(Protocol):
                 self._tokens -= 1
             if peer is not None:
                 if not admission.frame_allowed(peer, now):
+                    # Refused, and the address's connection is read no further
+                    # until its budget refills: the frames after this one wait
+                    # (not refused), so a flood costs a refusal per pause, not
+                    # one per frame it can push.
                     self.error(code, wire.RATE_LIMITED)
-                    continue
+                    self._wait_then_read(admission.refill_wait(peer), frames[at + 1 :])
+                    return
                 quota = QUOTAS.get(code)
                 if quota is not None and not admission.spend(quota, peer, self.session.user):
                     self.error(code, wire.RATE_LIMITED)

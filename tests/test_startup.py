@@ -137,13 +137,16 @@ def test_a_password_on_the_command_line_is_warned_about_and_never_printed(tmp_pa
     assert "every local user can read" in done.stderr
 
 
-def test_a_new_database_is_readable_by_its_owner_alone(server, tmp_path):
+def test_a_new_database_and_its_wal_and_shm_are_readable_by_their_owner_alone(server, tmp_path):
     old = os.umask(0o022)
     try:
         srv = server()
     finally:
         os.umask(old)
     srv.client().register()
+    # While it runs, the WAL and SHM exist: SQLite gives them the database's mode.
+    for suffix in ("", "-wal", "-shm"):
+        assert stat.S_IMODE(os.stat(srv.db + suffix).st_mode) == 0o600, suffix
     assert srv.stop() in (0, -signal.SIGTERM)
     assert stat.S_IMODE(os.stat(srv.db).st_mode) == 0o600
 
