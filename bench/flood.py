@@ -222,6 +222,22 @@ class Server:
     def disk(self) -> int:
         return sum(p.stat().st_size for p in self.db.parent.glob(self.db.name + "*"))
 
+    def disk_folded(self) -> int:
+        """The database's size as if its WAL were folded in: a copy, checkpointed."""
+        import shutil
+        import sqlite3
+
+        copy = self.db.parent / "before"
+        copy.mkdir()
+        for p in self.db.parent.glob(self.db.name + "*"):
+            shutil.copy(p, copy / p.name)
+        conn = sqlite3.connect(copy / self.db.name)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        size = sum(p.stat().st_size for p in copy.iterdir())
+        shutil.rmtree(copy)
+        return size
+
 
 def honest_pair(port: int, a: bytes, b: bytes, seconds: float, rate: float = 20.0):
     """a sends b ``rate`` messages a second for ``seconds``; each 06's latency (s), and the losses."""
@@ -316,7 +332,7 @@ def flood(name: str, seconds: float, workdir: Path) -> dict:
         a, b = register(server.port), register(server.port)
         spec = workers(name, server.port)
         time.sleep(0.5)
-        disk0, log0, rss0 = server.disk(), server.log.stat().st_size, server.status("VmRSS")
+        disk0, log0, rss0 = server.disk_folded(), server.log.stat().st_size, server.status("VmRSS")
         until = time.monotonic() + seconds + 60  # it goes on through the newcomer and the stop
         child = subprocess.Popen(
             [sys.executable, __file__, "--attack", name, "--port", str(server.port)]
@@ -329,7 +345,7 @@ def flood(name: str, seconds: float, workdir: Path) -> dict:
             joined = newcomer(server.port)
         except (SoakError, OSError) as e:
             joined = f"failed: {e}"
-        disk1, log1 = server.disk(), server.log.stat().st_size
+        log1 = server.log.stat().st_size
         rss_peak = server.status("VmHWM")
         stopping = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -338,6 +354,7 @@ def flood(name: str, seconds: float, workdir: Path) -> dict:
             stopped = time.monotonic() - stopping
         except subprocess.TimeoutExpired:
             stopped = None
+        disk1 = server.disk()  # once stopped: the WAL folded into the database and emptied
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=30)
         n = len(latencies)

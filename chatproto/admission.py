@@ -269,6 +269,12 @@ class Admission:
         self.count(peer, FRAMES_REFUSED)
         return False
 
+    def frames_now(self, peer: Peer, now: float) -> int | None:
+        """How many frames ``peer`` may send now, and the one that would be refused."""
+        if self.policy.frame_rate <= 0:
+            return None
+        return int(peer.frames.refill(now)) + 1
+
     def refill_wait(self, peer: Peer) -> float:
         """Seconds until ``peer``'s frame budget has a tenth of a second's worth again."""
         frames = peer.frames

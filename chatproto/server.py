@@ -269,13 +269,13 @@ class ChatProtocol(Protocol):
     # -- transport events ------------------------------------------------
 
     def connectionMade(self):
+        if not _awaits_proxy_header(self.transport) and not self._admit():
+            return  # refused: nothing more is spent on it
         keepalive.enable(self.transport)  # a peer whose path died is dropped within 2 minutes
         self.transport.registerProducer(self, True)
         self._refilled = self.clock.seconds()
         if self.limits.login_timeout > 0:
             self._login_timer = self.clock.callLater(self.limits.login_timeout, self._login_expired)
-        if not _awaits_proxy_header(self.transport):
-            self._admit()
 
     def _admit(self) -> bool:
         """Count this connection against its address; refuse it (12 00 10 or
@@ -352,17 +352,20 @@ class ChatProtocol(Protocol):
             return
         if self._buffer:
             data = self._buffer + data
-        frames, self._buffer, status = wire.split_frames(wire.CLIENT_FRAME_LEN, data)
+        now = self.clock.seconds()
+        peer = self._limited
+        admission = self.admission
+        # An address over its budget: frame only what it may send now, so that
+        # the rest of a large buffer is not cut into frames at every pause.
+        limit = None if peer is None else admission.frames_now(peer, now)
+        frames, self._buffer, status = wire.split_frames(wire.CLIENT_FRAME_LEN, data, limit)
         handlers = self._handlers
         limited = self.limits.frame_rate > 0
-        now = self.clock.seconds()
         if limited:
             self._tokens = min(
                 self.limits.frame_burst, self._tokens + (now - self._refilled) * self.limits.frame_rate
             )
             self._refilled = now
-        peer = self._limited
-        admission = self.admission
         received = self._received
         sends = self._sends
         send = wire.SEND
@@ -411,6 +414,9 @@ class ChatProtocol(Protocol):
                 return
         if sends:
             self._send_collected()
+        if peer is not None and status == 0 and self._buffer and len(frames) == limit:
+            # Framed up to its budget and not stopped: the rest on the next turn.
+            self.clock.callLater(0, self.dataReceived, b"")
         if self.domain.backlog > _STORE_BACKLOG and not self._throttled:
             # The store is behind: stop reading from this client until it
             # catches up, rather than queue its frames without bound.
