@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -222,6 +223,19 @@ class Server:
     def disk(self) -> int:
         return sum(p.stat().st_size for p in self.db.parent.glob(self.db.name + "*"))
 
+    def counts(self, db=None) -> dict:
+        """Accounts, groups and held items in the database (a stopped server's, or a copy)."""
+        import sqlite3
+
+        conn = sqlite3.connect(db or self.db)
+        try:
+            return {
+                table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("users", "groups", "inbox")
+            }
+        finally:
+            conn.close()
+
     def disk_folded(self) -> int:
         """The database's size as if its WAL were folded in: a copy, checkpointed."""
         import shutil
@@ -234,6 +248,7 @@ class Server:
         conn = sqlite3.connect(copy / self.db.name)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
+        self.before = self.counts(copy / self.db.name)
         size = sum(p.stat().st_size for p in copy.iterdir())
         shutil.rmtree(copy)
         return size
@@ -355,6 +370,12 @@ def flood(name: str, seconds: float, workdir: Path) -> dict:
         except subprocess.TimeoutExpired:
             stopped = None
         disk1 = server.disk()  # once stopped: the WAL folded into the database and emptied
+        after = server.counts()
+        got = {k: after[k] - server.before[k] for k in after}
+        got["users"] -= isinstance(joined, float)  # the newcomer's account is not the attack's
+        text = server.log.read_text(errors="replace")
+        failed = re.findall(r"([\d,]+) failed logins", text)  # the per-address summaries
+        got["failed logins"] = sum(int(n.replace(",", "")) for n in failed)
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=30)
         n = len(latencies)
@@ -372,6 +393,7 @@ def flood(name: str, seconds: float, workdir: Path) -> dict:
             "unconfirmed": unconfirmed,
             "newcomer_s": joined,
             "sigterm_s": stopped,
+            "got": got,
         }
     finally:
         if server.proc.poll() is None:
@@ -384,15 +406,21 @@ def table(results: list[dict], seconds: float) -> str:
         f"Each flood {seconds:g} s against a fresh `twist chat` with its default options (attackers on "
         "127.0.0.2 and up, the honest pair on 127.0.0.1 at 20 msg/s); `python bench/flood.py`.",
         "",
-        "| flood | peak RSS | DB growth | log growth | honest p50 / p99 | lost | new user 01+03 | SIGTERM |",
-        "|---|---|---|---|---|---|---|---|",
+        "| flood | what the attack got | peak RSS | DB growth | log growth | honest p50 / p99 | lost "
+        "| new user 01+03 | SIGTERM |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         joined = r["newcomer_s"]
         joined = f"{joined * 1000:.0f} ms" if isinstance(joined, float) else joined
         stop = "did not stop in 30 s" if r["sigterm_s"] is None else f"{r['sigterm_s']:.2f} s"
+        got = r["got"]
+        gains = (
+            f"+{got['users']:,} accounts, +{got['groups']:,} groups, +{got['inbox']:,} held items, "
+            f"{got['failed logins']:,} failed logins"
+        )
         lines.append(
-            f"| {r['flood']}: {r['what']} | {r['rss_peak_mb']:.0f} MB | {r['db_growth_mb']:.2f} MB "
+            f"| {r['flood']}: {r['what']} | {gains} | {r['rss_peak_mb']:.0f} MB | {r['db_growth_mb']:.2f} MB "
             f"| {r['log_growth_kb']:.1f} kB | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms "
             f"| {r['lost']} of {r['sent']} ({r['unconfirmed']} without 07) | {joined} | {stop} |"
         )

@@ -320,6 +320,7 @@ class ChatService(MultiService):
         delivery is committed.
         """
         started = time.monotonic()
+        self.factory.tick()  # the last summaries of what each address did
         self.log.info(
             "chatproto stopping: {count} connections, {ops} store operations pending",
             count=self.factory.connections,
