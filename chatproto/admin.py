@@ -19,7 +19,7 @@ import sqlite3
 import sys
 import time
 import urllib.request
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 from .domain import hash_secret
 from .service import DEFAULT_DB
@@ -115,7 +115,7 @@ def when(ts: int | None) -> str | None:
     if ts is None:
         return None
     try:
-        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
         return str(ts)
 

@@ -11,8 +11,13 @@ that names the setting and the value.
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, from PyPI, before it joined the standard library
+    import tomli as tomllib
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor

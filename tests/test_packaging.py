@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -71,6 +70,7 @@ def test_the_wheel_holds_every_module_the_plugin_and_the_schemas(wheel):
 
 def test_the_declared_metadata_is_pep_621_alone():
     assert not (REPO / "setup.cfg").exists() and not (REPO / "setup.py").exists()
+    tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert {"name", "version", "dependencies", "requires-python", "classifiers", "license"} <= set(project)
 
