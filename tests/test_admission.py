@@ -253,19 +253,20 @@ def test_refusals_are_logged_as_one_summary_line_per_address(net):
 
 
 def test_a_connection_stops_being_read_while_its_work_for_the_store_is_over_the_window(make_net):
-    """One read of 35,000 01s, the store not answering: at most two windows are
+    """One read of 01s past two windows, the store not answering: at most two windows are
     handed to the store; the rest waits unframed, and is answered once the
     store catches up. The machine itself is bounded the same way."""
     net = make_net("sqlite")
     net.factory.limits = Limits(frame_rate=0)
     conn = net.connect()
-    conn.send(b"01" * 35_000)  # 70 KB: more than a stall keeps unread
+    count = 2 * _WINDOW + 40_000  # the 40,000 left are 80 KB: more than a stall keeps unread
+    conn.send(b"01" * count)
     net.reactor.advance(0)
     submitted = len(net.store.deferreds)
     assert submitted <= 2 * _WINDOW + 4, submitted  # and the two windows' barriers
     assert conn.transport.producerState == "paused", "a client is read no further meanwhile"
     frames = conn.take()
-    assert [f[:2] for f in frames] == [b"02"] * 35_000
+    assert [f[:2] for f in frames] == [b"02"] * count
 
 
 def test_past_the_backlog_bound_a_newcomer_gets_12_00_11(make_net):
