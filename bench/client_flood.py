@@ -136,14 +136,14 @@ def flood(tmux: Tmux, port: int, data_dir: Path, messages: int, size=(100, 30), 
     while sender.delivered < messages and time.monotonic() - start < 120:
         pressed = time.monotonic()
         tmux.keys("v", "F1")
-        wait_for("the help", lambda: "Show this help" in tmux.screen("v"), timeout=60, interval=0.002)
+        wait_for("the help", lambda: "Show this help" in tmux.screen("v"), timeout=60, interval=0.005)
         probes.append(time.monotonic() - pressed)
         tmux.keys("v", "Escape")
         closed = lambda: "Show this help" not in tmux.screen("v")  # noqa: E731
-        wait_for("the help to close", closed, timeout=60, interval=0.002)
+        wait_for("the help to close", closed, timeout=60, interval=0.005)
     acked = sender.last_delivered or time.monotonic()
     try:
-        wait_for("the last message", lambda: last_text in tmux.screen("v"), timeout=30, interval=0.002)
+        wait_for("the last message", lambda: last_text in tmux.screen("v"), timeout=30, interval=0.005)
     except AssertionError:
         raise AssertionError(
             f"{last_text!r} never appeared ({sender.delivered} acknowledged, errors {sender.errors[:3]},"

@@ -155,7 +155,7 @@ def cmd_stats(conn: sqlite3.Connection, args) -> tuple[dict, list[str]]:
         f"groups:           {groups}",
         f"messages stored:  {messages}",
         f"queued messages:  {queued} (waiting for {waiting} users)",
-        f"held notices:     {notices} (07, 09, 11 waiting for their user's next login)",
+        f"held notices:     {notices} (07, 09, 11, 18, 21 waiting for their user's next login)",
     ]
     if oldest:
         user, src, dst, ts = oldest

@@ -38,6 +38,16 @@ BUSY_RETRY_MAX = 60.0
 #: A state only ever moves up this ranking (a late 07 never undoes a 09).
 _RANK = {QUEUED: 0, SENT: 1, FAILED: 1, DELIVERED: 2, READ: 3}
 
+#: What a line of a conversation is: a message someone wrote, or a note of a change in a group
+#: (the frame's TIMESTAMP; ``src`` who did it when known, ``text`` the ids concerned or the subject).
+TEXT = "text"
+ADDED = "added"
+LEFT = "left"
+SUBJECT = "subject"
+
+#: Where this profile stands in a group: a member, or left (its 21 came; the history stays).
+MEMBER = "member"
+
 CONNECTED = "connected"
 RECONNECTING = "reconnecting"
 OFFLINE = "offline"
@@ -189,6 +199,20 @@ class Message:
     #: Local wall-clock time it was written or received.
     at: float
     id: int | None = None
+    #: TEXT, or a note of a group change (ADDED, LEFT, SUBJECT): never counted as unread or read.
+    kind: str = TEXT
+
+
+@dataclass(eq=False)
+class Group:
+    """A group as the server last described it: members (11), subject (18), and whether we left (21)."""
+
+    id: str
+    members: list[str]
+    subject: str = ""
+    subject_by: str = ""
+    subject_ts: int = 0
+    state: str = MEMBER
 
 
 @dataclass(eq=False)
@@ -209,7 +233,7 @@ class Conversation:
         return self.id.startswith("1")
 
     def newest_incoming(self) -> int:
-        return max((m.ts for m in self.messages if not m.outgoing), default=0)
+        return max((m.ts for m in self.messages if not m.outgoing and m.kind == TEXT), default=0)
 
 
 _SCHEMA = """
@@ -238,6 +262,26 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_conv ON messages (conv, id);
 """
 
+#: Steps from each PRAGMA user_version to the next, run in order on open: a profile made by
+#: an older client keeps its history. 0 -> 1: group subjects, leaving, notes of group changes.
+_STEPS = [
+    """
+    ALTER TABLE groups ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+    ALTER TABLE groups ADD COLUMN subject_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE groups ADD COLUMN subject_ts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE groups ADD COLUMN state TEXT NOT NULL DEFAULT 'member';
+    ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'text';
+    """,
+]
+
+
+def cut_name(name: str) -> str:
+    """A group subject as it may travel: one line, no NULs, at most NAME_LEN bytes of UTF-8,
+    cut between characters (the contract's rule for a longer name)."""
+    name = " ".join(name.replace("\0", "").split())
+    data = name.encode("utf-8", "replace")[: wire.NAME_LEN]
+    return data.decode("utf-8", "ignore").rstrip()
+
 
 class LocalStore:
     """One profile's SQLite file, plus a lock so two clients never share a profile.
@@ -262,6 +306,12 @@ class LocalStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        for number, step in enumerate(_STEPS[version:], start=version + 1):
+            self.db.executescript(f"BEGIN; {step} PRAGMA user_version = {number}; COMMIT;")
 
     def close(self) -> None:
         self.commit()
@@ -278,14 +328,19 @@ class LocalStore:
 
     def load(self):
         names = dict(self.db.execute("SELECT id, nickname FROM names"))
-        groups = {g: m.split() for g, m in self.db.execute("SELECT id, members FROM groups")}
+        groups = {
+            row[0]: Group(row[0], row[1].split(), *row[2:])
+            for row in self.db.execute(
+                "SELECT id, members, subject, subject_by, subject_ts, state FROM groups"
+            )
+        }
         convs = {}
         for row in self.db.execute(
             "SELECT id, unread, last_activity, read_upto, read_sent, last_out_ts FROM conversations"
         ):
             convs[row[0]] = Conversation(row[0], [], *row[1:])
         for row in self.db.execute(
-            "SELECT conv, src, dst, ts, text, outgoing, state, at, id FROM messages ORDER BY id"
+            "SELECT conv, src, dst, ts, text, outgoing, state, at, id, kind FROM messages ORDER BY id"
         ):
             conv = convs.get(row[0])
             if conv is None:
@@ -296,9 +351,9 @@ class LocalStore:
     def add_message(self, m: Message) -> bool:
         """False when the message is already stored (a duplicate 06)."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO messages (conv, src, dst, ts, text, outgoing, state, at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (m.conv, m.src, m.dst, m.ts, m.text, int(m.outgoing), m.state, m.at),
+            "INSERT OR IGNORE INTO messages (conv, src, dst, ts, text, outgoing, state, at, kind)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (m.conv, m.src, m.dst, m.ts, m.text, int(m.outgoing), m.state, m.at, m.kind),
         )
         if cur.rowcount == 0:
             return False
@@ -321,9 +376,14 @@ class LocalStore:
     def set_name(self, who: str, nickname: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO names (id, nickname) VALUES (?, ?)", (who, nickname))
 
-    def set_group(self, group: str, members: list[str]) -> None:
+    def forget_name(self, who: str) -> None:
+        self.db.execute("DELETE FROM names WHERE id = ?", (who,))
+
+    def set_group(self, g: Group) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO groups (id, members) VALUES (?, ?)", (group, " ".join(members))
+            "INSERT OR REPLACE INTO groups (id, members, subject, subject_by, subject_ts, state)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (g.id, " ".join(g.members), g.subject, g.subject_by, g.subject_ts, g.state),
         )
 
 
@@ -333,6 +393,9 @@ _ACTION = {
     wire.SEND: "A message could not be sent",
     wire.SEEN: "A read receipt could not be sent",
     wire.CREATE_GROUP: "The group could not be created",
+    wire.SET_SUBJECT: "The group could not be renamed",
+    wire.ADD_MEMBERS: "Nobody was added to the group",
+    wire.LEAVE_GROUP: "Could not leave the group",
     wire.ONLINE: "Could not log in",
     wire.ONLINE_SECRET: "Could not log in",
     wire.REGISTER: "Could not register",
@@ -392,10 +455,13 @@ class ClientModel:
         self._busy_delay = BUSY_RETRY
         #: Destinations the server has shown to exist (they wrote, confirmed, or share a group).
         self._known: set[str] = set(self.groups)
-        for members in self.groups.values():
-            self._known.update(members)
+        for g in self.groups.values():
+            self._known.update(g.members)
         self._known.update(c.id for c in self.conversations.values() if c.newest_incoming())
+        #: Our 10s by TIMESTAMP, with the subject to send once their 11 comes; our 19s likewise,
+        #: so that the 11 one of them causes can say who added (the frame does not).
         self._pending_groups: dict[int, str] = {}
+        self._pending_adds: dict[int, str] = {}
         self._last_group_ts = 0
         #: Frames from the server are stored in one transaction per reactor turn (see flush):
         #: their 16s wait here for its commit, and the open conversation's 08 goes once a batch.
@@ -415,11 +481,17 @@ class ClientModel:
         if who in self.names:
             return self.names[who]
         if who.startswith("1"):
-            others = [
-                self.display_name(m) for m in self.groups.get(who, []) if self.me is None or m != self.me.user
-            ]
+            g = self.groups.get(who)
+            if g is not None and g.subject:
+                return g.subject
+            members = g.members if g is not None else []
+            others = [self.display_name(m) for m in members if self.me is None or m != self.me.user]
             return "group: " + ", ".join(others) if others else f"group {who}"
         return who
+
+    def has_left(self, cid: str) -> bool:
+        g = self.groups.get(cid)
+        return g is not None and g.state == LEFT
 
     def ordered(self) -> list[Conversation]:
         """Conversations, the most recently active first."""
@@ -491,10 +563,24 @@ class ClientModel:
         self._emit("conversations")
         return conv
 
+    def set_nickname(self, who: str, nickname: str) -> None:
+        """A name only this profile sees (a group's is shown instead of its subject); empty removes it."""
+        self.flush()
+        nickname = nickname.strip()
+        if nickname:
+            self.names[who] = nickname
+            self.store.set_name(who, nickname)
+        elif who in self.names:
+            del self.names[who]
+            self.store.forget_name(who)
+        self._emit("conversations")
+
     def send_text(self, cid: str, text: str) -> list[Message]:
         """Split, stamp, keep in the outbox, and write now if online."""
         if self.me is None:
             raise ValueError("This profile has no id yet: it gets one the first time it reaches the server.")
+        if self.has_left(cid):
+            raise ValueError("You left this group: it stays readable, but nothing can be sent to it.")
         self.flush()
         conv = self.conversation(cid)
         sent = []
@@ -537,12 +623,61 @@ class ClientModel:
         listed = [m for m in dict.fromkeys(members) if m != self.me.user]
         if not listed or len(listed) + 1 > wire.MAX_MEMBERS:
             raise ValueError(f"A group needs 1 to {wire.MAX_MEMBERS - 1} other members.")
-        ts = max(int(self.now()), self._last_group_ts + 1)
-        self._last_group_ts = ts
-        if name.strip():
-            self._pending_groups[ts] = name.strip()
+        ts = self._group_ts()
+        self._pending_groups[ts] = cut_name(name)
         self.connection.write(
             wire.create_group(self.me.user.encode(), wire.timestamp(ts), [m.encode() for m in listed])
+        )
+
+    def _group_ts(self) -> int:
+        ts = max(int(self.now()), self._last_group_ts + 1)
+        self._last_group_ts = ts
+        return ts
+
+    def _member_of(self, group: str) -> Group:
+        """The group, if we can change it now; else a ValueError that says why."""
+        if self.connection is None or self.me is None:
+            raise ValueError("Groups can be changed only while connected.")
+        g = self.groups.get(group)
+        if g is None:
+            raise ValueError("That is not a group this profile knows.")
+        if g.state == LEFT:
+            raise ValueError("You left this group.")
+        self.flush()
+        return g
+
+    def set_subject(self, group: str, name: str) -> None:
+        """Ask the server to name the group for every member (17); its 18 changes the name here."""
+        g = self._member_of(group)
+        name = cut_name(name)
+        if not name:
+            raise ValueError("A group's subject cannot be empty.")
+        ts = self._group_ts()
+        self.connection.write(
+            wire.set_subject(self.me.user.encode(), g.id.encode(), wire.timestamp(ts), name.encode())
+        )
+
+    def add_members(self, group: str, members: list[str]) -> None:
+        """Ask the server to add ``members`` (19); the 11 it sends every member changes the list."""
+        g = self._member_of(group)
+        new = [m for m in dict.fromkeys(members) if m not in g.members]
+        if not new:
+            raise ValueError("Choose someone who is not in the group yet.")
+        if len(g.members) + len(new) > wire.MAX_MEMBERS:
+            raise ValueError(f"A group has at most {wire.MAX_MEMBERS} members.")
+        ts = self._group_ts()
+        self._pending_adds[ts] = g.id
+        self.connection.write(
+            wire.add_members(
+                self.me.user.encode(), g.id.encode(), wire.timestamp(ts), [m.encode() for m in new]
+            )
+        )
+
+    def leave_group(self, group: str) -> None:
+        """Ask the server to take us out (20); its 21 marks the group left here."""
+        g = self._member_of(group)
+        self.connection.write(
+            wire.leave_group(self.me.user.encode(), g.id.encode(), wire.timestamp(self._group_ts()))
         )
 
     # -- connection events -------------------------------------------------
@@ -600,6 +735,8 @@ class ClientModel:
     def _send_read(self, conv: Conversation) -> None:
         if not self.read_receipts or self.connection is None or conv.read_upto <= conv.read_sent:
             return
+        if self.has_left(conv.id):
+            return  # the server would refuse it (12 08 07): its readers are no longer ours to tell
         self.connection.write(wire.seen(conv.id.encode(), wire.timestamp(conv.read_upto)))
         conv.read_sent = conv.read_upto
         self.store.save_conversation(conv)
@@ -661,20 +798,75 @@ class ClientModel:
         self._emit("ticks", messages=moved)
 
     def on_group(self, group: str, ts: int, members: list[str]) -> None:
+        """An 11: a new group, or the whole new list of one we know (someone was added or left)."""
         self._batch()
-        self.groups[group] = members
-        self.store.set_group(group, members)
+        me = self.me.user if self.me is not None else None
+        g = self.groups.get(group)
+        known = g is not None and bool(g.members)
+        if g is None:
+            g = self.groups[group] = Group(group, members)
+        old, g.members = g.members, members
+        if me in members:
+            g.state = MEMBER  # added (back) to it
+        self.store.set_group(g)
         self._known.add(group)
         self._known.update(members)
-        mine = self.me is not None and members and members[0] == self.me.user
-        name = self._pending_groups.pop(ts, None) if mine else None
-        if name:
-            self.names[group] = name
-            self.store.set_name(group, name)
         conv = self.conversation(group)
         conv.last_activity = self.now()
         self._batch_convs[group] = conv
-        self._emit("group", conv=conv, created_by_me=bool(mine))
+        mine = not known and me is not None and bool(members) and members[0] == me
+        if known:
+            added = [m for m in members if m not in old]
+            gone = [m for m in old if m not in members]
+            by = me if self._pending_adds.pop(ts, None) == group else ""
+            if added:
+                self._note(conv, ADDED, by, ts, added)
+            if gone:
+                self._note(conv, LEFT, "", ts, gone)
+        name = self._pending_groups.pop(ts, "") if mine else ""
+        if name and self.connection is not None:
+            self.set_subject(group, name)  # the subject we were asked for, now that the group exists
+        self._emit("group", conv=conv, created_by_me=mine)
+
+    def on_subject(self, group: str, src: str, ts: int, name: str) -> None:
+        """An 18: the group's subject for every member, and who set it."""
+        self._batch()
+        g = self.groups.get(group)
+        if g is None:
+            g = self.groups[group] = Group(group, [])
+        if (g.subject, g.subject_by, g.subject_ts) == (name, src, ts):
+            return  # the same 18 again
+        g.subject, g.subject_by, g.subject_ts = name, src, ts
+        self.store.set_group(g)
+        self._known.add(group)
+        conv = self.conversation(group)
+        self._batch_convs[group] = conv
+        self._note(conv, SUBJECT, src, ts, name)
+        self._emit("group", conv=conv, created_by_me=False)
+
+    def on_left(self, group: str, ts: int) -> None:
+        """A 21: we are out of the group; its conversation stays, and says so."""
+        self._batch()
+        g = self.groups.get(group)
+        if g is None:
+            g = self.groups[group] = Group(group, [])
+        if g.state == LEFT:
+            return
+        g.state = LEFT
+        if self.me is not None:
+            g.members = [m for m in g.members if m != self.me.user]
+        self.store.set_group(g)
+        conv = self.conversation(group)
+        self._batch_convs[group] = conv
+        self._note(conv, LEFT, "", ts, [self.me.user] if self.me is not None else [])
+        self._emit("group", conv=conv, created_by_me=False)
+
+    def _note(self, conv: Conversation, kind: str, src: str, ts: int, what) -> None:
+        """A line in the conversation for a change in the group, kept with its messages."""
+        text = what if isinstance(what, str) else " ".join(what)
+        m = Message(conv.id, src, conv.id, ts, text, False, DELIVERED, self.now(), kind=kind)
+        if self.store.add_message(m):
+            conv.messages.append(m)
 
     def on_error(self, ref: bytes, reason: bytes) -> None:
         self._batch()
@@ -823,6 +1015,16 @@ class ChatClientProtocol(Protocol):
         elif code == wire.ADDED_TO_GROUP:
             group, ts, _, members = wire.decode_group(frame)
             self.model.on_group(group.decode(), int(ts), [m.decode() for m in members])
+        elif code == wire.SUBJECT:
+            group, src, ts, field = wire.decode_subject(frame)
+            name = wire.unpad_name(field)
+            if name is None or not (wire.is_id(group) and wire.is_id(src) and wire.is_timestamp(ts)):
+                self.log.warn("a malformed 18 from the server, dropped")
+                return
+            self.model.on_subject(group.decode(), src.decode(), int(ts), name.decode("utf-8"))
+        elif code == wire.LEFT_GROUP:
+            group, ts = wire.decode_left(frame)
+            self.model.on_left(group.decode(), int(ts))
 
     def _error(self, ref: bytes, reason: bytes) -> None:
         if reason == wire.BUSY and self.phase in ("register", "login"):
@@ -954,6 +1156,10 @@ class ChatClient:
             prepareConnection=self._prepare,
         )
         self.protocol: ChatClientProtocol | None = None
+        #: Connections in a row that ended before their login did (a certificate refused in the
+        #: handshake, a server that closes at once). ClientService counts each as a success, so
+        #: without this its backoff would start again from the first delay every time.
+        self._unanswered = 0
         self._stopped = True
         self._stopping: list[Deferred] = []
 
@@ -964,7 +1170,7 @@ class ChatClient:
 
     def _retry_policy(self, attempt: int) -> float:
         """The backoff's delay, which the status line counts down."""
-        delay = self._policy(attempt)
+        delay = self._policy(max(attempt, self._unanswered))
         if not self._stopped:
             self.model.retry_at = self.clock.seconds() + delay
             self.model._emit("status")
@@ -1006,12 +1212,14 @@ class ChatClient:
 
     def _prepare(self, protocol) -> Deferred:
         self.model.set_status(RECONNECTING, f"logging in to {self.address}", "logging in")
+        self._unanswered += 1
         d = protocol.login()
         d.addCallback(self._logged_in)
         return d
 
     def _logged_in(self, protocol) -> None:
         if protocol is not None:
+            self._unanswered = 0
             self.model.logged_in(protocol)
 
     def lost(self, protocol: ChatClientProtocol) -> None:
@@ -1020,6 +1228,7 @@ class ChatClient:
         if not self._stopped:
             reason = getattr(protocol, "lost_reason", None)
             why, short = failure_reason(reason) if reason is not None else ("the connection closed", "closed")
+            self.log.info("lost {address}: {why}", address=self.address, why=why)
             if why.startswith("certificate"):
                 self.model.set_status(RECONNECTING, why, short)
             else:
@@ -1042,13 +1251,19 @@ __all__ = [
     "READ",
     "RECONNECTING",
     "SENT",
+    "SUBJECT",
+    "TEXT",
+    "ADDED",
     "ChatClient",
     "ChatClientProtocol",
     "ClientModel",
     "Conversation",
     "FailoverEndpoint",
+    "Group",
     "Identity",
+    "LEFT",
     "LocalStore",
+    "MEMBER",
     "Message",
     "ProfileError",
     "default_data_dir",

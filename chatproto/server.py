@@ -428,8 +428,8 @@ class ChatProtocol(Protocol):
         if status == -1:
             self._refuse(self._buffer[:2], wire.UNKNOWN_CODE)
         elif status == -2:
-            # A 10 whose N is not two digits: its length is unknowable.
-            self._refuse(wire.CREATE_GROUP, wire.MALFORMED)
+            # A 10 or 19 whose N is not two digits: its length is unknowable.
+            self._refuse(self._buffer[:2], wire.MALFORMED)
 
     def _next_window(self) -> None:
         """_WINDOW frames taken: a barrier marks their commit. The frames of
@@ -577,6 +577,43 @@ class ChatProtocol(Protocol):
         if self.session.user is not None:
             self.domain.received(self.session, src, dst, ts)
 
+    def _member_frame(self, code: bytes, src: bytes, group: bytes, ts: bytes) -> bool:
+        """The checks a 17, 19 and 20 share after their own: well-formed ids and
+        timestamp, online, SRC the connection's user (the error sent if not)."""
+        if not (wire.is_id(src) and wire.is_id(group) and wire.is_timestamp(ts)):
+            self.error(code, wire.MALFORMED)
+            return False
+        user = self.session.user
+        if user is None:
+            self.error(code, wire.NOT_ONLINE)
+            return False
+        if src != user:
+            self.error(code, wire.WRONG_SRC)
+            return False
+        return True
+
+    def _set_subject(self, frame):
+        group, src, ts, field = wire.decode_set_subject(frame)
+        name = wire.unpad_name(field)
+        if name is None:
+            return self.error(wire.SET_SUBJECT, wire.MALFORMED)
+        if self._member_frame(wire.SET_SUBJECT, src, group, ts):
+            self.domain.set_subject(self.session, group, ts, name)
+
+    def _add_members(self, frame):
+        src, group, ts, count, members = wire.decode_add_members(frame)
+        if count == b"00" or len(frame) != wire.ADD_HEADER_LEN + wire.ID_LEN * int(count):
+            return self.error(wire.ADD_MEMBERS, wire.MALFORMED)
+        if not all(map(wire.is_id, members)):
+            return self.error(wire.ADD_MEMBERS, wire.MALFORMED)
+        if self._member_frame(wire.ADD_MEMBERS, src, group, ts):
+            self.domain.add_members(self.session, group, ts, members)
+
+    def _leave_group(self, frame):
+        src, group, ts = wire.decode_leave(frame)
+        if self._member_frame(wire.LEAVE_GROUP, src, group, ts):
+            self.domain.leave_group(self.session, group, ts)
+
     _handlers = {
         wire.REGISTER: _register,
         wire.ONLINE: _online,
@@ -586,6 +623,9 @@ class ChatProtocol(Protocol):
         wire.REGISTER_SECRET: _register_secret,
         wire.ONLINE_SECRET: _online_secret,
         wire.RECEIVED: _received,
+        wire.SET_SUBJECT: _set_subject,
+        wire.ADD_MEMBERS: _add_members,
+        wire.LEAVE_GROUP: _leave_group,
     }
 
 

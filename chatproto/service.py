@@ -209,7 +209,8 @@ class Options(usage.Options):
             None,
             None,
             _help(
-                "Groups (10) one user may create an hour; more get 12 10 10 (0: no limit).",
+                "Group changes one user may make an hour (10 create, 17 subject, 19 add members); "
+                "more get 12 XX 10 (0: no limit).",
                 "group-changes-per-hour",
             ),
         ],

@@ -26,17 +26,24 @@ REGISTER_SECRET = b"13"
 REGISTERED_SECRET = b"14"
 ONLINE_SECRET = b"15"
 RECEIVED = b"16"
+SET_SUBJECT = b"17"
+SUBJECT = b"18"
+ADD_MEMBERS = b"19"
+LEAVE_GROUP = b"20"
+LEFT_GROUP = b"21"
 
 ID_LEN = 13
 TS_LEN = 10
 MSG_LEN = 218
 SECRET_LEN = 32
+NAME_LEN = 64
 N_LEN = 2
 GROUP_HEADER_LEN = 2 + ID_LEN + TS_LEN + N_LEN  # 27: a 10/11 frame before its members
+ADD_HEADER_LEN = 2 + ID_LEN + ID_LEN + TS_LEN + N_LEN  # 40: a 19 before its members
 MAX_MEMBERS = 99
 
-#: Length of every frame a client may send, by code. 10 is variable: its
-#: length comes from N, read from the first GROUP_HEADER_LEN bytes.
+#: Length of every frame a client may send, by code. 10 and 19 are
+#: variable: this is their length before the members (see VARIABLE_LEN).
 CLIENT_FRAME_LEN = {
     REGISTER: 2,
     ONLINE: 15,
@@ -46,6 +53,9 @@ CLIENT_FRAME_LEN = {
     REGISTER_SECRET: 2,
     ONLINE_SECRET: 47,
     RECEIVED: 38,
+    SET_SUBJECT: 2 + ID_LEN + ID_LEN + TS_LEN + NAME_LEN,  # 102
+    ADD_MEMBERS: ADD_HEADER_LEN,
+    LEAVE_GROUP: 2 + ID_LEN + ID_LEN + TS_LEN,  # 38
 }
 
 #: Length of every frame the server may send, by code (11 is variable).
@@ -58,9 +68,13 @@ SERVER_FRAME_LEN = {
     ADDED_TO_GROUP: GROUP_HEADER_LEN,
     ERROR: 6,
     REGISTERED_SECRET: 47,
+    SUBJECT: 2 + ID_LEN + ID_LEN + TS_LEN + NAME_LEN,  # 102
+    LEFT_GROUP: 2 + ID_LEN + TS_LEN,  # 25
 }
 
-VARIABLE_LEN = (CREATE_GROUP, ADDED_TO_GROUP)
+#: The codes whose length grows with N: each one's header length, whose
+#: last N_LEN bytes are N; then ID_LEN bytes per member follow.
+VARIABLE_LEN = {CREATE_GROUP: GROUP_HEADER_LEN, ADDED_TO_GROUP: GROUP_HEADER_LEN, ADD_MEMBERS: ADD_HEADER_LEN}
 
 # Error reasons (the REASON field of a 12 frame).
 MALFORMED = b"01"
@@ -119,7 +133,7 @@ def is_secret(field: bytes) -> bool:
 
 
 def unpad_text(field: bytes) -> bytes | None:
-    """The text of a MSG field, or None when the contract calls it malformed.
+    """The text of a MSG (or NAME) field, or None when the contract calls it malformed.
 
     Malformed: empty, a NUL inside the text, or invalid UTF-8.
     """
@@ -135,6 +149,15 @@ def unpad_text(field: bytes) -> bytes | None:
 
 def pad_text(text: bytes) -> bytes:
     return text.ljust(MSG_LEN, b"\0")
+
+
+def unpad_name(field: bytes) -> bytes | None:
+    """A NAME field's subject, or None when malformed (MSG's rules)."""
+    return unpad_text(field)
+
+
+def pad_name(name: bytes) -> bytes:
+    return name.ljust(NAME_LEN, b"\0")
 
 
 def timestamp(seconds: int) -> bytes:
@@ -176,6 +199,15 @@ def registered_secret(user: bytes, secret: bytes) -> bytes:
     return REGISTERED_SECRET + user + secret
 
 
+def subject(group: bytes, src: bytes, ts: bytes, name: bytes) -> bytes:
+    """18: ``name`` unpadded (or already padded: padding is idempotent)."""
+    return SUBJECT + group + src + ts + pad_name(name)
+
+
+def left_group(group: bytes, ts: bytes) -> bytes:
+    return LEFT_GROUP + group + ts
+
+
 # Client-side encoders.
 
 
@@ -211,11 +243,23 @@ def received(src: bytes, dst: bytes, ts: bytes) -> bytes:
     return RECEIVED + src + dst + ts
 
 
+def set_subject(src: bytes, group: bytes, ts: bytes, name: bytes) -> bytes:
+    return SET_SUBJECT + src + group + ts + pad_name(name)
+
+
+def add_members(src: bytes, group: bytes, ts: bytes, members: list[bytes]) -> bytes:
+    return ADD_MEMBERS + src + group + ts + b"%02d" % len(members) + b"".join(members)
+
+
+def leave_group(src: bytes, group: bytes, ts: bytes) -> bytes:
+    return LEAVE_GROUP + src + group + ts
+
+
 def frame_length(lengths: dict[bytes, int], buf: bytes, at: int) -> int | None:
     """Length of the frame starting at ``buf[at:]``.
 
     Returns 0 when more bytes are needed to know it, -1 when the code is not
-    in ``lengths`` (the stream cannot be framed) and -2 when a group frame's
+    in ``lengths`` (the stream cannot be framed) and -2 when a 10, 11 or 19's
     N is not two digits (its length cannot be known either). The sign
     convention keeps the framing loop free of exceptions.
     """
@@ -225,8 +269,9 @@ def frame_length(lengths: dict[bytes, int], buf: bytes, at: int) -> int | None:
     length = lengths.get(code)
     if length is None:
         return -1
-    if code in VARIABLE_LEN:
-        count = buf[at + GROUP_HEADER_LEN - N_LEN : at + GROUP_HEADER_LEN]
+    header = VARIABLE_LEN.get(code)
+    if header is not None:
+        count = buf[at + header - N_LEN : at + header]
         if len(count) < N_LEN:
             return 0
         if not count.isdigit():
@@ -302,6 +347,40 @@ class Delivered(NamedTuple):
     ts: bytes
 
 
+class Subject(NamedTuple):
+    """17 and 18 (the same fields in another order); ``name`` is the padded NAME (``unpad_name``)."""
+
+    group: bytes
+    src: bytes
+    ts: bytes
+    name: bytes
+
+
+class AddMembers(NamedTuple):
+    """19; ``count`` is N."""
+
+    src: bytes
+    group: bytes
+    ts: bytes
+    count: bytes
+    members: list[bytes]
+
+
+class Leave(NamedTuple):
+    """20."""
+
+    src: bytes
+    group: bytes
+    ts: bytes
+
+
+class Left(NamedTuple):
+    """21."""
+
+    group: bytes
+    ts: bytes
+
+
 class Error(NamedTuple):
     ref: bytes
     reason: bytes
@@ -359,3 +438,28 @@ def decode_error(frame: bytes) -> Error:
 
 def decode_registered(frame: bytes) -> Registered:
     return Registered(frame[2:_ID_END], frame[_ID_END : _ID_END + SECRET_LEN])
+
+
+def decode_set_subject(frame: bytes) -> Subject:
+    return Subject(frame[_ID_END:_DST_END], frame[2:_ID_END], frame[_DST_END:_TS_END], frame[_TS_END:])
+
+
+def decode_subject(frame: bytes) -> Subject:
+    return Subject(frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END], frame[_TS_END:])
+
+
+def decode_add_members(frame: bytes) -> AddMembers:
+    """A 19; ``members`` holds only whole ids (a short frame is the caller's to refuse)."""
+    at = ADD_HEADER_LEN
+    members = [frame[i : i + ID_LEN] for i in range(at, len(frame) - ID_LEN + 1, ID_LEN)]
+    return AddMembers(
+        frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END], frame[at - N_LEN : at], members
+    )
+
+
+def decode_leave(frame: bytes) -> Leave:
+    return Leave(frame[2:_ID_END], frame[_ID_END:_DST_END], frame[_DST_END:_TS_END])
+
+
+def decode_left(frame: bytes) -> Left:
+    return Left(frame[2:_ID_END], frame[_ID_END : _ID_END + TS_LEN])

@@ -33,8 +33,10 @@ SERVER_FRAME_LEN = {
     b"11": 27,
     b"12": 6,
     b"14": 47,
+    b"18": 102,
+    b"21": 25,
 }
-CLIENT_CODES = (b"01", b"03", b"05", b"08", b"10", b"13", b"15", b"16")
+CLIENT_CODES = (b"01", b"03", b"05", b"08", b"10", b"13", b"15", b"16", b"17", b"19", b"20")
 SERVER_CODES = tuple(SERVER_FRAME_LEN)
 
 
@@ -74,6 +76,24 @@ def f_received(src: bytes, dst: bytes, when: bytes) -> bytes:
     return b"16" + src + dst + when
 
 
+def name_field(name: bytes) -> bytes:
+    """A NAME field: 64 bytes, NUL-padded."""
+    assert len(name) <= 64
+    return name + b"\0" * (64 - len(name))
+
+
+def f_subject(src: bytes, group: bytes, when: bytes, name: bytes) -> bytes:
+    return b"17" + src + group + when + name_field(name)
+
+
+def f_add(src: bytes, group: bytes, when: bytes, members: list[bytes]) -> bytes:
+    return b"19" + src + group + when + b"%02d" % len(members) + b"".join(members)
+
+
+def f_leave(src: bytes, group: bytes, when: bytes) -> bytes:
+    return b"20" + src + group + when
+
+
 # Server frames, byte for byte.
 
 
@@ -95,6 +115,14 @@ def s_added(group: bytes, when: bytes, members: list[bytes]) -> bytes:
 
 def s_error(ref: bytes, reason: bytes) -> bytes:
     return b"12" + ref + reason
+
+
+def s_subject(group: bytes, src: bytes, when: bytes, name: bytes) -> bytes:
+    return b"18" + group + src + when + name_field(name)
+
+
+def s_left(group: bytes, when: bytes) -> bytes:
+    return b"21" + group + when
 
 
 def parse_server(data: bytes) -> list[bytes]:

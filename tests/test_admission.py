@@ -15,7 +15,19 @@ from chatproto import service
 from chatproto.admission import Admission, Policy, address_key
 from chatproto.server import _WINDOW, Limits
 
-from .helpers import f_group, f_online, f_online_secret, f_received, f_seen, f_send, s_error, ts
+from .helpers import (
+    f_add,
+    f_group,
+    f_leave,
+    f_online,
+    f_online_secret,
+    f_received,
+    f_seen,
+    f_send,
+    f_subject,
+    s_error,
+    ts,
+)
 
 ATTACKER = "127.0.0.2"
 
@@ -163,6 +175,45 @@ def test_group_changes_per_user_per_hour(net):
     net.reactor.advance(1800)
     conn.send(f_group(a, ts(10), [b]))
     assert conn.take()[0][:2] == b"11"
+
+
+def test_subjects_and_additions_spend_the_same_group_changes(net):
+    policy(net, group_changes=3)
+    a, _ = net.register()
+    b, _ = net.register()
+    c, _ = net.register()
+    conn = net.connect(ATTACKER)
+    conn.send(f_online(a))
+    conn.take()
+    conn.send(f_group(a, ts(1), [b]))
+    (added,) = conn.take()
+    group = added[2:15]
+    conn.send(f_subject(a, group, ts(2), b"one"), f_add(a, group, ts(3), [c]))
+    assert sorted(f[:2] for f in conn.take()) == [b"11", b"18"], "the third change goes through"
+    conn.send(f_subject(a, group, ts(4), b"two"), f_add(a, group, ts(5), [c]))
+    assert conn.take() == [s_error(b"17", b"10"), s_error(b"19", b"10")]
+    conn.send(f_leave(a, group, ts(6)))
+    assert [f[:2] for f in conn.take()] == [b"21"], "leaving costs nothing"
+
+
+def test_an_addition_past_a_members_group_cap_gets_12_19_11(make_net):
+    net = make_net("memory")
+    net.domain.groups.max_groups_per_user = 1
+    a, _ = net.register()
+    b, _ = net.register()
+    c, _ = net.register()
+    conn = net.online(a)
+    conn.send(f_group(a, ts(1), [b]))
+    (added,) = conn.take()
+    other = net.online(c)
+    other.send(f_group(c, ts(2), [c]))
+    (own,) = other.take()
+    conn.send(f_add(a, added[2:15], ts(3), [c]))
+    assert conn.take() == [s_error(b"19", b"11")], "c is in a group already"
+    other.send(f_leave(c, own[2:15], ts(4)))
+    other.take()
+    conn.send(f_add(a, added[2:15], ts(5), [c]))
+    assert [f[:2] for f in conn.take()] == [b"11"], "leaving made room"
 
 
 # -- failed logins ---------------------------------------------------------------------

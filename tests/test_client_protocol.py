@@ -10,19 +10,26 @@ import pytest
 
 from chatproto import wire
 from chatproto.client import (
+    ADDED,
     CONNECTED,
     DELIVERED,
     FAILED,
+    LEFT,
+    MEMBER,
     OFFLINE,
     QUEUED,
     READ,
     RECONNECTING,
     SENT,
+    SUBJECT,
+    TEXT,
     ChatClient,
     FailoverEndpoint,
+    Group,
     Identity,
     LocalStore,
     ProfileError,
+    cut_name,
     endpoint_description,
     error_sentence,
     load_identity,
@@ -30,7 +37,21 @@ from chatproto.client import (
     split_text,
 )
 
-from .client_fakes import BOB, CAROL, GROUP, ME, SECRET, T0, FakeEndpoint, b, drop, make_model, online, reopen
+from .client_fakes import (
+    BOB,
+    CAROL,
+    DAVE,
+    GROUP,
+    ME,
+    SECRET,
+    T0,
+    FakeEndpoint,
+    b,
+    drop,
+    make_model,
+    online,
+    reopen,
+)
 
 
 def frames(transport) -> list[bytes]:
@@ -406,6 +427,23 @@ def test_conversations_are_ordered_by_last_activity_with_unread_counts(tmp_path)
         model.add_contact("12345", "short")
 
 
+def test_connections_that_end_before_their_login_back_off_like_refused_ones(tmp_path):
+    """A TLS certificate the client does not trust fails after TCP connected: ClientService
+    calls that a success, and retried every second for ever; now the delay grows."""
+    model, clock = make_model(tmp_path)
+    endpoint = FakeEndpoint()
+    asked = []
+    client = ChatClient(clock, endpoint, model, retry_policy=lambda n: asked.append(n) or 1.0)
+    client.start()
+    for _ in range(3):
+        drop(endpoint.last[0])  # closed before any 04
+        clock.advance(1.0)
+    assert asked == [1, 2, 3] and len(endpoint.connections) == 4
+    endpoint.last[0].dataReceived(wire.online_ok(b(ME)))
+    drop(endpoint.last[0])  # a login that worked starts the count again
+    assert asked[-1] == 1
+
+
 # -- groups ------------------------------------------------------------------------
 
 
@@ -420,13 +458,19 @@ def test_group_creation_messages_and_group_ticks(tmp_path):
     model.create_group([BOB, CAROL, BOB], "Friends")
     assert frames(transport) == [wire.create_group(b(ME), wire.timestamp(T0), [b(BOB), b(CAROL)])]
     protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(ME), b(BOB), b(CAROL)]))
-    assert model.groups[GROUP] == [ME, BOB, CAROL]
-    assert model.display_name(GROUP) == "Friends" and ("group", True) in events
+    assert model.groups[GROUP].members == [ME, BOB, CAROL] and ("group", True) in events
+    # The subject asked for at creation goes as a 17 right after the 11, and is the name once
+    # the server's 18 says so (it is not a nickname of ours).
+    assert frames(transport) == [wire.set_subject(b(ME), b(GROUP), wire.timestamp(T0 + 1), b"Friends")]
+    assert model.display_name(GROUP) == "group: Bob, Carol"
+    protocol.dataReceived(wire.subject(b(GROUP), b(ME), wire.timestamp(T0 + 1), b"Friends"))
+    assert model.display_name(GROUP) == "Friends" and GROUP not in model.names
 
     protocol.dataReceived(incoming(CAROL, GROUP, T0 + 2, "hello all"))
     client.clock.advance(0)
     assert frames(transport) == [wire.received(b(CAROL), b(GROUP), wire.timestamp(T0 + 2))]
-    (got,) = model.conversations[GROUP].messages
+    note, got = model.conversations[GROUP].messages
+    assert (note.kind, note.src, note.text) == (SUBJECT, ME, "Friends")
     assert (got.src, got.conv) == (CAROL, GROUP) and model.display_name(got.src) == "Carol"
 
     mine = model.send_text(GROUP, "hi")[0]
@@ -448,13 +492,167 @@ def test_a_group_made_by_someone_else_is_named_after_its_members(tmp_path):
     protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME), b(CAROL)]))
     assert client.model.display_name(GROUP) == f"group: Bob, {CAROL}"
     model = reopen(client.model, client.clock)
-    assert model.groups[GROUP] == [BOB, ME, CAROL] and GROUP in model.conversations
+    assert model.groups[GROUP].members == [BOB, ME, CAROL] and GROUP in model.conversations
 
 
 def test_groups_need_a_connection(tmp_path):
     model, clock = make_model(tmp_path)
     with pytest.raises(ValueError, match="connected"):
         model.create_group([BOB])
+    model.groups[GROUP] = Group(GROUP, [ME, BOB])
+    for change in (
+        lambda: model.set_subject(GROUP, "x"),
+        lambda: model.add_members(GROUP, [CAROL]),
+        lambda: model.leave_group(GROUP),
+    ):
+        with pytest.raises(ValueError, match="connected"):
+            change()
+
+
+def group_of(protocol, members, ts=T0):
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(ts), [b(m) for m in members]))
+
+
+def notes(model) -> list[tuple[str, str, str]]:
+    return [(m.kind, m.src, m.text) for m in model.conversations[GROUP].messages if m.kind != TEXT]
+
+
+def test_an_11_for_a_known_group_replaces_its_members_and_notes_who_came_and_went(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    group_of(protocol, [BOB, ME])
+    assert notes(model) == []  # a new group: its list is where it starts, not a change
+    group_of(protocol, [BOB, ME, CAROL], T0 + 5)
+    assert model.groups[GROUP].members == [BOB, ME, CAROL]
+    # The 11 does not say who added Carol: nobody is named.
+    assert notes(model) == [(ADDED, "", CAROL)]
+
+    model.add_members(GROUP, [CAROL, DAVE, DAVE])  # Carol is in already: only Dave is asked for
+    assert frames(transport) == [wire.add_members(b(ME), b(GROUP), wire.timestamp(T0), [b(DAVE)])]
+    group_of(protocol, [BOB, ME, CAROL, DAVE], T0)
+    assert notes(model)[-1] == (ADDED, ME, DAVE)  # our own 19's 11: we know who added
+
+    group_of(protocol, [ME, CAROL, DAVE], T0 + 9)
+    assert notes(model)[-1] == (LEFT, "", BOB)
+    group_of(protocol, [ME, CAROL, DAVE], T0 + 9)  # the same list again: no note
+    assert len(notes(model)) == 3
+    # Notes are neither unread nor read: the 08 names the newest message, never a note's time.
+    protocol.dataReceived(incoming(CAROL, GROUP, T0 + 3, "hi"))
+    model.open(GROUP)
+    client.clock.advance(0)
+    assert frames(transport)[-1] == wire.seen(b(GROUP), wire.timestamp(T0 + 3))
+
+    model = reopen(model, client.clock)
+    assert model.groups[GROUP].members == [ME, CAROL, DAVE]
+    assert notes(model) == [(ADDED, "", CAROL), (ADDED, ME, DAVE), (LEFT, "", BOB)]
+
+
+def test_a_subject_is_the_groups_name_for_everyone_and_a_nickname_overrides_it_here(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    model.add_contact(BOB, "Bob")
+    group_of(protocol, [BOB, ME])
+    assert model.display_name(GROUP) == "group: Bob"
+    protocol.dataReceived(wire.subject(b(GROUP), b(BOB), wire.timestamp(T0 + 1), "Café ☕".encode()))
+    assert model.display_name(GROUP) == "Café ☕"
+    assert notes(model) == [(SUBJECT, BOB, "Café ☕")]
+
+    model.set_subject(GROUP, "  Lunch\nclub  ")
+    assert frames(transport) == [wire.set_subject(b(ME), b(GROUP), wire.timestamp(T0), b"Lunch club")]
+    assert model.display_name(GROUP) == "Café ☕"  # until the server's 18 says so
+    protocol.dataReceived(wire.subject(b(GROUP), b(ME), wire.timestamp(T0), b"Lunch club"))
+    assert model.display_name(GROUP) == "Lunch club"
+
+    model.set_nickname(GROUP, "Work lunch")
+    assert model.display_name(GROUP) == "Work lunch"
+    model = reopen(model, client.clock)
+    assert model.display_name(GROUP) == "Work lunch" and model.groups[GROUP].subject == "Lunch club"
+    model.set_nickname(GROUP, "")
+    assert model.display_name(GROUP) == "Lunch club"
+    model = reopen(model, client.clock)
+    assert model.display_name(GROUP) == "Lunch club"
+    client, _, transport = online(model=model, clock=client.clock)
+    with pytest.raises(ValueError, match="empty"):
+        model.set_subject(GROUP, " \0 ")
+    assert transport.value() == b""
+
+
+def test_a_long_subject_is_cut_between_characters_to_64_bytes():
+    assert cut_name("é" * 40) == "é" * 32
+    assert cut_name("a" + "é" * 40) == "a" + "é" * 31  # 63 bytes: half an é would not be UTF-8
+    assert len(cut_name("x" * 100).encode()) == wire.NAME_LEN
+
+
+def test_leaving_sends_20_and_after_the_21_the_group_is_readable_but_takes_nothing(tmp_path):
+    client, endpoint, transport = online(tmp_path)
+    protocol, _ = endpoint.last
+    model = client.model
+    group_of(protocol, [BOB, ME])
+    protocol.dataReceived(incoming(BOB, GROUP, T0 + 1, "before you go"))
+    client.clock.advance(0)
+    transport.clear()
+    model.leave_group(GROUP)
+    assert frames(transport) == [wire.leave_group(b(ME), b(GROUP), wire.timestamp(T0))]
+    assert not model.has_left(GROUP)  # not before the server says so
+    protocol.dataReceived(wire.left_group(b(GROUP), wire.timestamp(T0)))
+    assert model.has_left(GROUP) and notes(model) == [(LEFT, "", ME)]
+    for refused in (
+        lambda: model.send_text(GROUP, "still here?"),
+        lambda: model.set_subject(GROUP, "x"),
+        lambda: model.add_members(GROUP, [CAROL]),
+        lambda: model.leave_group(GROUP),
+    ):
+        with pytest.raises(ValueError, match="left"):
+            refused()
+    assert frames(transport) == []
+    # A message sent before we left, arriving after the 21, is kept; no 08 goes for it.
+    protocol.dataReceived(incoming(BOB, GROUP, T0 + 2, "sent before you left"))
+    model.open(GROUP)
+    client.clock.advance(0)
+    assert frames(transport) == [wire.received(b(BOB), b(GROUP), wire.timestamp(T0 + 2))]
+    model = reopen(model, client.clock)
+    assert model.has_left(GROUP) and model.conversations[GROUP].messages[0].text == "before you go"
+    # Added back later: a member again.
+    client, endpoint, transport = online(model=model, clock=client.clock)
+    group_of(endpoint.last[0], [BOB, ME], T0 + 50)
+    assert client.model.groups[GROUP].state == MEMBER and notes(client.model)[-1] == (ADDED, "", ME)
+
+
+def test_a_profile_from_before_group_subjects_is_upgraded_in_place(tmp_path):
+    directory = tmp_path / "profile"
+    directory.mkdir()
+    db = sqlite3.connect(directory / "client.sqlite3")
+    db.executescript(
+        """
+        CREATE TABLE groups (id TEXT PRIMARY KEY, members TEXT NOT NULL);
+        CREATE TABLE messages (id INTEGER PRIMARY KEY, conv TEXT NOT NULL, src TEXT NOT NULL,
+            dst TEXT NOT NULL, ts INTEGER NOT NULL, text TEXT NOT NULL, outgoing INTEGER NOT NULL,
+            state TEXT NOT NULL, at REAL NOT NULL, UNIQUE (src, dst, ts, text));
+        """
+    )
+    db.execute("INSERT INTO groups VALUES (?, ?)", (GROUP, f"{BOB} {ME}"))
+    db.execute(
+        "INSERT INTO messages (conv, src, dst, ts, text, outgoing, state, at)"
+        " VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+        (GROUP, BOB, GROUP, T0, "old", DELIVERED, T0),
+    )
+    db.commit()
+    db.close()
+    store = LocalStore(str(directory))
+    names, groups, convs = store.load()
+    assert vars(groups[GROUP]) == vars(Group(GROUP, [BOB, ME]))
+    assert [(m.text, m.kind) for m in convs[GROUP].messages] == [("old", TEXT)]
+    assert store.db.execute("PRAGMA user_version").fetchone() == (1,)
+    store.close()
+    assert LocalStore(str(directory)).db.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+def test_errors_for_17_19_20_are_sentences(tmp_path):
+    assert error_sentence(wire.SET_SUBJECT, wire.NOT_A_MEMBER).startswith("The group could not be renamed: ")
+    assert error_sentence(wire.ADD_MEMBERS, wire.UNKNOWN_USER).startswith("Nobody was added to the group: ")
+    assert error_sentence(wire.LEAVE_GROUP, wire.NOT_A_MEMBER).startswith("Could not leave the group: ")
 
 
 # -- errors -----------------------------------------------------------------------

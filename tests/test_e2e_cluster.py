@@ -15,18 +15,23 @@ import pytest
 
 from . import installed
 from .helpers import (
+    f_add,
     f_group,
+    f_leave,
     f_online,
     f_online_secret,
     f_received,
     f_seen,
     f_send,
+    f_subject,
     parse_server,
     s_added,
     s_delivered,
     s_error,
+    s_left,
     s_message,
     s_seen_by,
+    s_subject,
     ts,
 )
 from .test_e2e_server import free_port
@@ -112,6 +117,42 @@ def test_a_group_across_three_nodes(server, pg_dsn):
     cc.send(f_seen(group, ts(1700000301)))
     low = s_seen_by(group, ts(1700000301))
     assert ca.read(1) == [low] and cb.read(1) == [low] and cc.read(1) == [low]
+
+
+def test_a_group_managed_across_three_nodes(server, pg_dsn):
+    """A subject set on one node reaches members on the others; a member added
+    on a second node, logged in on a third, gets the 11 then the 18; a leave
+    on the third reaches the rest; an offline member gets it all on any node."""
+    n1, n2, n3 = nodes(server, pg_dsn, 3)
+    setup = n1.client()
+    a, b, c, d, e = (setup.register() for _ in range(5))
+    ca, cb, cc, cd = n1.client(), n2.client(), n3.client(), n3.client()
+    for conn, who in ((ca, a), (cb, b), (cc, c), (cd, d)):
+        conn.login(who)
+    ca.send(f_group(a, ts(1700000300), [b, c, e]))
+    (made,) = ca.read(1)
+    group = made[2:15]
+    assert cb.read(1) == [made] and cc.read(1) == [made]
+    ca.send(f_subject(a, group, ts(1700000301), "Trois nœuds".encode()))
+    named = s_subject(group, a, ts(1700000301), "Trois nœuds".encode())
+    assert ca.read(1) == [named] and cb.read(1) == [named] and cc.read(1) == [named]
+    cb.send(f_add(b, group, ts(1700000302), [d]))
+    five = s_added(group, ts(1700000302), [a, b, c, e, d])
+    assert cd.read(2) == [five, named]
+    assert ca.read(1) == [five] and cb.read(1) == [five] and cc.read(1) == [five]
+    cc.send(f_leave(c, group, ts(1700000303)))
+    four = s_added(group, ts(1700000303), [a, b, e, d])
+    assert cc.read(1) == [s_left(group, ts(1700000303))]
+    assert ca.read(1) == [four] and cb.read(1) == [four] and cd.read(1) == [four]
+    cd.send(f_send(d, group, ts(1700000304), b"hello from the newcomer"))
+    hello = s_message(d, group, ts(1700000304), b"hello from the newcomer")
+    assert ca.read(1) == [hello] and cb.read(1) == [hello]
+    cc.send(f_send(c, group, ts(1700000305), b"am I still in?"))
+    assert cc.read(1) == [s_error(b"05", b"07")]
+    ce = n2.client()
+    ce.login(e)
+    assert ce.read(5) == [made, named, five, four, hello]
+    assert cd.read(1) == [s_delivered(group, ts(1700000304))]
 
 
 def test_a_login_on_another_node_replaces_the_first_and_loses_nothing(server, pg_dsn):

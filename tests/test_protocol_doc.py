@@ -26,7 +26,7 @@ from . import installed
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "protocol.md"
 
-ALL_CODES = [b"%02d" % i for i in range(1, 17)]
+ALL_CODES = [b"%02d" % i for i in range(1, 22)]
 REASONS = [b"%02d" % i for i in range(1, 12)]
 
 #: The encoder of each code, called with the fields of its layout after COD
@@ -48,7 +48,15 @@ ENCODERS = {
     b"14": wire.registered_secret,
     b"15": wire.online_secret,
     b"16": wire.received,
+    b"17": wire.set_subject,
+    b"18": wire.subject,
+    b"19": wire.add_members,
+    b"20": wire.leave_group,
+    b"21": wire.left_group,
 }
+
+#: The fields that take the rest of an example's line (text, spaces included).
+TEXT_FIELDS = ("MSG", "NAME")
 
 
 def doc_text() -> str:
@@ -126,7 +134,7 @@ def parse(spaced: bytes, layout: list[str], widths: dict[str, int]) -> tuple[byt
         if i:
             assert spaced[at : at + 1] == b" ", f"expected one space before {name} at {at}: {spaced!r}"
             at += 1
-        if name == "MSG":
+        if name in TEXT_FIELDS:
             value = spaced[at:]
             at = len(spaced)
         elif name == "MEMBER×N":
@@ -168,6 +176,7 @@ def test_field_widths_are_the_codes_widths():
         "REF": 2,
         "REASON": 2,
         "SECRET": wire.SECRET_LEN,
+        "NAME": wire.NAME_LEN,
     }
 
 
@@ -187,7 +196,7 @@ def test_frame_table_matches_the_codes_lengths_and_directions():
         assert lengths[code] == fixed, code
         if code in wire.VARIABLE_LEN:
             assert layout[-1] == "MEMBER×N"
-            assert size == f"{fixed} + {widths['MEMBER']}·N" == f"{wire.GROUP_HEADER_LEN} + {wire.ID_LEN}·N"
+            assert size == f"{fixed} + {widths['MEMBER']}·N" == f"{wire.VARIABLE_LEN[code]} + {wire.ID_LEN}·N"
         else:
             assert "MEMBER×N" not in layout
             assert int(size) == fixed
@@ -205,7 +214,9 @@ def test_reason_table_lists_every_reason_in_order():
 
 def check_fields(code: bytes, fields: dict[str, object]) -> None:
     """Each field holds what the contract says it may, for this code."""
-    user_fields = {"ID"} | ({"SRC"} if code in (b"05", b"06", b"10", b"16") else set())
+    user_fields = {"ID"} | (
+        {"SRC"} if code in (b"05", b"06", b"10", b"16", b"17", b"18", b"19", b"20") else set()
+    )
     for name, value in fields.items():
         if name in ("ID", "SRC", "DST", "GROUP"):
             assert wire.is_id(value), (name, value)
@@ -217,7 +228,9 @@ def check_fields(code: bytes, fields: dict[str, object]) -> None:
                 assert wire.is_user_id(value), "a 16 names a message sent to its own user"
         elif name == "MEMBER×N":
             assert all(map(wire.is_user_id, value)), value
-            assert len(set(value)) == len(value) or code == b"10", f"an 11 lists each member once: {value}"
+            assert len(set(value)) == len(value) or code in (b"10", b"19"), (
+                f"an 11 lists each member once: {value}"
+            )
         elif name == "TIMESTAMP":
             assert wire.is_timestamp(value), value
         elif name == "N":
@@ -227,6 +240,10 @@ def check_fields(code: bytes, fields: dict[str, object]) -> None:
             text = wire.unpad_text(value)
             assert text is not None, f"the text of an example must be well-formed: {value!r}"
             assert value == wire.pad_text(text)
+        elif name == "NAME":
+            name_text = wire.unpad_name(value)
+            assert name_text is not None, f"the NAME of an example must be well-formed: {value!r}"
+            assert value == wire.pad_name(name_text)
         elif name == "SECRET":
             assert wire.is_secret(value), value
         elif name == "REASON":
@@ -268,11 +285,11 @@ def test_examples_cover_every_frame_both_group_sizes_and_every_reason():
         code = spaced[:2]
         seen_codes.add(code)
         if code in wire.VARIABLE_LEN:
-            group_sizes.add((code, spaced.split(b" ")[3]))
+            group_sizes.add((code, spaced.split(b" ")[4 if code == wire.ADD_MEMBERS else 3]))
         if code == wire.ERROR:
             reasons.add(spaced.split(b" ")[-1])
     assert sorted(seen_codes) == ALL_CODES
-    assert {(b"10", b"02"), (b"11", b"02")} <= group_sizes
+    assert {(b"10", b"02"), (b"11", b"02"), (b"19", b"02")} <= group_sizes
     assert sorted(reasons) == REASONS
 
 
@@ -300,6 +317,10 @@ def test_choices_section_names_each_decision():
         "Messages to oneself",
         "`09 GROUP LOWMARK`",
         "TCP send buffer",
+        "`12 19 01`",
+        "comes last",
+        "lists the members of its moment",
+        "A group everyone left",
     ):
         assert needed in body, f"the choices section no longer says {needed}"
 

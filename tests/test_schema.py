@@ -12,6 +12,7 @@ import pytest
 from chatproto.store.sqlite import (
     _COUNT_DOWN,
     _COUNT_DOWN_BY,
+    _DROP_SUBJECTS,
     _END_MESSAGE_HOLDS,
     _END_USER_HOLDS,
     _REPEATS,
@@ -29,7 +30,7 @@ from chatproto.store.sqlite import (
 )
 
 from . import installed
-from .helpers import Net, s_added, s_message, ts
+from .helpers import Net, f_add, f_leave, f_subject, s_added, s_left, s_message, s_subject, ts
 
 A, B, C = b"0000000000001", b"0000000000002", b"0000000000003"
 GROUP = b"1000000000001"
@@ -72,7 +73,11 @@ def make_v1(path: str) -> None:
 
 
 #: The columns of version 1, which every later version keeps as they were.
-V1_COLUMNS = {"messages": "id, src, dst, ts, body, remaining"}
+V1_COLUMNS = {
+    "messages": "id, src, dst, ts, body, remaining",
+    "groups": "id, ts, created, low_mark",
+    "inbox": "seq, user_id, code, msg_id, src, dst, ts",
+}
 
 
 def dump(path: str, tables=V1_TABLES) -> dict[str, list[tuple]]:
@@ -285,6 +290,7 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         ("SELECT src, ts FROM messages WHERE dst = ? AND dst >= '1' AND ts > ? ORDER BY ts, id", 2),
         ("DELETE FROM inbox WHERE msg_id = ? AND user_id = ? AND code = 6", 2),
         ("SELECT * FROM inbox WHERE user_id = ? AND seq > ? ORDER BY seq", 2),
+        (_DROP_SUBJECTS, 2),
     ]
     if RETURNING:
         # Each item of a JSON list is looked up (the list itself is read whole).
@@ -296,4 +302,70 @@ def test_the_hot_lookups_use_an_index(tmp_path):
         if sql in (_END_USER_HOLDS, _END_MESSAGE_HOLDS):
             # Not a walk through the user's inbox, which may hold 100,000 rows.
             assert "inbox_by_message" in plan, (sql, plan)
+        if sql == _DROP_SUBJECTS:
+            assert "inbox_subjects" in plan, plan
     conn.close()
+
+
+def make_v5(path: str) -> None:
+    """make_v1's database as version 5 left it (the version before groups were managed)."""
+    make_v1(path)
+    conn = connect(path)
+    steps = "".join(upgrade_sql(step) for step in range(1, 5))
+    conn.executescript("BEGIN;" + steps + "UPDATE schema_version SET version = 5; COMMIT;")
+    conn.close()
+
+
+def test_a_fifth_schema_database_is_upgraded_and_its_groups_can_be_managed(tmp_path):
+    """Version 6 adds a group's subject and a held item's text: the rows come
+    through as they were, the new columns empty; a held 11 of before lists
+    the members as they are when it is sent; 17, 19 and 20 work on the old
+    group and survive a restart."""
+    old, fresh = str(tmp_path / "v5.sqlite3"), str(tmp_path / "fresh.sqlite3")
+    make_v5(old)
+    assert shape(old)["version"] == 5
+    before = dump(old)
+
+    upgrade_beside_fresh(old, fresh)
+
+    assert shape(old) == shape(fresh)
+    assert dump(old) == before
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT subject, subject_src, subject_ts FROM groups").fetchall() == [
+        (None, None, None)
+    ]
+    assert conn.execute("SELECT count(*) FROM inbox WHERE body IS NOT NULL").fetchone() == (0,)
+    assert conn.execute("SELECT version, previous FROM schema_history").fetchall() == [(SCHEMA_VERSION, 5)]
+    conn.close()
+    assert shape(backup_path(old, 5))["version"] == 5
+
+    net = Net("sqlite", old)
+    try:
+        d, _ = net.register()
+        ca = net.online(A)
+        assert ca.held == [
+            s_added(GROUP, ts(1700000100), [C, A, B]),
+            s_message(C, GROUP, ts(1700000300), b"hello group"),
+        ]
+        ca.send(f_subject(A, GROUP, ts(1700000400), b"Old friends"))
+        ca.send(f_add(A, GROUP, ts(1700000401), [d]))
+        named = s_subject(GROUP, A, ts(1700000400), b"Old friends")
+        four = s_added(GROUP, ts(1700000401), [C, A, B, d])
+        assert ca.take() == [named, four]
+        ca.send(f_leave(A, GROUP, ts(1700000402)))
+        assert ca.take() == [s_left(GROUP, ts(1700000402))]
+        net.restart()
+        cb = net.online(B)
+        assert cb.held == [
+            # Held by version 5, with no member list: the members when it is sent.
+            s_added(GROUP, ts(1700000100), [C, B, d]),
+            s_message(C, B, ts(1700000200), b"hello B"),
+            s_message(C, GROUP, ts(1700000300), b"hello group"),
+            named,
+            four,
+            s_added(GROUP, ts(1700000402), [C, B, d]),
+        ]
+        cd = net.online(d)
+        assert cd.held == [four, named, s_added(GROUP, ts(1700000402), [C, B, d])]
+    finally:
+        net.shutdown()

@@ -250,7 +250,7 @@ def test_16_before_login_is_ignored_silently(net):
 
 # -- unknown codes: unframeable streams ---------------------------------------
 
-CLIENT = {b"01", b"03", b"05", b"08", b"10", b"13", b"15", b"16"}
+CLIENT = {b"01", b"03", b"05", b"08", b"10", b"13", b"15", b"16", b"17", b"19", b"20"}
 UNKNOWN_CODES = [b"%02d" % i for i in range(100) if b"%02d" % i not in CLIENT] + [
     b"\xff\x00",
     b"ab",

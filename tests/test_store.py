@@ -20,11 +20,15 @@ from chatproto.store import (
     DUPLICATE_PENDING,
     HELD_ADDED,
     HELD_DELIVERED,
+    HELD_LEFT,
     HELD_MESSAGE,
     HELD_SEEN,
+    HELD_SUBJECT,
     NEW,
     Completed,
+    GroupChange,
     IChatStore,
+    Subject,
 )
 from chatproto.store import sqlite as sqlite_store
 from chatproto.store.memory import MemoryStore
@@ -317,7 +321,7 @@ def test_restart_keeps_users_messages_notices_and_groups(sql_backend):
     assert snapshot.low_marks == {G: 50}
     assert [(i.code, i.ts, i.text) for i in s.inbox(B)] == [
         (HELD_MESSAGE, 100, b"queued"),
-        (HELD_ADDED, 110, None),
+        (HELD_ADDED, 110, (A + B + C).encode()),
     ]
     assert [(i.code, i.dst, i.ts) for i in s.inbox(A)] == [(HELD_DELIVERED, C, 101)]
     assert s.record_message(A, C, 101, b"delivered", [C]).status == DUPLICATE_DELIVERED
@@ -438,3 +442,106 @@ def test_the_database_thread_gives_way_to_the_reactor(sqlite_backend):
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     assert sqlite_backend.run(store._submit(priority)) == 10
+
+
+# -- groups people manage: subject, adding, leaving ----------------------------------
+
+D, E = "0000000000004", "0000000000005"
+
+
+def notices(backend, user):
+    """What is held for ``user`` but messages: (code, src, dst, ts, text)."""
+    return [(i.code, i.src, i.dst, i.ts, i.text) for i in backend.inbox(user) if i.code != HELD_MESSAGE]
+
+
+def test_a_subject_is_held_for_the_members_not_online(backend):
+    backend.add_group(G, 110, [A, B, C], [])
+    assert backend.set_subject(G, A, 120, "Trio ü".encode(), {A, C}) == [A, B, C]
+    assert notices(backend, B) == [(HELD_SUBJECT, A, G, 120, "Trio ü".encode())]
+    assert notices(backend, A) == notices(backend, C) == []
+
+
+def test_a_newer_subject_replaces_the_one_still_held_for_the_same_group(backend):
+    other = "1000000000002"
+    backend.add_group(G, 110, [A, B], [])
+    backend.add_group(other, 111, [A, B], [])
+    backend.set_subject(G, A, 120, b"first", {A})
+    backend.set_subject(other, A, 121, b"elsewhere", {A})
+    backend.record_message(A, G, 125, b"between", [B])
+    backend.set_subject(G, A, 130, b"second", {A})
+    assert [(i.code, i.dst, i.text) for i in backend.inbox(B)] == [
+        (HELD_SUBJECT, other, b"elsewhere"),
+        (HELD_MESSAGE, G, b"between"),
+        (HELD_SUBJECT, G, b"second"),
+    ]
+
+
+def test_added_members_come_last_get_the_11_then_the_subject_and_start_at_the_latest_message(backend):
+    backend.add_group(G, 110, [A, B], [])
+    backend.set_subject(G, B, 115, b"Duo", {A, B})
+    backend.record_message(A, G, 130, b"before", [B])
+    backend.record_message(B, G, 120, b"older", [A])
+    change = backend.add_members(G, 140, [D, B, C, D], {A})
+    assert change == GroupChange([A, B, D, C], Subject(B, 115, b"Duo"), 130)
+    listed = (A + B + D + C).encode()
+    assert notices(backend, D) == [(HELD_ADDED, "", G, 140, listed), (HELD_SUBJECT, B, G, 115, b"Duo")]
+    assert notices(backend, B) == [(HELD_ADDED, "", G, 140, listed)], "an old member gets no 18 again"
+    assert notices(backend, A) == []
+    snapshot = backend.load()
+    assert snapshot.groups[G] == [A, B, D, C]
+    assert snapshot.read_marks[G] == {D: 130, C: 130}
+    assert [i.text for i in backend.inbox(D) if i.code == HELD_MESSAGE] == [], "no message from before"
+
+
+def test_a_group_without_a_subject_holds_no_18(backend):
+    backend.add_group(G, 110, [A], [])
+    assert backend.add_members(G, 120, [B], set()) == GroupChange([A, B], None, 0)
+    assert [code for code, *_ in notices(backend, B)] == [HELD_ADDED]
+
+
+def test_leaving_holds_the_21_for_the_leaver_and_the_11_for_the_rest_and_keeps_what_was_held(backend):
+    backend.add_group(G, 110, [A, B, C], [])
+    sent = backend.record_message(A, G, 120, b"to all", [B, C])
+    backend.set_read_mark(G, B, 120)
+    assert backend.leave_group(G, B, 130, {C}).members == [A, C]
+    assert notices(backend, B) == [(HELD_LEFT, "", G, 130, None)]
+    assert [i.text for i in backend.inbox(B) if i.code == HELD_MESSAGE] == [b"to all"], "not taken back"
+    assert notices(backend, A)[:1] == [(HELD_ADDED, "", G, 130, (A + C).encode())]
+    assert notices(backend, C) == []
+    snapshot = backend.load()
+    assert snapshot.groups[G] == [A, C]
+    assert B not in snapshot.read_marks.get(G, {})
+    # The message still waits for B, who was a recipient when it was sent.
+    assert backend.mark_reached(sent.msg_id, [C]) == []
+    assert backend.mark_reached(sent.msg_id, [B]) == [Completed(A, G, 120)]
+
+
+def test_the_last_member_leaving_leaves_an_empty_group(backend):
+    backend.add_group(G, 110, [A], [])
+    assert backend.leave_group(G, A, 120, {A}) == GroupChange([])
+    assert backend.load().groups[G] == []
+    assert notices(backend, A) == []
+
+
+def test_a_member_who_left_can_be_added_again_last(backend):
+    backend.add_group(G, 110, [A, B, C], [])
+    backend.leave_group(G, A, 120, {A, B, C})
+    assert backend.add_members(G, 130, [A], {A, B, C}).members == [B, C, A]
+    assert backend.load().groups[G] == [B, C, A]
+
+
+def test_group_changes_survive_a_restart_with_what_they_held(sql_backend):
+    s = sql_backend
+    s.add_group(G, 110, [A, B], [])
+    s.set_subject(G, A, 111, b"Named", set())
+    s.add_members(G, 112, [C], set())
+    s.leave_group(G, B, 113, set())
+    s.reopen()
+    assert s.load().groups == {G: [A, C]}
+    assert notices(s, C) == [
+        (HELD_ADDED, "", G, 112, (A + B + C).encode()),
+        (HELD_SUBJECT, A, G, 111, b"Named"),
+        (HELD_ADDED, "", G, 113, (A + C).encode()),
+    ]
+    assert [code for code, *_ in notices(s, B)][-1] == HELD_LEFT
+    assert s.add_members(G, 114, [D], set()).subject == Subject(A, 111, b"Named")

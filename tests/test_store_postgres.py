@@ -22,8 +22,10 @@ from chatproto.store import (
     DUPLICATE_DELIVERED,
     HELD_ADDED,
     HELD_DELIVERED,
+    HELD_LEFT,
     HELD_MESSAGE,
     HELD_SEEN,
+    HELD_SUBJECT,
     SUPERSEDED,
     Completed,
     DatabaseTooNew,
@@ -37,7 +39,7 @@ from chatproto.store import (
 )
 
 psycopg = pytest.importorskip("psycopg")
-from chatproto.store.postgres import SCHEMA_VERSION, PostgresStore  # noqa: E402
+from chatproto.store.postgres import SCHEMA_VERSION, PostgresStore, schema_sql  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("no_logged_failures")
 
@@ -142,8 +144,8 @@ def test_events_arrive_in_commit_order_with_their_fields(cluster):
         held(B, HELD_MESSAGE, A, B, 100, "héllo".encode(), recorded.msg_id),
         held(A, HELD_DELIVERED, "", B, 100),
         GroupAdded(G, [A, B, C]),
-        held(B, HELD_ADDED, "", G, 110),
-        held(C, HELD_ADDED, "", G, 110),
+        held(B, HELD_ADDED, "", G, 110, (A + B + C).encode()),
+        held(C, HELD_ADDED, "", G, 110, (A + B + C).encode()),
     ]
     (delivered,) = n.inbox(A)
     assert n.events[3].item == delivered, "the event carries the committed row, seq and all"
@@ -412,3 +414,83 @@ def test_a_listener_reconnecting_ends_its_own_lost_connection(cluster):
 def test_a_store_needs_its_database_to_start(cluster, postgres):
     with pytest.raises(StoreUnavailable, match="no_such_database"):
         PostgresStore(postgres.dsn("no_such_database"), cluster.reactor)
+
+
+# -- groups people manage, across nodes ------------------------------------------------
+
+
+def test_group_changes_are_events_every_node_hears_with_what_they_held(cluster):
+    one, two = cluster.node("one"), cluster.node("two")
+    one.add_group(G, 110, [A, B], [])
+    one.set_subject(G, A, 120, "Trio ü".encode(), [])
+    change = one.add_members(G, 130, [C], [])
+    assert change.members == [A, B, C] and change.subject.name == "Trio ü".encode()
+    two.leave_group(G, B, 140, [])
+    events = without_seq(one.synced())
+    assert events[0] == GroupAdded(G, [A, B])
+    assert events[1:3] == [held(u, HELD_SUBJECT, A, G, 120, "Trio ü".encode()) for u in (A, B)]
+    abc = (A + B + C).encode()
+    assert events[3:8] == [
+        GroupAdded(G, [A, B, C]),
+        held(A, HELD_ADDED, "", G, 130, abc),
+        held(B, HELD_ADDED, "", G, 130, abc),
+        held(C, HELD_ADDED, "", G, 130, abc),
+        held(C, HELD_SUBJECT, A, G, 120, "Trio ü".encode()),
+    ]
+    assert events[8:] == [
+        GroupAdded(G, [A, C]),
+        held(B, HELD_LEFT, "", G, 140),
+        held(A, HELD_ADDED, "", G, 140, (A + C).encode()),
+        held(C, HELD_ADDED, "", G, 140, (A + C).encode()),
+    ]
+    assert without_seq(two.synced()) == events
+    # A node that never saw the group finds it, and a group everyone left is still one.
+    two.leave_group(G, A, 150, [])
+    two.leave_group(G, C, 151, [])
+    assert cluster.node("three").lookup([G]) == ({}, {G: []})
+
+
+def test_a_leaver_who_had_not_read_moves_the_low_mark_for_the_rest(cluster):
+    n = cluster.node()
+    n.add_group(G, 1, [A, B, C], [])
+    n.record_message(A, G, 100, b"read me", [B, C])
+    assert n.read_group(G, B, 100) is None
+    n.leave_group(G, C, 110, [])
+    assert n.load().low_marks == {G: 100}
+    nines = [e for e in without_seq(n.synced()) if isinstance(e, tuple) and e[1:2] == (HELD_SEEN,)]
+    assert nines == [held(A, HELD_SEEN, G, "", 100), held(B, HELD_SEEN, G, "", 100)]
+
+
+def test_an_added_member_starts_at_the_latest_message(cluster):
+    n = cluster.node()
+    n.add_group(G, 1, [A, B], [])
+    n.record_message(A, G, 100, b"before", [B])
+    assert n.add_members(G, 110, [C], []).read_mark == 100
+    assert n.read_group(G, B, 100) == 100, "C does not hold the low mark back"
+
+
+def test_a_first_schema_database_is_upgraded_with_its_data(cluster):
+    with psycopg.connect(cluster.dsn) as conn:
+        conn.execute(schema_sql(1))
+        conn.execute("INSERT INTO schema_history (version, applied) VALUES (1, 1700000000)")
+        conn.execute("INSERT INTO users VALUES (%s, NULL, 1), (%s, NULL, 1), (%s, NULL, 1)", (A, B, C))
+        conn.execute("INSERT INTO groups VALUES (%s, 110, 110, 0)", (G,))
+        conn.execute("INSERT INTO members VALUES (%s, %s, 0, 0), (%s, %s, 1, 0)", (G, A, G, B))
+        conn.execute("INSERT INTO inbox (user_id, code, src, dst, ts) VALUES (%s, 11, '', %s, 110)", (B, G))
+    n = cluster.node()
+    with psycopg.connect(cluster.dsn) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        history = conn.execute("SELECT version, previous FROM schema_history ORDER BY applied").fetchall()
+        assert history == [(1, None), (SCHEMA_VERSION, 1)]
+    assert n.load().groups == {G: [A, B]}
+    assert [(i.code, i.dst, i.ts, i.text) for i in n.inbox(B)] == [(HELD_ADDED, G, 110, None)]
+    n.set_subject(G, A, 120, b"Upgraded", [A])
+    n.add_members(G, 130, [C], [A])
+    assert [(i.code, i.text) for i in n.inbox(C)] == [
+        (HELD_ADDED, (A + B + C).encode()),
+        (HELD_SUBJECT, b"Upgraded"),
+    ]
+    # Opening it again is no upgrade.
+    cluster.node(listen=False)
+    with psycopg.connect(cluster.dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_history").fetchone() == (2,)

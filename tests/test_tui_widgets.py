@@ -19,11 +19,12 @@ from chatproto_tui.__main__ import parse_args
 from chatproto_tui.keys import CONTEXT_TITLES, KEYS, help_lines
 from chatproto_tui.theme import REQUIRED_STYLES, THEMES, TICKS
 from chatproto_tui.ui import NOTICE_SECONDS, App
+from chatproto_tui.widgets import SizedScreen
 
 from chatproto import wire
 from chatproto.client import ChatClient
 
-from .client_fakes import BOB, CAROL, GROUP, ME, T0, FakeEndpoint, b, drop, make_model, online
+from .client_fakes import BOB, CAROL, DAVE, GROUP, ME, T0, FakeEndpoint, b, drop, make_model, online
 
 
 def incoming(src, dst, ts, text):
@@ -163,8 +164,13 @@ def test_group_conversation_shows_each_senders_name(live):
     app.press("tab", " ", "down", " ", "enter")
     found, _, _ = wire.split_frames(wire.CLIENT_FRAME_LEN, transport.value())
     assert found == [wire.create_group(b(ME), wire.timestamp(T0), [b(BOB), b(CAROL)])]
+    transport.clear()
     protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(ME), b(BOB), b(CAROL)]))
-    assert app.model.open_id == GROUP and "Pals" in app.render_text()
+    # The subject goes right after the 11; the name is the server's 18, for every member.
+    assert transport.value() == wire.set_subject(b(ME), b(GROUP), wire.timestamp(T0 + 1), b"Pals")
+    assert app.model.open_id == GROUP and "group: Bob, Carol" in app.render_text()
+    protocol.dataReceived(wire.subject(b(GROUP), b(ME), wire.timestamp(T0 + 1), b"Pals"))
+    assert "Pals  (group " in app.render_text()
     protocol.dataReceived(
         incoming(BOB, GROUP, T0 + 1, "from bob") + incoming(CAROL, GROUP, T0 + 2, "from carol")
     )
@@ -246,10 +252,13 @@ def test_quit_asks_only_when_something_is_unsent(tmp_path):
 
 
 def test_every_dialog_answers_esc_through_urwids_own_dispatch(live):
-    app, _, _ = live
+    app, protocol, _ = live
     app.model.add_contact(BOB, "Bob")
+    app.model.add_contact(CAROL, "Carol")
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME)]))
+    app.open(GROUP)
     app.press("x")
-    for opener in ("f1", "f2", "f3", "ctrl q"):
+    for opener in ("f1", "f2", "f3", "ctrl f", "f7", "f8", "f9", "meta x", "ctrl q"):
         app.press(opener)
         assert app.dialog is not None, opener
         app.press("esc")
@@ -424,6 +433,17 @@ def test_opening_a_conversation_marks_where_the_unread_messages_start(live):
     assert "already read" in lines[marker - 1] and "unread 1" in lines[marker + 1]
 
 
+def test_the_unread_marker_comes_after_the_days_heading(live):
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    protocol.dataReceived(b"".join(incoming(BOB, ME, T0 + i, f"unread {i}") for i in range(2)))
+    app.open(BOB)
+    lines = [x[25:].strip() for x in app.render_text().splitlines()]  # right of the list
+    marker = lines.index("─── new messages ───")
+    assert lines[marker - 1] == f"— {time.strftime('%a %d %b %Y', time.localtime(T0))} —"
+    assert "unread 0" in lines[marker + 1]
+
+
 def test_bidi_and_other_format_characters_are_neutralised(live):
     app, protocol, _ = live
     app.model.add_contact(BOB, "B\u202eob")
@@ -494,3 +514,117 @@ def test_search_in_the_conversation_and_across_conversations(live):
     assert "3 messages with “apple”" in screen and "Carol · Carol: carol's apple" in screen
     app.press("enter")  # the newest: Carol's
     assert app.model.open_id == CAROL and "Match 1 of 1" in app.render_text()
+
+
+class _KeepingScreen(SizedScreen):
+    """What urwid's raw screen does that matters here: it keeps the last canvas it drew,
+    so urwid's canvas cache can hand a widget's old canvas back for the same size."""
+
+    canvas = None
+
+    def draw_screen(self, size, canvas) -> None:
+        self.canvas = canvas
+
+    def text(self) -> str:
+        return "\n".join(line.decode() for line in self.canvas.text)
+
+
+def test_the_list_key_works_at_an_unchanged_size_in_a_running_loop(live):
+    """F4 at 100 columns did nothing in a real terminal: the layout was chosen in render,
+    which urwid skips when it still holds a canvas of that size."""
+    app, _, _ = live
+    keeping = _KeepingScreen((100, 30))
+    app.loop = urwid.MainLoop(app.top, screen=keeping, handle_mouse=False)
+    app.loop.draw_screen()
+    assert keeping.text().splitlines()[1].startswith("Conversations")
+    app.loop.process_input(["f4"])
+    app.loop.draw_screen()
+    assert "Conversations" not in keeping.text()
+    app.loop.process_input(["meta l"])
+    app.loop.draw_screen()
+    assert keeping.text().splitlines()[1].startswith("Conversations")
+
+
+def client_frames(transport) -> list[bytes]:
+    found, _, _ = wire.split_frames(wire.CLIENT_FRAME_LEN, transport.value())
+    transport.clear()
+    return found
+
+
+def test_a_group_is_named_by_its_subject_and_its_changes_are_lines_in_it(live):
+    app, protocol, transport = live
+    for who, nick in ((BOB, "Bob"), (CAROL, "Carol"), (DAVE, "Dave")):
+        app.model.add_contact(who, nick)
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME)]))
+    app.open(GROUP)
+    protocol.dataReceived(wire.subject(b(GROUP), b(BOB), wire.timestamp(T0 + 1), b"Trio"))
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0 + 2), [b(BOB), b(ME), b(CAROL)]))
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0 + 3), [b(ME), b(CAROL)]))
+    screen = app.render_text((100, 24))
+    assert f" Trio  (group {GROUP})" in screen and "▸ Trio" in screen
+    assert "Bob named the group “Trio”" in screen
+    lines = [line.strip() for line in screen.splitlines()]
+    # The 11 does not say who added Carol, so nobody is named.
+    assert any(line.endswith(" Carol was added") for line in lines), screen
+    assert any(line.endswith(" Bob left") for line in lines), screen
+
+
+def test_rename_add_and_leave_keys_send_17_19_20_and_a_left_group_takes_nothing(live):
+    app, protocol, transport = live
+    for who, nick in ((BOB, "Bob"), (CAROL, "Carol"), (DAVE, "Dave")):
+        app.model.add_contact(who, nick)
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME), b(CAROL)]))
+    protocol.dataReceived(wire.subject(b(GROUP), b(BOB), wire.timestamp(T0 + 1), b"Trio"))
+    app.open(GROUP)
+    client_frames(transport)
+
+    # Rename: the subject field holds the subject; a new one goes as a 17.
+    app.press("f8")
+    assert "Rename the group" in app.render_text() and "Subject:  Trio" in app.render_text()
+    app.press("ctrl u", *"Quad", "enter", "enter")  # Ctrl-U empties a prefilled field
+    assert "Rename the group" not in app.render_text()
+    assert client_frames(transport) == [wire.set_subject(b(ME), b(GROUP), wire.timestamp(T0), b"Quad")]
+    protocol.dataReceived(wire.subject(b(GROUP), b(ME), wire.timestamp(T0), b"Quad"))
+    assert "You named the group “Quad”" in app.render_text() and " Quad  (group" in app.render_text()
+    # A nickname only here: no frame, shown instead, with the subject beside it in the header.
+    app.press("meta t", "enter", *"Lunch", "enter")
+    assert client_frames(transport) == []
+    assert f" Lunch  “Quad”  (group {GROUP})" in app.render_text() and "▸ Lunch" in app.render_text()
+
+    # Add: only contacts not in the group are offered.
+    app.press("f9")
+    screen = app.render_text()
+    assert "Add to Lunch" in screen and f"Dave ({DAVE})" in screen and f"Bob ({BOB})" not in screen
+    app.press(" ", "enter")
+    (frame,) = client_frames(transport)
+    assert frame == wire.add_members(b(ME), b(GROUP), frame[28:38], [b(DAVE)])
+    protocol.dataReceived(wire.added_to_group(b(GROUP), frame[28:38], [b(BOB), b(ME), b(CAROL), b(DAVE)]))
+    assert "Dave was added by you" in app.render_text()
+
+    # Leave: a confirmation that answers n, Esc and y.
+    app.press("meta x")
+    assert "Leave the group?" in app.render_text() and "y: leave" in app.render_text()
+    app.press("n")
+    assert "Leave the group?" not in app.render_text()
+    app.press("meta x", "esc")
+    assert "Leave the group?" not in app.render_text() and client_frames(transport) == []
+    app.press("meta x", "y")
+    (frame,) = client_frames(transport)
+    assert frame[:2] == wire.LEAVE_GROUP and frame[2:28] == b(ME) + b(GROUP)
+    protocol.dataReceived(wire.left_group(b(GROUP), frame[28:38]))
+    screen = app.render_text()
+    assert "You left" in screen and "you left  (group" in screen
+    assert "you left the group >" in screen
+    app.press(*"anyone?", "enter")
+    assert client_frames(transport) == [] and "it stays readable" in app.render_text()
+    app.press("f8")
+    assert "Rename the group" not in app.render_text()
+
+
+def test_creating_a_group_asks_for_its_subject(live):
+    app, _, transport = live
+    app.model.add_contact(BOB, "Bob")
+    app.press("f3", "tab", " ", "enter")
+    assert "Give the group a subject" in app.render_text() and client_frames(transport) == []
+    app.press(*"Duo", "enter")
+    assert client_frames(transport)[0][:2] == wire.CREATE_GROUP

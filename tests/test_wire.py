@@ -20,19 +20,32 @@ PROPERTY = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
-#: Every client frame's length, from the contract (10: 27 + 13·N).
-CLIENT_LEN = {b"01": 2, b"03": 15, b"05": 256, b"08": 25, b"13": 2, b"15": 47, b"16": 38}
+#: Every client frame's length, from the contract (10: 27 + 13·N, 19: 40 + 13·N).
+CLIENT_LEN = {
+    b"01": 2,
+    b"03": 15,
+    b"05": 256,
+    b"08": 25,
+    b"13": 2,
+    b"15": 47,
+    b"16": 38,
+    b"17": 102,
+    b"20": 38,
+}
+#: The variable frames' length before their members (N is its last two bytes).
+HEADER_LEN = {b"10": 27, b"19": 40}
 
 
 @st.composite
 def any_client_frame(draw):
     """A frame of any client code with arbitrary field bytes: framing looks only at COD and N."""
-    code = draw(st.sampled_from([*CLIENT_LEN, b"10"]))
-    if code == b"10":
+    code = draw(st.sampled_from([*CLIENT_LEN, *HEADER_LEN]))
+    if code in HEADER_LEN:
         n = draw(st.integers(0, 12))
+        fixed = HEADER_LEN[code] - 4
         return (
             code
-            + draw(st.binary(min_size=23, max_size=23))
+            + draw(st.binary(min_size=fixed, max_size=fixed))
             + b"%02d" % n
             + draw(st.binary(min_size=13 * n, max_size=13 * n))
         )
@@ -61,6 +74,7 @@ def test_any_split_of_a_client_stream_decodes_to_the_same_frames(no_logged_failu
 
 A = b"0100000000001"
 B = b"0200000000002"
+NO_GROUP = b"1000000000009"
 
 
 def session_net() -> Net:
@@ -87,6 +101,14 @@ valid_ish = st.one_of(
     ),
     st.just(f_online(A)),
     st.just(b"15" + A + b"0" * 32),
+    # 17, 19 and 20 for a group no one made: answered 12 XX 06 (or 01, 05), never framed wrong.
+    st.builds(lambda t, x: b"17" + A + NO_GROUP + t + x[:64].ljust(64, b"\0"), timestamps, texts),
+    st.builds(
+        lambda t, ms: b"19" + A + NO_GROUP + t + b"%02d" % len(ms) + b"".join(ms),
+        timestamps,
+        st.lists(st.sampled_from([A, B, b"0999999999999"]), max_size=4),
+    ),
+    st.builds(lambda t: b"20" + B + NO_GROUP + t, timestamps),
 )
 
 
@@ -165,13 +187,16 @@ def test_server_encoders_have_the_contracts_widths():
         wire.added_to_group(group, when, [user, user]),
         wire.error(b"05", b"01"),
         wire.registered_secret(user, secret),
+        wire.subject(group, user, when, "Trio ü".encode()),
+        wire.left_group(group, when),
     ]
     assert parse_server(b"".join(frames)) == frames
-    assert {f[:2] for f in frames} == set(SERVER_FRAME_LEN)
+    assert {f[:2] for f in frames} == set(SERVER_FRAME_LEN) == set(wire.SERVER_FRAME_LEN)
+    assert wire.split_frames(wire.SERVER_FRAME_LEN, b"".join(frames)) == (frames, b"", 0)
 
 
 def test_client_encoders_have_the_contracts_widths():
-    user, when, secret = b"0" * 13, b"1" * 10, b"a" * 32
+    user, group, when, secret = b"0" * 13, b"1" * 13, b"1" * 10, b"a" * 32
     frames = [
         wire.register(),
         wire.online(user),
@@ -181,11 +206,75 @@ def test_client_encoders_have_the_contracts_widths():
         wire.register_secret(),
         wire.online_secret(user, secret),
         wire.received(user, user, when),
+        wire.set_subject(user, group, when, b"Trio"),
+        wire.add_members(user, group, when, [user, user, user]),
+        wire.leave_group(user, group, when),
     ]
     for frame in frames:
         code = frame[:2]
-        expected = 27 + 13 * int(frame[25:27]) if code == b"10" else CLIENT_LEN[code]
+        if code in HEADER_LEN:
+            header = HEADER_LEN[code]
+            expected = header + 13 * int(frame[header - 2 : header])
+        else:
+            expected = CLIENT_LEN[code]
         assert len(frame) == expected, code
+    assert {f[:2] for f in frames} == set(wire.CLIENT_FRAME_LEN)
+    assert wire.split_frames(wire.CLIENT_FRAME_LEN, b"".join(frames)) == (frames, b"", 0)
+
+
+# -- the group-management frames' decoders: each field where the contract puts it --
+
+ALICE, BOB, CAROL = b"0418273645091", b"0736251849203", b"0590817263544"
+TRIO = b"1273849506172"
+WHEN = b"1700000300"
+
+
+def test_set_subject_and_subject_decode_to_the_same_fields():
+    sent = wire.set_subject(ALICE, TRIO, WHEN, "Trio ü".encode())
+    assert sent == b"17" + ALICE + TRIO + WHEN + "Trio ü".encode() + b"\0" * 57
+    got = wire.decode_set_subject(sent)
+    assert got == wire.Subject(group=TRIO, src=ALICE, ts=WHEN, name=got.name)
+    assert wire.unpad_name(got.name) == "Trio ü".encode()
+    echoed = wire.subject(got.group, got.src, got.ts, got.name)
+    assert echoed == b"18" + TRIO + ALICE + WHEN + "Trio ü".encode() + b"\0" * 57
+    assert wire.decode_subject(echoed) == got
+
+
+def test_add_members_decodes_its_members_and_n():
+    frame = wire.add_members(ALICE, TRIO, WHEN, [BOB, CAROL])
+    assert len(frame) == 40 + 26
+    assert wire.decode_add_members(frame) == wire.AddMembers(ALICE, TRIO, WHEN, b"02", [BOB, CAROL])
+    # A frame cut short keeps only the whole ids: the reader compares N with them.
+    assert wire.decode_add_members(frame[:-5]).members == [BOB]
+
+
+def test_leave_and_left_decode():
+    assert wire.decode_leave(wire.leave_group(BOB, TRIO, WHEN)) == wire.Leave(BOB, TRIO, WHEN)
+    assert wire.leave_group(BOB, TRIO, WHEN) == b"20" + BOB + TRIO + WHEN
+    assert wire.decode_left(wire.left_group(TRIO, WHEN)) == wire.Left(TRIO, WHEN)
+    assert wire.left_group(TRIO, WHEN) == b"21" + TRIO + WHEN
+
+
+def test_a_19_is_framed_by_its_own_n():
+    """19's N sits at bytes 38-39, not where a 10's does: the framer must read it there."""
+    frame = wire.add_members(ALICE, TRIO, WHEN, [BOB] * 3)
+    assert wire.frame_length(wire.CLIENT_FRAME_LEN, frame, 0) == 40 + 39
+    assert wire.frame_length(wire.CLIENT_FRAME_LEN, frame[:39], 0) == 0
+    assert wire.frame_length(wire.CLIENT_FRAME_LEN, frame[:38] + b"x3", 0) == -2
+
+
+@pytest.mark.parametrize(
+    "field, name",
+    [
+        (b"Trio".ljust(64, b"\0"), b"Trio"),
+        ("ü".encode() * 32, "ü".encode() * 32),
+        (b"\0" * 64, None),
+        (b"a\0b".ljust(64, b"\0"), None),
+        (b"\xc3".ljust(64, b"\0"), None),
+    ],
+)
+def test_name_is_unpadded_or_called_malformed(field, name):
+    assert wire.unpad_name(field) == name
 
 
 @pytest.mark.parametrize(

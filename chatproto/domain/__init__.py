@@ -10,7 +10,7 @@ stored, a 07 after the delivery is). One module per job:
 - ``accounts``: 01/13 and 03/15;
 - ``delivery``: 05 → 06 and 07, the live and held ways, the flush, 16;
 - ``receipts``: 08 → 09 and a group's low mark;
-- ``groups``: 10 → 11;
+- ``groups``: 10 → 11, and a member's 17 → 18, 19 → 11, 20 → 21;
 - ``routing``: one server (``LocalRouting``) or several sharing a database
   (``DatabaseRouting``).
 
@@ -113,6 +113,21 @@ class Domain:
     def create_group(self, session: Session, ts: bytes, listed: list[bytes]) -> None:
         self.routing.resolve(
             session, listed, wire.CREATE_GROUP, lambda: self.groups.create(session, ts, listed)
+        )
+
+    def set_subject(self, session: Session, group: bytes, ts: bytes, name: bytes) -> None:
+        self.routing.resolve(
+            session, [group], wire.SET_SUBJECT, lambda: self.groups.set_subject(session, group, ts, name)
+        )
+
+    def add_members(self, session: Session, group: bytes, ts: bytes, listed: list[bytes]) -> None:
+        self.routing.resolve(
+            session, [group, *listed], wire.ADD_MEMBERS, lambda: self.groups.add(session, group, ts, listed)
+        )
+
+    def leave_group(self, session: Session, group: bytes, ts: bytes) -> None:
+        self.routing.resolve(
+            session, [group], wire.LEAVE_GROUP, lambda: self.groups.leave(session, group, ts)
         )
 
     def behind(self, session: Session) -> None:

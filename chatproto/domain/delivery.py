@@ -9,9 +9,10 @@ ends there (a 15 session's on its 16). What a recipient cannot take now
 stays held and goes out in the **flush** of its next login, a page at a
 time, before anything live.
 
-Every 07 goes through ``confirm``. Notices (07, 09, 11) for a user go
-through ``notify``, which keeps them in the order they were decided: a
-09 or 11 for a sender waits behind the 07s being decided for it.
+Every 07 goes through ``confirm``. Notices (07, 09, 11, 18, 21) for a
+user go through ``notify``, which keeps them in the order they were
+decided: a 09, 11, 18 or 21 for a sender waits behind the 07s being
+decided for it.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from .. import wire
 from ..store import (
     DUPLICATE_DELIVERED,
     DUPLICATE_PENDING,
+    HELD_ADDED,
     HELD_DELIVERED,
+    HELD_LEFT,
     HELD_MESSAGE,
     HELD_SEEN,
+    HELD_SUBJECT,
     Completed,
+    split_members,
 )
 from .answers import Answer, busy, failed, kept
 from .session import Flush, Session, State
@@ -172,7 +177,7 @@ class Delivery:
                 reached.append(item.msg_id)
                 senders[src] = senders.get(src, 0) + 1
             else:
-                frames.append(self.notice_frame(item.code, item.src, item.dst, item.ts))
+                frames.append(self.notice_frame(item.code, item.src, item.dst, item.ts, item.text))
                 notices.append(item.seq)
         if not session.connection.write_many(frames, None if notices else wire.MESSAGE):
             return False
@@ -185,14 +190,23 @@ class Delivery:
             d.addCallbacks(self._completed, self._not_completed, (senders,), errbackArgs=(senders,))
         return True
 
-    def notice_frame(self, code: int, src: str, dst: str, ts: int) -> bytes:
+    def notice_frame(self, code: int, src: str, dst: str, ts: int, text: bytes | None = None) -> bytes:
+        """A held notice's frame; an 11 lists the members of its moment (``text``),
+        or, held before schema version 6, the members now."""
         when = wire.timestamp(ts)
         if code == HELD_DELIVERED:
             return wire.delivered(dst.encode(), when)
         if code == HELD_SEEN:
             return wire.seen_by(src.encode(), when)
         group = dst.encode()
-        return wire.added_to_group(group, when, self.groups.get(group, []))
+        if code == HELD_ADDED:
+            members = split_members(text) if text is not None else self.groups.get(group, [])
+            return wire.added_to_group(group, when, members)
+        if code == HELD_SUBJECT:
+            return wire.subject(group, src.encode(), when, text)
+        if code == HELD_LEFT:
+            return wire.left_group(group, when)
+        raise ValueError(f"no frame for a held item of code {code}")
 
     # -- the connection's pace ---------------------------------------------
 
@@ -230,28 +244,33 @@ class Delivery:
 
     # -- notices and 07s -----------------------------------------------------
 
-    def notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
-        """A 09 or 11 for ``user``: after the 07s being decided for it, in order."""
+    def notify(
+        self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int, text: bytes | None = None
+    ) -> None:
+        """A 09, 11, 18 or 21 for ``user``: after the 07s being decided for it, in order.
+        ``text``: what the held row keeps of it (an 11's members, an 18's name)."""
         behind = self.behind_07s.get(user)
         if behind is not None:
-            behind.append((frame, code, src, dst, ts))
+            behind.append((frame, code, src, dst, ts, text))
         elif self.deciding.get(user):
-            self.behind_07s[user] = [(frame, code, src, dst, ts)]
+            self.behind_07s[user] = [(frame, code, src, dst, ts, text)]
         else:
-            self.routing.notify(user, frame, code, src, dst, ts)
+            self.routing.notify(user, frame, code, src, dst, ts, text)
 
-    def write_or_hold(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
+    def write_or_hold(
+        self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int, text: bytes | None = None
+    ) -> None:
         """A notice for ``user``: now if it takes frames, behind its flush, else at its next login."""
         session = self.sessions.get(user)
         if session is not None:
             if session.state is State.FLUSHING:
-                session.flush.frames.append((frame, (code, src, dst, ts)))
+                session.flush.frames.append((frame, (code, src, dst, ts, text)))
                 return
             if session.takes_frames and session.connection.write(frame):
                 return
         else:
             self.count_held([user])
-        self.store.hold(user.decode(), code, src, dst, ts).addErrback(kept)
+        self.store.hold(user.decode(), code, src, dst, ts, text).addErrback(kept)
 
     def count_held(self, users) -> None:
         """Notices held for these offline users count against --max-held too."""
@@ -402,7 +421,7 @@ class Delivery:
                 at = self._send_live(conversation, readers, items, at)
                 if at == end:
                     return
-            self.send(session, *items[at])
+            self._send_accepted(session, *items[at])
             at += 1
 
     def _send_live(
@@ -495,9 +514,7 @@ class Delivery:
 
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src`` the held way; ``frame`` is the 06 to deliver."""
-        if dst in self.users:
-            recipients = [dst]
-        else:
+        if dst not in self.users:
             members = self.groups.get(dst)
             if members is None:
                 session.connection.error(wire.SEND, wire.UNKNOWN_DESTINATION)
@@ -505,7 +522,18 @@ class Delivery:
             if src not in members:
                 session.connection.error(wire.SEND, wire.NOT_A_MEMBER)
                 return
-            recipients = [m for m in members if m != src]
+        self._send_accepted(session, src, dst, ts, text, frame)
+
+    def _send_accepted(
+        self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes
+    ) -> None:
+        """A 05 whose sender could send to ``dst`` when it was read, the held way:
+        to the user, or to every other member of the group now. A message that
+        waited in its conversation is not refused if its sender left meanwhile."""
+        if dst in self.users:
+            recipients = [dst]
+        else:
+            recipients = [m for m in self.groups.get(dst, ()) if m != src]
         if self.max_held:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:

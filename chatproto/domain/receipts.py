@@ -56,8 +56,25 @@ class Receipts:
             return
         marks[reader] = when
         self.store.set_read_mark(group.decode(), reader.decode(), when).addErrback(busy, session, wire.SEEN)
+        self.recheck(group)
+
+    def recheck(self, group: bytes) -> None:
+        """One server: look whether the group's low mark moves (a mark rose, a member left)."""
         d = self.store.group_messages_since(group.decode(), self.low_marks.get(group, 0))
         d.addCallbacks(self._advance_low_mark, failed, (group,), errbackArgs=("moving a group's low mark",))
+
+    def members_added(self, group: bytes, users: list[bytes], mark: int) -> None:
+        """One server: the new members' marks, as the store set them (the group's latest
+        message, which they never get), so that they do not hold the low mark back."""
+        marks = self.read_marks.setdefault(group, {})
+        for user in users:
+            marks[user] = mark
+        self.recheck(group)
+
+    def member_left(self, group: bytes, user: bytes) -> None:
+        """One server: the low mark counts current members only, so it may move now."""
+        self.read_marks.get(group, {}).pop(user, None)
+        self.recheck(group)
 
     def _advance_low_mark(self, rows, group: bytes) -> None:
         """Move the group's low mark past every message all its readers have read."""

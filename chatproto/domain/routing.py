@@ -84,14 +84,26 @@ class LocalRouting:
     def completed(self, completed) -> None:
         self.domain.delivery.confirm_completed(completed)
 
-    def notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
-        self.domain.delivery.write_or_hold(user, frame, code, src, dst, ts)
+    def notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int, text=None) -> None:
+        self.domain.delivery.write_or_hold(user, frame, code, src, dst, ts, text)
 
     def seen_user(self, session: Session, peer: bytes, ts: bytes) -> None:
         self.domain.receipts.notify_seen(session, peer, ts)
 
     def seen_group(self, session: Session, group: bytes, ts: bytes) -> None:
         self.domain.receipts.mark_read(session, group, ts)
+
+    def writes_to(self, members: list[bytes]) -> list[bytes]:
+        """The members a group's notice is written to after its commit; the store
+        holds it for the others in the same commit: here, those online."""
+        sessions = self.domain.directory.sessions
+        return [m for m in members if m in sessions]
+
+    def members_added(self, group: bytes, users: list[bytes], mark: int) -> None:
+        self.domain.receipts.members_added(group, users, mark)
+
+    def member_left(self, group: bytes, user: bytes) -> None:
+        self.domain.receipts.member_left(group, user)
 
     def add_group(self, group: bytes, ts: bytes, members: list[bytes]) -> Deferred:
         """Deferred[the members online now]: the offline ones' 11 is held in the same commit."""
@@ -334,9 +346,9 @@ class DatabaseRouting:
     def completed(self, completed) -> None:
         """The store held each 07 in the transaction that completed its message: the listener brings it."""
 
-    def notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int) -> None:
+    def notify(self, user: bytes, frame: bytes, code: int, src: str, dst: str, ts: int, text=None) -> None:
         """Every notice is an inbox row, on whichever node its user is."""
-        self.store.hold(user.decode(), code, src, dst, ts).addErrback(kept)
+        self.store.hold(user.decode(), code, src, dst, ts, text).addErrback(kept)
 
     def seen_user(self, session: Session, peer: bytes, ts: bytes) -> None:
         d = self.store.hold(peer.decode(), HELD_SEEN, session.user.decode(), "", int(ts))
@@ -346,6 +358,16 @@ class DatabaseRouting:
         # The low mark needs every member's mark, which only the database has.
         d = self.store.read_group(group.decode(), session.user.decode(), int(ts))
         d.addErrback(busy, session, wire.SEEN)
+
+    def writes_to(self, members: list[bytes]) -> list[bytes]:
+        """None: every member's notice is a held row the listener brings."""
+        return []
+
+    def members_added(self, group: bytes, users: list[bytes], mark: int) -> None:
+        """The store set their read marks in the database, where the low mark is kept."""
+
+    def member_left(self, group: bytes, user: bytes) -> None:
+        """The store moved the low mark in the transaction that removed the member."""
 
     def add_group(self, group: bytes, ts: bytes, members: list[bytes]) -> Deferred:
         """Every member's 11, online or not, is a held row the listener brings."""

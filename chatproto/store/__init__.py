@@ -15,7 +15,7 @@ from typing import NamedTuple, TypeVar
 
 from zope.interface import Attribute, Interface
 
-from ..wire import GROUP_FIRST
+from ..wire import GROUP_FIRST, ID_LEN
 
 _GROUP_FIRST = GROUP_FIRST.decode()
 
@@ -49,13 +49,18 @@ HELD_MESSAGE = 6
 HELD_DELIVERED = 7
 HELD_SEEN = 9
 HELD_ADDED = 11
+HELD_SUBJECT = 18
+HELD_LEFT = 21
 
 
 class InboxItem(NamedTuple):
     """One thing held for a user, in the order it was queued.
 
     For a message (code 6): src, dst, ts, text and msg_id. For a 07: dst and
-    ts; for a 09: src and ts; for an 11: dst (the group) and ts.
+    ts; for a 09: src and ts; for an 11: dst (the group), ts, and as text
+    the members then, their ids joined (None in a row held before schema
+    version 6: the group's members now); for an 18: src (who set it), dst
+    (the group), ts and as text the name; for a 21: dst (the group) and ts.
     """
 
     seq: int
@@ -72,6 +77,60 @@ class Recorded(NamedTuple):
     status: str
     #: True when no recipient is left to deliver to: the sender's 07 is due.
     complete: bool
+
+
+class Subject(NamedTuple):
+    """A group's subject: who set it, the 17's TIMESTAMP, the name (unpadded)."""
+
+    src: str
+    ts: int
+    name: bytes
+
+
+class GroupChange(NamedTuple):
+    """What a committed change of a group's members left."""
+
+    #: The members after the change, in their order (the 11's list).
+    members: list[str]
+    #: The group's subject, for the 18 an added member gets after its 11; None if it has none.
+    subject: Subject | None = None
+    #: The read mark the added members start with: the group's latest message,
+    #: which they never get, so they do not hold its low mark back.
+    read_mark: int = 0
+
+
+def joined(members: Iterable[str]) -> bytes:
+    """A held 11's text: its members' ids, one after the other (13 bytes each)."""
+    return "".join(members).encode()
+
+
+def split_members(text: bytes) -> list[bytes]:
+    """``joined`` read back, as the 11's MEMBER fields."""
+    return [text[i : i + ID_LEN] for i in range(0, len(text), ID_LEN)]
+
+
+def added_notices(group_id, ts, members, new, subject, online) -> list[tuple]:
+    """What a 19 holds, as (user, code, src, dst, ts, text) rows: the new 11
+    for every member not ``online``, and right after it, for each one just
+    added (``new``), the group's 18 if it has a subject."""
+    body = joined(members)
+    rows = []
+    for user_id in members:
+        if user_id in online:
+            continue
+        rows.append((user_id, HELD_ADDED, "", group_id, ts, body))
+        if subject is not None and user_id in new:
+            rows.append((user_id, HELD_SUBJECT, subject.src, group_id, subject.ts, subject.name))
+    return rows
+
+
+def left_notices(group_id, user_id, ts, members, online) -> list[tuple]:
+    """What a 20 holds, rows as ``added_notices``: the leaver's 21, and the 11
+    of the ``members`` who remain, for those not ``online``."""
+    body = joined(members)
+    rows = [(user_id, HELD_LEFT, "", group_id, ts, None)] if user_id not in online else []
+    rows += [(member, HELD_ADDED, "", group_id, ts, body) for member in members if member not in online]
+    return rows
 
 
 class Completed(NamedTuple):
@@ -245,14 +304,40 @@ class IChatStore(Interface):
     def acknowledge(user_id, src, dst, ts):
         """Deferred[list[Completed]]: user_id acknowledged (16) the message src→dst at ts."""
 
-    def hold(user_id, code, src, dst, ts):
-        """Deferred[None]: keep a 07, 09 or 11 for user_id's next login."""
+    def hold(user_id, code, src, dst, ts, text=None):
+        """Deferred[None]: keep a 07, 09, 11, 18 or 21 for user_id's next login
+        (``text``: an 11's members, ``joined``, or an 18's name)."""
 
     def inbox(user_id, after=0, limit=None):
         """Deferred[list[InboxItem]]: what is held for user_id after seq ``after``, oldest first."""
 
     def drop(user_id, seqs):
-        """Deferred[None]: forget held 07/09/11 items once they were sent."""
+        """Deferred[None]: forget held 07/09/11/18/21 items once they were sent."""
+
+    def set_subject(group_id, src, ts, name, online):
+        """Deferred[list[str]]: the group's subject is ``name``, set by src at ts; its members.
+
+        An 18 is held for every member not in ``online`` (the ones the
+        caller writes to itself once this is committed), replacing the
+        group's 18 still held for them, if any: it said nothing more.
+        """
+
+    def add_members(group_id, ts, added, online):
+        """Deferred[GroupChange]: the users of ``added`` not yet members join the group, last.
+
+        Their read mark starts at the group's latest message. Every member
+        after the change not in ``online`` has the new 11 held (its text the
+        members, ``joined``), and each added one not in ``online`` the
+        group's 18 right after it, if the group has a subject.
+        """
+
+    def leave_group(group_id, user_id, ts, online):
+        """Deferred[GroupChange]: user_id is no longer a member; the members left.
+
+        What was held for user_id stays held. A 21 is held for user_id and
+        the new 11 for each remaining member, unless in ``online``. A
+        clustered store also moves the group's low mark, as ``read_group``.
+        """
 
     def set_read_mark(group_id, user_id, ts):
         """Deferred[None]: user_id has read group_id up to ts."""

@@ -220,6 +220,15 @@ class BatchingStore:
     def add_group(self, group_id, ts, members, hold_for):
         return self._submit(self.ops._add_group, group_id, ts, list(members), list(hold_for))
 
+    def set_subject(self, group_id, src, ts, name, online):
+        return self._submit(self.ops._set_subject, group_id, src, ts, name, set(online))
+
+    def add_members(self, group_id, ts, added, online):
+        return self._submit(self.ops._add_members, group_id, ts, list(added), set(online))
+
+    def leave_group(self, group_id, user_id, ts, online):
+        return self._submit(self.ops._leave_group, group_id, user_id, ts, set(online))
+
     def record_message(self, src, dst, ts, text, recipients, answer=None):
         return self._submit(self.ops._record_messages, src, dst, ts, text, recipients, answer=answer)
 
@@ -238,8 +247,8 @@ class BatchingStore:
     def acknowledge(self, user_id, src, dst, ts):
         return self._submit(self.ops._acknowledge, user_id, src, dst, ts)
 
-    def hold(self, user_id, code, src, dst, ts):
-        return self._submit(self.ops._hold, user_id, code, src, dst, ts)
+    def hold(self, user_id, code, src, dst, ts, text=None):
+        return self._submit(self.ops._hold, user_id, code, src, dst, ts, text)
 
     def inbox(self, user_id, after=0, limit=None):
         return self._submit(self.ops._inbox, user_id, after, limit)

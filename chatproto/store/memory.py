@@ -13,12 +13,18 @@ from . import (
     DUPLICATE_PENDING,
     HELD_ADDED,
     HELD_MESSAGE,
+    HELD_SUBJECT,
     NEW,
     Completed,
+    GroupChange,
     IChatStore,
     InboxItem,
     Recorded,
     Snapshot,
+    Subject,
+    added_notices,
+    joined,
+    left_notices,
 )
 
 
@@ -41,6 +47,7 @@ class MemoryStore:
         self.groups: dict[str, list[str]] = {}
         self.read_marks: dict[str, dict[str, int]] = {}
         self.low_marks: dict[str, int] = {}
+        self.subjects: dict[str, Subject] = {}
         self.messages: dict[int, _Message] = {}
         self._by_key: dict[tuple, _Message] = {}
         #: (src, dst) → the highest TIMESTAMP stored.
@@ -70,8 +77,41 @@ class MemoryStore:
         self.read_marks[group_id] = {}
         self.low_marks[group_id] = 0
         for user_id in hold_for:
-            self._put(user_id, HELD_ADDED, "", group_id, ts, None, None)
+            self._put(user_id, HELD_ADDED, "", group_id, ts, joined(members), None)
         return succeed(None)
+
+    def set_subject(self, group_id, src, ts, name, online):
+        self.subjects[group_id] = Subject(src, ts, name)
+        members = list(self.groups[group_id])
+        for user_id in members:
+            if user_id not in online:
+                # The 18 still held says nothing the new one does not.
+                inbox = self._inboxes.get(user_id, {})
+                for seq in [q for q, i in inbox.items() if i.code == HELD_SUBJECT and i.dst == group_id]:
+                    del inbox[seq]
+                self._put(user_id, HELD_SUBJECT, src, group_id, ts, name, None)
+        return succeed(members)
+
+    def add_members(self, group_id, ts, added, online):
+        members = self.groups[group_id]
+        mark = max((m.ts for m in self.messages.values() if m.dst == group_id), default=0)
+        new = [user_id for user_id in dict.fromkeys(added) if user_id not in members]
+        members.extend(new)
+        for user_id in new:
+            self.read_marks.setdefault(group_id, {})[user_id] = mark
+        subject = self.subjects.get(group_id)
+        for row in added_notices(group_id, ts, members, new, subject, online):
+            self._put(*row, None)
+        return succeed(GroupChange(list(members), subject, mark))
+
+    def leave_group(self, group_id, user_id, ts, online):
+        members = self.groups[group_id]
+        if user_id in members:
+            members.remove(user_id)
+        self.read_marks.get(group_id, {}).pop(user_id, None)
+        for row in left_notices(group_id, user_id, ts, members, online):
+            self._put(*row, None)
+        return succeed(GroupChange(list(members)))
 
     def _put(self, user_id, code, src, dst, ts, text, msg_id):
         seq = next(self._ids)
@@ -133,8 +173,8 @@ class MemoryStore:
         )
         return succeed(self._deliver(user_id, [item.msg_id for item in pending[:1]]))
 
-    def hold(self, user_id, code, src, dst, ts):
-        self._put(user_id, code, src, dst, ts, None, None)
+    def hold(self, user_id, code, src, dst, ts, text=None):
+        self._put(user_id, code, src, dst, ts, text, None)
         return succeed(None)
 
     def inbox(self, user_id, after=0, limit=None):

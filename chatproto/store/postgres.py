@@ -34,11 +34,13 @@ from . import (
     HELD_DELIVERED,
     HELD_MESSAGE,
     HELD_SEEN,
+    HELD_SUBJECT,
     NEW,
     SUPERSEDED,
     Completed,
     DatabaseTooNew,
     GroupAdded,
+    GroupChange,
     Held,
     IClusterStore,
     InboxItem,
@@ -47,15 +49,19 @@ from . import (
     Recorded,
     Released,
     StoreUnavailable,
+    Subject,
     Takeover,
     UserAdded,
+    added_notices,
+    joined,
+    left_notices,
     next_low_mark,
 )
 from .batching import BatchingStore, load_snapshot, record_delivered
 
-#: The schema this code writes; a database at another version is refused
-#: (there is no older PostgreSQL schema to upgrade from yet).
-SCHEMA_VERSION = 1
+#: The schema this code writes. A fresh database is made from ``NNN.sql`` of
+#: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
+SCHEMA_VERSION = 2
 
 #: The one NOTIFY channel every node listens on.
 CHANNEL = "chatproto"
@@ -101,6 +107,12 @@ def schema_sql(version: int) -> str:
     return resources.files(__package__).joinpath(f"schema/postgres/{version:03d}.sql").read_text()
 
 
+def upgrade_sql(version: int) -> str:
+    """The step from ``version`` to the next one."""
+    name = f"schema/postgres/upgrade_{version:03d}_to_{version + 1:03d}.sql"
+    return resources.files(__package__).joinpath(name).read_text()
+
+
 def schema_version(conn: psycopg.Connection) -> int | None:
     """The version the database records, or None for an empty database."""
     (table,) = conn.execute("SELECT to_regclass('schema_version')").fetchone()
@@ -111,10 +123,12 @@ def schema_version(conn: psycopg.Connection) -> int | None:
 
 
 def ensure_schema(conn: psycopg.Connection) -> int:
-    """Make the schema in an empty database; refuse one of another version.
+    """Make the schema in an empty database, upgrade an older one, refuse a newer one.
 
     Under a transaction-level advisory lock, so that nodes starting together
-    make it once; the DDL commits with the version, or not at all.
+    make or upgrade it once; the DDL commits with the version, or not at
+    all. An older node still running meanwhile does not know the new
+    columns, and leaves them NULL (their meaning for a row held before).
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -125,15 +139,27 @@ def ensure_schema(conn: psycopg.Connection) -> int:
                 "INSERT INTO schema_history (version, applied) VALUES (%s, %s)",
                 (SCHEMA_VERSION, int(time.time())),
             )
-        elif version != SCHEMA_VERSION:
+        elif version > SCHEMA_VERSION:
             where = f"{conn.info.dbname} on {conn.info.host}:{conn.info.port}"
-            if version > SCHEMA_VERSION:
-                raise DatabaseTooNew(
-                    f"the database {where} has schema version {version}, newer than this "
-                    f"chatproto's {SCHEMA_VERSION}: run a newer chatproto"
-                )
-            raise DatabaseTooNew(f"the database {where} has schema version {version}, unknown to chatproto")
+            raise DatabaseTooNew(
+                f"the database {where} has schema version {version}, newer than this "
+                f"chatproto's {SCHEMA_VERSION}: run a newer chatproto"
+            )
+        elif version < SCHEMA_VERSION:
+            for step in range(version, SCHEMA_VERSION):
+                conn.execute(upgrade_sql(step))
+            conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+            conn.execute(
+                "INSERT INTO schema_history (version, applied, previous) VALUES (%s, %s, %s)",
+                (SCHEMA_VERSION, int(time.time()), version),
+            )
+            _schema_log.info(
+                "upgraded the database from schema version {old} to {new}", old=version, new=SCHEMA_VERSION
+            )
     return SCHEMA_VERSION
+
+
+_schema_log = Logger(namespace="chatproto.store.postgres")
 
 
 # Notification payloads: compact JSON arrays, a kind letter first; message
@@ -145,6 +171,7 @@ def _dumps(*fields) -> str:
 
 
 def _held(user, seq, code, src, dst, ts, msg_id, text):
+    """``text``: a message's, an 11's members or an 18's name, base64."""
     body = None if text is None else base64.b64decode(text)
     return Held(user, InboxItem(seq, code, src, dst, ts, body, msg_id))
 
@@ -514,17 +541,22 @@ def _insert_holds(store, cur, rows, texts=None) -> None:
 
     ``texts`` gives the text of held messages by id, for the announcement.
     """
+    _insert_notices(store, cur, [(*row, None) for row in rows], texts)
+
+
+def _insert_notices(store, cur, rows, texts=None) -> None:
+    """``_insert_holds`` with each row's body last (an 11's members, an 18's name, or None)."""
     if not rows:
         return
     cur.execute(
-        "INSERT INTO inbox (user_id, code, src, dst, ts, msg_id) "
+        "INSERT INTO inbox (user_id, code, src, dst, ts, msg_id, body) "
         "SELECT * FROM unnest(%b::text[], %b::smallint[], %b::text[], %b::text[], %b::bigint[], "
-        "%b::bigint[]) "
-        "RETURNING seq, user_id, code, src, dst, ts, msg_id",
+        "%b::bigint[], %b::bytea[]) "
+        "RETURNING seq, user_id, code, src, dst, ts, msg_id, body",
         _columns(rows),
     )
-    for seq, user, code, src, dst, ts, msg_id in sorted(cur.fetchall()):
-        text = texts.get(msg_id) if texts and code == HELD_MESSAGE else None
+    for seq, user, code, src, dst, ts, msg_id, body in sorted(cur.fetchall()):
+        text = texts.get(msg_id) if texts and code == HELD_MESSAGE else body
         encoded = None if text is None else base64.b64encode(text).decode()
         store._notes.append(_dumps("h", user, seq, code, src, dst, ts, msg_id, encoded))
 
@@ -552,11 +584,88 @@ def _add_group(store, cur, group_id, ts, members, hold_for):
         (group_id, members),
     )
     store._notes.append(_dumps("g", group_id, members))
-    _insert_holds(store, cur, [(user_id, HELD_ADDED, "", group_id, ts, None) for user_id in hold_for])
+    body = joined(members)
+    _insert_notices(store, cur, [(user_id, HELD_ADDED, "", group_id, ts, None, body) for user_id in hold_for])
 
 
 _add_user.may_conflict = True
 _add_group.may_conflict = True
+
+
+def _locked_members(cur, group_id) -> list[str]:
+    """The group's members, its row locked first: two nodes changing one
+    group's members (or moving its low mark) do so one after the other."""
+    cur.execute("SELECT 1 FROM groups WHERE id = %s FOR UPDATE", (group_id,))
+    return [
+        user_id
+        for (user_id,) in cur.execute(
+            "SELECT user_id FROM members WHERE group_id = %s ORDER BY position", (group_id,)
+        ).fetchall()
+    ]
+
+
+def _with_body(rows) -> list[tuple]:
+    """``added_notices`` rows (user, code, src, dst, ts, text) as inbox rows with no msg_id."""
+    return [(user_id, code, src, dst, ts, None, text) for user_id, code, src, dst, ts, text in rows]
+
+
+def _set_subject(store, cur, group_id, src, ts, name, online):
+    members = _locked_members(cur, group_id)
+    cur.execute(
+        "UPDATE groups SET subject = %s, subject_src = %s, subject_ts = %s WHERE id = %s",
+        (name, src, ts, group_id),
+    )
+    offline = [user_id for user_id in members if user_id not in online]
+    # The 18 still held for them says nothing the new one does not (inbox_subjects).
+    cur.execute(
+        "DELETE FROM inbox WHERE user_id = ANY(%b::text[]) AND dst = %s AND code = %s",
+        (offline, group_id, HELD_SUBJECT),
+    )
+    _insert_notices(
+        store, cur, [(user_id, HELD_SUBJECT, src, group_id, ts, None, name) for user_id in offline]
+    )
+    return members
+
+
+def _add_members(store, cur, group_id, ts, added, online):
+    before = _locked_members(cur, group_id)
+    new = [user_id for user_id in dict.fromkeys(added) if user_id not in before]
+    (mark,) = cur.execute("SELECT coalesce(max(ts), 0) FROM messages WHERE dst = %s", (group_id,)).fetchone()
+    cur.execute(
+        "INSERT INTO members (group_id, user_id, position, read_mark) "
+        "SELECT %s, user_id, %s + position - 1, %s "
+        "FROM unnest(%b::text[]) WITH ORDINALITY AS m(user_id, position)",
+        (group_id, _next_position(cur, group_id), mark, new),
+    )
+    members = before + new
+    row = cur.execute(
+        "SELECT subject_src, subject_ts, subject FROM groups WHERE id = %s", (group_id,)
+    ).fetchone()
+    subject = None if row is None or row[2] is None else Subject(row[0], row[1], bytes(row[2]))
+    store._notes.append(_dumps("g", group_id, members))
+    _insert_notices(store, cur, _with_body(added_notices(group_id, ts, members, new, subject, online)))
+    return GroupChange(members, subject, mark)
+
+
+def _next_position(cur, group_id) -> int:
+    (position,) = cur.execute(
+        "SELECT coalesce(max(position), -1) + 1 FROM members WHERE group_id = %s", (group_id,)
+    ).fetchone()
+    return position
+
+
+def _leave_group(store, cur, group_id, user_id, ts, online):
+    """The member goes; the group's low mark may move, counting those who remain."""
+    _locked_members(cur, group_id)
+    cur.execute("DELETE FROM members WHERE group_id = %s AND user_id = %s", (group_id, user_id))
+    marks = cur.execute(
+        "SELECT user_id, read_mark FROM members WHERE group_id = %s ORDER BY position", (group_id,)
+    ).fetchall()
+    members = [member for member, _ in marks]
+    store._notes.append(_dumps("g", group_id, members))
+    _insert_notices(store, cur, _with_body(left_notices(group_id, user_id, ts, members, online)))
+    _move_low_mark(store, cur, group_id, marks)
+    return GroupChange(members)
 
 
 def _record_messages(store, cur, items):
@@ -671,7 +780,9 @@ def _acknowledge(store, cur, user_id, src, dst, ts):
 
 
 def _hold(store, cur, items):
-    _insert_holds(store, cur, [(user_id, code, src, dst, ts, None) for user_id, code, src, dst, ts in items])
+    _insert_notices(
+        store, cur, [(user_id, code, src, dst, ts, None, text) for user_id, code, src, dst, ts, text in items]
+    )
     return [None] * len(items)
 
 
@@ -682,7 +793,7 @@ def _inbox(store, cur, user_id, after, limit):
     return [
         InboxItem(*row)
         for row in cur.execute(
-            "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
+            "SELECT i.seq, i.code, i.src, i.dst, i.ts, coalesce(m.body, i.body), i.msg_id FROM inbox i "
             "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = %s AND i.seq > %s "
             "ORDER BY i.seq LIMIT %s",
             (user_id, after, limit),
@@ -737,10 +848,13 @@ def _group_messages_since(store, cur, group_id, ts):
 def _lookup(store, cur, ids):
     found = cur.execute("SELECT id, secret_hash FROM users WHERE id = ANY(%b::text[])", (ids,))
     users = dict(found.fetchall())
+    # A group everyone left is still a group (its frames get 12 XX 07, not 06).
     groups = dict(
         cur.execute(
-            "SELECT group_id, array_agg(user_id ORDER BY position) FROM members "
-            "WHERE group_id = ANY(%b::text[]) GROUP BY group_id",
+            "SELECT g.id, coalesce(array_agg(m.user_id ORDER BY m.position) "
+            "FILTER (WHERE m.user_id IS NOT NULL), '{}') "
+            "FROM groups g LEFT JOIN members m ON m.group_id = g.id "
+            "WHERE g.id = ANY(%b::text[]) GROUP BY g.id",
             (ids,),
         ).fetchall()
     )
@@ -761,6 +875,14 @@ def _read_group(store, cur, group_id, user_id, ts):
     members = cur.execute(
         "SELECT user_id, read_mark FROM members WHERE group_id = %s ORDER BY position", (group_id,)
     ).fetchall()
+    return _move_low_mark(store, cur, group_id, members, low)
+
+
+def _move_low_mark(store, cur, group_id, members, low=None):
+    """Move the group's low mark over ``members`` (user, read mark), its row
+    locked; a 09 held for each of them if it moved. The new mark, or None."""
+    if low is None:
+        (low,) = cur.execute("SELECT low_mark FROM groups WHERE id = %s", (group_id,)).fetchone()
     rows = _group_messages_since(store, cur, group_id, low)
     new_low = next_low_mark(low, rows, [user for user, _ in members], dict(members))
     if new_low is None:

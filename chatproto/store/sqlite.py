@@ -19,16 +19,22 @@ from . import (
     DUPLICATE_PENDING,
     HELD_ADDED,
     HELD_MESSAGE,
+    HELD_SUBJECT,
     NEW,
     Completed,
     DatabaseTooNew,
+    GroupChange,
     IChatStore,
     InboxItem,
     Recorded,
     SchemaError,
     StoreUnavailable,
+    Subject,
     UpgradeFailed,
+    added_notices,
     is_group,
+    joined,
+    left_notices,
     to_group,
     to_user,
 )
@@ -36,7 +42,7 @@ from .batching import BatchingStore, load_snapshot
 
 #: The schema this code writes. A fresh database is made from ``NNN.sql`` of
 #: this version; an older one is upgraded in place by ``upgrade_NNN_to_MMM.sql``.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The schema errors are shared with the PostgreSQL store now; the service still imports them from here.
 __all__ = ["SchemaError", "DatabaseTooNew", "UpgradeFailed", "SQLiteStore"]
@@ -327,10 +333,72 @@ def _add_group(cur, group_id, ts, members, hold_for):
         "INSERT INTO members (group_id, user_id, position, read_mark) VALUES (?, ?, ?, 0)",
         [(group_id, user_id, i) for i, user_id in enumerate(members)],
     )
-    cur.executemany(
-        "INSERT INTO inbox (user_id, code, src, dst, ts) VALUES (?, ?, '', ?, ?)",
-        [(user_id, HELD_ADDED, group_id, ts) for user_id in hold_for],
+    body = joined(members)
+    cur.executemany(_INSERT_NOTICE, [(user_id, HELD_ADDED, "", group_id, ts, body) for user_id in hold_for])
+
+
+#: A held 07, 09, 11, 18 or 21 (``body``: an 11's members, an 18's name).
+_INSERT_NOTICE = "INSERT INTO inbox (user_id, code, src, dst, ts, body) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+def _members(cur, group_id) -> list[str]:
+    return [
+        user_id
+        for (user_id,) in cur.execute(
+            "SELECT user_id FROM members WHERE group_id = ? ORDER BY position", (group_id,)
+        )
+    ]
+
+
+def _set_subject(cur, group_id, src, ts, name, online):
+    cur.execute(
+        "UPDATE groups SET subject = ?, subject_src = ?, subject_ts = ? WHERE id = ?",
+        (name, src, ts, group_id),
     )
+    members = _members(cur, group_id)
+    offline = [user_id for user_id in members if user_id not in online]
+    cur.executemany(_DROP_SUBJECTS, [(user_id, group_id) for user_id in offline])
+    cur.executemany(_INSERT_NOTICE, [(user_id, HELD_SUBJECT, src, group_id, ts, name) for user_id in offline])
+    return members
+
+
+#: The 18 of a group still held for a user, replaced by a newer one (inbox_subjects).
+_DROP_SUBJECTS = f"DELETE FROM inbox WHERE user_id = ? AND dst = ? AND code = {HELD_SUBJECT}"
+
+
+def _add_members(cur, group_id, ts, added, online):
+    (mark,) = cur.execute(
+        f"SELECT coalesce(max(ts), 0) FROM messages WHERE dst = ? AND {to_group()}", (group_id,)
+    ).fetchone()
+    before = _members(cur, group_id)
+    new = [user_id for user_id in dict.fromkeys(added) if user_id not in before]
+    (after,) = cur.execute(
+        "SELECT coalesce(max(position), -1) + 1 FROM members WHERE group_id = ?", (group_id,)
+    ).fetchone()
+    cur.executemany(
+        "INSERT INTO members (group_id, user_id, position, read_mark) VALUES (?, ?, ?, ?)",
+        [(group_id, user_id, after + i, mark) for i, user_id in enumerate(new)],
+    )
+    members = before + new
+    subject = _subject(cur, group_id)
+    cur.executemany(_INSERT_NOTICE, added_notices(group_id, ts, members, new, subject, online))
+    return GroupChange(members, subject, mark)
+
+
+def _subject(cur, group_id) -> Subject | None:
+    row = cur.execute(
+        "SELECT subject_src, subject_ts, subject FROM groups WHERE id = ?", (group_id,)
+    ).fetchone()
+    if row is None or row[2] is None:
+        return None
+    return Subject(row[0], row[1], bytes(row[2]))
+
+
+def _leave_group(cur, group_id, user_id, ts, online):
+    cur.execute("DELETE FROM members WHERE group_id = ? AND user_id = ?", (group_id, user_id))
+    members = _members(cur, group_id)
+    cur.executemany(_INSERT_NOTICE, left_notices(group_id, user_id, ts, members, online))
+    return GroupChange(members)
 
 
 #: A new message, or nothing when the identity index already has it.
@@ -563,16 +631,13 @@ def _acknowledge(cur, user_id, src, dst, ts):
     return _mark_delivered(None, cur, [(user_id, ids)])[0]
 
 
-def _hold(cur, user_id, code, src, dst, ts):
-    cur.execute(
-        "INSERT INTO inbox (user_id, code, src, dst, ts) VALUES (?, ?, ?, ?, ?)",
-        (user_id, code, src, dst, ts),
-    )
+def _hold(cur, user_id, code, src, dst, ts, text):
+    cur.execute(_INSERT_NOTICE, (user_id, code, src, dst, ts, text))
 
 
 def _inbox(cur, user_id, after, limit):
     rows = cur.execute(
-        "SELECT i.seq, i.code, i.src, i.dst, i.ts, m.body, i.msg_id FROM inbox i "
+        "SELECT i.seq, i.code, i.src, i.dst, i.ts, coalesce(m.body, i.body), i.msg_id FROM inbox i "
         "LEFT JOIN messages m ON m.id = i.msg_id WHERE i.user_id = ? AND i.seq > ? "
         "ORDER BY i.seq LIMIT ?",
         (user_id, after, -1 if limit is None else limit),

@@ -48,6 +48,9 @@ KEYS: dict[str, Command] = {
     "SEARCH_ALL": Command(("f7",), "Search every conversation; Enter opens the one found"),
     "ADD_CONTACT": Command(("f2", "meta c"), "Add a contact: their id and a nickname"),
     "NEW_GROUP": Command(("f3", "meta g"), "Create a group from your contacts"),
+    "RENAME_GROUP": Command(("f8", "meta t"), "Rename the open group (for every member), or nickname it"),
+    "ADD_MEMBERS": Command(("f9", "meta m"), "Add contacts to the open group"),
+    "LEAVE_GROUP": Command(("meta x",), "Leave the open group (asks first)"),
     "RECONNECT": Command(("f5", "meta r"), "Reconnect now (also after 'logged in elsewhere')"),
     "QUIT": Command(("ctrl q", "ctrl c", "f10"), "Quit (asks first only if something is unsent)"),
 }

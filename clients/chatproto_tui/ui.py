@@ -18,11 +18,23 @@ import urwid
 from twisted.logger import Logger
 
 from chatproto import wire
-from chatproto.client import CONNECTED, FAILED, OFFLINE, READ, ChatClient, ClientModel, Message
+from chatproto.client import (
+    ADDED,
+    CONNECTED,
+    FAILED,
+    LEFT,
+    OFFLINE,
+    READ,
+    SUBJECT,
+    TEXT,
+    ChatClient,
+    ClientModel,
+    Message,
+)
 
 from .keys import KEYS, commands_for, help_lines
 from .theme import DOT, TICK_MEANING, TICKS, palette
-from .widgets import Dialog, MessageList, Row, SizedScreen, StatusLine, safe
+from .widgets import Dialog, Field, MessageList, Row, SizedScreen, StatusLine, safe
 
 SIDEBAR_WIDTH = 24
 #: Below this width the conversation list folds away (a key brings it back).
@@ -58,11 +70,16 @@ def filed_time(m: Message) -> float:
     return m.ts if abs(m.ts - m.at) <= SKEW_LIMIT else m.at
 
 
+PROMPT = ("input", "> ")
+#: The input line of a group this profile left: it says so, and Enter sends nothing.
+LEFT_PROMPT = ("failed", "you left the group > ")
+
+
 class InputLine(urwid.Edit):
     """Multi-line edit whose Enter is left to the key table, so SEND and NEWLINE are data."""
 
     def __init__(self):
-        super().__init__(("input", "> "), multiline=True)
+        super().__init__(PROMPT, multiline=True)
 
     def keypress(self, size, key):
         if key == "enter":
@@ -86,6 +103,8 @@ class Body(urwid.WidgetPlaceholder):
         return "list" if mode == "shown" else "main"
 
     def _arrange(self, size) -> None:
+        """Show what the width and the list mode ask for. Called when the mode changes too, not
+        only from render: urwid reuses a canvas of the same size without calling render again."""
         self.maxcol = size[0]
         want = {"both": self.columns, "list": self.sidebar, "main": self.main}[self.layout(size[0])]
         if self.original_widget is not want:
@@ -143,6 +162,7 @@ class App:
         self._dirty_ticks: list[Message] = []
         self._tick_all = False
         self._rebuild = True
+        self._retitle = False
         self._ring = False
         self._tick_call = None
 
@@ -248,7 +268,9 @@ class App:
                 self._dirty_rows.add(data["conv"].id)
                 if data.get("created_by_me"):
                     self.open(data["conv"].id)
-                    self.say(f"Group {self.model.display_name(data['conv'].id)} created.")
+                    self.say("Group created.")
+                elif data["conv"].id == self.model.open_id:
+                    self._retitle = True
             elif event == "status":
                 if self.model.status == CONNECTED and self.notice[1] == "Reconnecting…":
                     self.clear_notice()
@@ -319,6 +341,8 @@ class App:
         else:
             self._append_messages()
             self._update_ticks()
+            if self._retitle:
+                self._draw_title()
         self._draw_hint()
         self.notice_text.set_text(self.notice)
 
@@ -433,6 +457,7 @@ class App:
                 " F3 makes a group; F1 lists every key; Ctrl-Q quits.",
             )
         ]
+        self.msg_list.to_start()  # a short screen shows the id first
 
     def _rebuild_messages(self) -> None:
         model = self.model
@@ -441,21 +466,23 @@ class App:
         self._view_n, self._view_day, self._view_last = 0, None, None
         self._lines = {}
         self._below = 0
+        self._draw_title()
         if cid is None or cid not in model.conversations:
             self._welcome()
             return
         conv = model.conversations[cid]
-        kind = "group" if conv.is_group else "id"
-        self.title.set_text(f" {self._name(cid)}  ({kind} {cid})")
         start = 0 if self._show_all else max(0, len(conv.messages) - SHOWN_MESSAGES)
         marker_at = self._unread_from.get(cid)
         items: list[urwid.Widget] = []
         marker = None
         for i in range(start, len(conv.messages)):
+            lines = self._lines_for(conv.messages[i])
             if i == marker_at:
-                marker = urwid.Text(("unread", "─── new messages ───"), align="center")
-                items.append(marker)
-            items.extend(self._lines_for(conv.messages[i]))
+                # After the day's heading, if one comes here: the marker sits on the message.
+                rule = "───" if self.glyphs == "unicode" else "---"
+                marker = urwid.Text(("unread", f"{rule} new messages {rule}"), align="center")
+                lines.insert(len(lines) - 1, marker)
+            items.extend(lines)
         self._view_n = len(conv.messages)
         self.msg_walker[:] = items
         if marker is not None:
@@ -463,6 +490,24 @@ class App:
             self.msg_list.set_focus_valign("top")
         else:
             self.msg_list.to_end()
+
+    def _draw_title(self) -> None:
+        """The open conversation's name, and for a group its subject when a nickname hides it,
+        and whether we left it; the input line says so too."""
+        self._retitle = False
+        cid = self.model.open_id
+        left = cid is not None and self.model.has_left(cid)
+        self.input.set_caption(LEFT_PROMPT if left else PROMPT)
+        if cid is None:
+            return
+        words = [f" {self._name(cid)}"]
+        group = self.model.groups.get(cid)
+        if group is not None and group.subject and cid in self.model.names:
+            words.append(f"“{safe(group.subject, self.marker)}”")
+        if left:
+            words.append("you left")
+        words.append(f"({'group' if cid.startswith('1') else 'id'} {cid})")
+        self.title.set_text("  ".join(words))
 
     def _lines_for(self, m: Message) -> list[urwid.Widget]:
         """A day heading when the day changes, then the message's line."""
@@ -481,7 +526,28 @@ class App:
         out.append(line)
         return out
 
+    def _note_text(self, m: Message) -> str:
+        """A group change as a sentence: "Carol was added by Alice", "Bob left"."""
+        me = self.model.me.user if self.model.me else None
+        ids = m.text.split()
+        names = ", ".join("you" if i == me else self._name(i) for i in ids)
+        by = "you" if m.src == me else self._name(m.src) if m.src else ""
+        if m.kind == SUBJECT:
+            return f"{by[:1].upper() + by[1:]} named the group “{safe(m.text, self.marker)}”"
+        if m.kind == ADDED:
+            verb = "were" if ids == [me] or len(ids) > 1 else "was"
+            sentence = f"{names[:1].upper() + names[1:]} {verb} added"
+            return f"{sentence} by {by}" if by else sentence
+        if m.kind == LEFT:
+            return f"{names[:1].upper() + names[1:]} left"
+        return m.text
+
     def _markup(self, m: Message, part: bool = False) -> list:
+        if m.kind != TEXT:
+            return [
+                ("time", time.strftime("%H:%M ", time.localtime(filed_time(m)))),
+                ("time", self._note_text(m)),
+            ]
         if part:
             # The rest of one long message: shown with its first part, as one text.
             markup = [("time", " " * 6), ("me", " " * 4)]
@@ -507,7 +573,8 @@ class App:
         while (found := low.find(self.search, at)) >= 0:
             out += [("text", text[at:found]), ("selected", text[found : found + len(self.search)])]
             at = found + len(self.search)
-        return [*out, ("text", text[at:])]
+        # No empty runs: urwid 2.6 (our floor) drops the rest of a line after one.
+        return [run for run in [*out, ("text", text[at:])] if run[1]]
 
     def _append_messages(self) -> None:
         cid = self._view_cid
@@ -529,7 +596,7 @@ class App:
             self.msg_list.to_end()
             self._below = 0
         else:
-            self._below += sum(1 for m in new if not m.outgoing)
+            self._below += sum(1 for m in new if not m.outgoing and m.kind == TEXT)
 
     def _trim(self) -> None:
         drop = len(self.msg_walker) - SHOWN_MESSAGES
@@ -577,7 +644,7 @@ class App:
             # The first unread message: the unread-th incoming one from the end.
             left = conv.unread
             for i in range(len(conv.messages) - 1, -1, -1):
-                if not conv.messages[i].outgoing:
+                if not conv.messages[i].outgoing and conv.messages[i].kind == TEXT:
                     left -= 1
                     if left == 0:
                         self._unread_from[cid] = i
@@ -588,7 +655,7 @@ class App:
         self._rebuild = True
         self._dirty_rows.update(x for x in (previous, cid) if x is not None)
         if self.body.maxcol < NARROW and self.list_mode == "shown":
-            self.list_mode = "auto"
+            self._set_list_mode("auto")
         self.apply()
         self._focus_input()
 
@@ -668,6 +735,9 @@ class App:
             return
         if self.model.open_id is None:
             self.say("Open a conversation first: F2 adds a contact, Alt-Up/Down moves between them.", True)
+            return
+        if self.model.has_left(self.model.open_id):
+            self.say("You left this group: it stays readable, but nothing can be sent to it.", error=True)
             return
         try:
             sent = self.model.send_text(self.model.open_id, text)
@@ -789,18 +859,22 @@ class App:
     def do_switch_focus(self) -> None:
         if self._input_focused():
             if self.body.layout(self.body.maxcol) == "main":
-                self.list_mode = "shown"
+                self._set_list_mode("shown")
             self.frame.focus_position = "body"
             if self.body.layout(self.body.maxcol) == "both":
                 self.columns.focus_position = 0
         else:
             if self.body.maxcol < NARROW:
-                self.list_mode = "auto"
+                self._set_list_mode("auto")
             self._focus_input()
+
+    def _set_list_mode(self, mode: str) -> None:
+        self.list_mode = mode
+        self.body._arrange((self.body.maxcol,))
 
     def do_toggle_list(self) -> None:
         shown = self.body.layout(self.body.maxcol) != "main"
-        self.list_mode = "hidden" if shown else "shown"
+        self._set_list_mode("hidden" if shown else "shown")
         if self.list_mode == "shown" and self.body.maxcol < NARROW:
             self.frame.focus_position = "body"
         else:
@@ -828,7 +902,7 @@ class App:
     # search
 
     def _ask(self, title: str, prompt: str, answer) -> None:
-        field = urwid.Edit(prompt)
+        field = Field(prompt)
 
         def on_key(key):
             if key == "esc":
@@ -859,7 +933,7 @@ class App:
 
     def _search_step(self, by: int, from_end: bool = False) -> None:
         lines = [w for w in self.msg_walker if getattr(w, "message", None) is not None]
-        hits = [w for w in lines if self.search in w.message.text.lower()]
+        hits = [w for w in lines if w.message.kind == TEXT and self.search in w.message.text.lower()]
         if not hits:
             self.say(f"No message here holds “{self.search}”.")
             return
@@ -897,7 +971,7 @@ class App:
             (m.at, conv.id, m)
             for conv in self.model.conversations.values()
             for m in conv.messages
-            if term in m.text.lower()
+            if m.kind == TEXT and term in m.text.lower()
         ]
         found.sort(key=lambda x: -x[0])
         if not found:
@@ -928,8 +1002,8 @@ class App:
         self.show_dialog(title, urwid.ListBox(walker), on_key)
 
     def do_add_contact(self) -> None:
-        who = urwid.Edit("Id:       ")
-        nick = urwid.Edit("Nickname: ")
+        who = Field("Id:       ")
+        nick = Field("Nickname: ")
         problem = urwid.Text("")
         fields = urwid.Pile([who, nick])
         body = urwid.Pile(
@@ -967,7 +1041,7 @@ class App:
         if not contacts:
             self.say("Add contacts first (F2): a group is made from them.", error=True)
             return
-        name = urwid.Edit("Group name: ")
+        name = Field("Subject (every member sees it): ")
         boxes = [urwid.CheckBox(f"{safe(nick, self.marker)} ({cid})") for cid, nick in contacts]
         problem = urwid.Text("")
         items = [name, urwid.Divider(), urwid.Text("Members (Space ticks, Enter creates):")]
@@ -982,6 +1056,10 @@ class App:
                 return True
             if key == "enter":
                 members = [cid for (cid, _), box in zip(contacts, boxes, strict=True) if box.get_state()]
+                if not name.edit_text.strip():
+                    problem.set_text(("error", "Give the group a subject: every member sees it."))
+                    walker.set_focus(0)
+                    return True
                 try:
                     self.model.create_group(members, name.edit_text)
                 except ValueError as e:
@@ -993,6 +1071,119 @@ class App:
             return False
 
         self.show_dialog("New group", urwid.ListBox(walker), on_key, height=min(20, 9 + len(boxes)))
+
+    # managing the open group
+
+    def _open_group(self):
+        """The open conversation's group, if it is one we are still in; else say why not."""
+        cid = self.model.open_id
+        group = self.model.groups.get(cid) if cid is not None else None
+        if group is None:
+            self.say("Open a group first (F3 makes one).", error=True)
+            return None
+        if self.model.has_left(cid):
+            self.say("You left this group.", error=True)
+            return None
+        return group
+
+    def do_rename_group(self) -> None:
+        group = self._open_group()
+        if group is None:
+            return
+        subject = Field("Subject:  ", group.subject)
+        nick = Field("Nickname: ", self.model.names.get(group.id, ""))
+        fields = urwid.Pile([subject, nick])
+        problem = urwid.Text("")
+        body = urwid.Pile(
+            [
+                urwid.Text("The subject is the group's name for every member; a nickname only you see."),
+                urwid.Divider(),
+                fields,
+                urwid.Divider(),
+                problem,
+                urwid.Text("Enter: next / save   Esc: cancel"),
+            ]
+        )
+
+        def on_key(key):
+            if key == "esc":
+                return self.close_dialog()
+            if key in ("enter", "tab") and fields.focus_position == 0:
+                fields.focus_position = 1
+                return True
+            if key == "tab":
+                fields.focus_position = 0
+                return True
+            if key == "enter":
+                try:
+                    if subject.edit_text.strip() != group.subject:
+                        self.model.set_subject(group.id, subject.edit_text)
+                    self.model.set_nickname(group.id, nick.edit_text)
+                except ValueError as e:
+                    problem.set_text(("error", str(e)))
+                    return True
+                self.close_dialog()
+                self._retitle = True
+                return True
+            return False
+
+        self.show_dialog("Rename the group", urwid.Filler(body, valign="top"), on_key, height=11)
+
+    def do_add_members(self) -> None:
+        group = self._open_group()
+        if group is None:
+            return
+        contacts = [(cid, nick) for cid, nick in self.model.contacts() if cid not in group.members]
+        if not contacts:
+            self.say("Everyone in your contacts is in this group: F2 adds a contact.", error=True)
+            return
+        boxes = [urwid.CheckBox(f"{safe(nick, self.marker)} ({cid})") for cid, nick in contacts]
+        problem = urwid.Text("")
+        items = [urwid.Text("Contacts not in the group (Space ticks, Enter adds):"), *boxes]
+        items += [urwid.Divider(), problem, urwid.Text("Esc: cancel")]
+        walker = urwid.SimpleFocusListWalker(items)
+        walker.set_focus(1)
+
+        def on_key(key):
+            if key == "esc":
+                return self.close_dialog()
+            if key == "enter":
+                chosen = [cid for (cid, _), box in zip(contacts, boxes, strict=True) if box.get_state()]
+                try:
+                    self.model.add_members(group.id, chosen)
+                except ValueError as e:
+                    problem.set_text(("error", str(e)))
+                    return True
+                self.close_dialog()
+                self.say("Adding…")
+                return True
+            return False
+
+        title = f"Add to {self._name(group.id)}"
+        self.show_dialog(title, urwid.ListBox(walker), on_key, height=min(20, 7 + len(boxes)))
+
+    def do_leave_group(self) -> None:
+        group = self._open_group()
+        if group is None:
+            return
+        text = (
+            f"Leave “{self._name(group.id)}”? You stop getting its messages; what it holds stays "
+            "here to read.\n\ny: leave   n or Esc: stay"
+        )
+
+        def on_key(key):
+            if key in ("y", "Y"):
+                self.close_dialog()
+                try:
+                    self.model.leave_group(group.id)
+                except ValueError as e:
+                    self.say(str(e), error=True)
+                return True
+            if key in ("n", "N", "esc"):
+                return self.close_dialog()
+            return True
+
+        self.show_dialog("Leave the group?", urwid.Filler(urwid.Text(text)), on_key, height=9)
 
     def do_reconnect(self) -> None:
         if self.client is not None:

@@ -42,6 +42,27 @@ class Row(urwid.Text):
         return key
 
 
+class Field(urwid.Edit):
+    """A dialog's one-line field with the line keys a terminal user types without thinking
+    (Ctrl-A/E to the start or end, Ctrl-U/K delete before or after the cursor): a prefilled
+    group subject is replaced with Ctrl-U, as in the input line."""
+
+    def keypress(self, size, key):
+        text, pos = self.edit_text, self.edit_pos
+        if key == "ctrl a":
+            self.set_edit_pos(0)
+        elif key == "ctrl e":
+            self.set_edit_pos(len(text))
+        elif key == "ctrl u":
+            self.set_edit_text(text[pos:])
+            self.set_edit_pos(0)
+        elif key == "ctrl k":
+            self.set_edit_text(text[:pos])
+        else:
+            return super().keypress(size, key)
+        return None
+
+
 class Dialog(urwid.WidgetWrap):
     """A box over the main screen; ``on_key`` sees every key before its widgets do.
 

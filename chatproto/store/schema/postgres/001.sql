@@ -1,6 +1,7 @@
--- chatproto schema for PostgreSQL, version 1, whole: a fresh database is made
--- from this file. The tables are SQLite's (schema/sqlite/), plus the sessions
--- several nodes share. Ids are 13-digit text, timestamps Unix seconds.
+-- chatproto schema for PostgreSQL, version 1, whole: what the first release
+-- made, kept as the tests' fixture for the upgrade (a fresh database is made
+-- from the latest NNN.sql). The tables are SQLite's (schema/sqlite/), plus
+-- the sessions several nodes share. Ids are 13-digit text, timestamps Unix seconds.
 CREATE TABLE schema_version (version integer NOT NULL);
 INSERT INTO schema_version (version) VALUES (1);
 

@@ -1,8 +1,8 @@
--- chatproto schema, version 5, whole: a fresh database is made from this file,
+-- chatproto schema, version 6, whole: a fresh database is made from this file,
 -- an older one is brought here by the upgrade_*.sql files (tests/test_schema.py
 -- checks that both end the same). Ids are 13-digit text, timestamps Unix seconds.
 CREATE TABLE schema_version (version INTEGER NOT NULL);
-INSERT INTO schema_version (version) VALUES (5);
+INSERT INTO schema_version (version) VALUES (6);
 
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
@@ -14,9 +14,15 @@ CREATE TABLE groups (
     id TEXT PRIMARY KEY,
     ts INTEGER NOT NULL,         -- the TIMESTAMP of the 10 that made it
     created INTEGER NOT NULL,
-    low_mark INTEGER NOT NULL    -- every member has read up to here
+    low_mark INTEGER NOT NULL,   -- every member has read up to here
+    -- Since version 6, the group's subject (17), NULL until one is set:
+    subject BLOB,                -- the NAME, UTF-8 without its NUL padding
+    subject_src TEXT,            -- the member who set it
+    subject_ts INTEGER           -- the TIMESTAMP of its 17
 ) WITHOUT ROWID;
 
+-- The current members: a member who leaves (20) is deleted; one added (19)
+-- comes after the others.
 CREATE TABLE members (
     group_id TEXT NOT NULL,
     user_id TEXT NOT NULL,
@@ -47,7 +53,7 @@ CREATE UNIQUE INDEX messages_identity ON messages (src, dst, ts, body_hash);
 CREATE INDEX messages_by_dst ON messages (dst, ts) WHERE dst >= '1';
 
 -- Everything held for a user until it reaches them: messages (code 6) until
--- delivered or acknowledged, and 07, 09, 11 until their next login.
+-- delivered or acknowledged, and 07, 09, 11, 18, 21 until their next login.
 CREATE TABLE inbox (
     seq INTEGER PRIMARY KEY,
     user_id TEXT NOT NULL,
@@ -55,10 +61,16 @@ CREATE TABLE inbox (
     msg_id INTEGER,
     src TEXT NOT NULL,
     dst TEXT NOT NULL,
-    ts INTEGER NOT NULL
+    ts INTEGER NOT NULL,
+    -- Since version 6: an 11's members then (their ids joined), an 18's
+    -- name; NULL otherwise (and in an 11 held before: the members now).
+    body BLOB
 );
 CREATE INDEX inbox_by_user ON inbox (user_id, seq);
 CREATE INDEX inbox_by_message ON inbox (msg_id);
+-- Since version 6: a user's held 18s, by group. A newer 18 for a group
+-- replaces the one still held (it says all the older one said).
+CREATE INDEX inbox_subjects ON inbox (user_id, dst) WHERE code = 18;
 
 -- Since version 2: when the database was made or upgraded, and the copy
 -- taken before each upgrade, so an operator can find it (chatproto-admin check).
