@@ -111,6 +111,18 @@ def _text(value):
     return str(value)
 
 
+def _networks(value):
+    """Addresses or networks, comma-separated in a string or listed in TOML; "" for none."""
+    from .admission import parse_trusted
+
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    value = _text(value)
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    parse_trusted(items)
+    return ",".join(items)
+
+
 def _flag(value):
     if not isinstance(value, bool):
         raise ValueError("not true or false")
@@ -133,6 +145,15 @@ KINDS = {
     "dedup-window": duration,
     "keep-delivered": duration,
     "expire-held": duration,
+    "trusted": _networks,
+    "max-address-connections": _number(int),
+    "address-connect-rate": _number(float),
+    "address-frame-rate": _number(float),
+    "address-frame-burst": _number(float),
+    "registrations-per-hour": _number(int),
+    "group-changes-per-hour": _number(int),
+    "max-groups-per-user": _number(int),
+    "max-login-delay": _number(float),
 }
 
 

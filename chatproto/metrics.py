@@ -112,7 +112,12 @@ class ChatCollector:
             "chatproto_build_info",
         ):
             yield GaugeMetricFamily(name, "")
-        for name in ("chatproto_frames_received", "chatproto_frames_sent", "chatproto_errors"):
+        for name in (
+            "chatproto_frames_received",
+            "chatproto_frames_sent",
+            "chatproto_errors",
+            "chatproto_admission_events",
+        ):
             yield CounterMetricFamily(name, "")
 
     def collect(self):
@@ -148,6 +153,15 @@ class ChatCollector:
             ),
             stats.errors,
             lambda reason: REASON_NAME.get(reason, reason.decode("latin-1")),
+        )
+        yield _by_label(
+            CounterMetricFamily(
+                "chatproto_admission_events",
+                "What clients did and were refused, counted per address in the log's summaries, in all.",
+                labels=["event"],
+            ),
+            self.factory.admission.events,
+            lambda event: event.replace(" ", "_"),
         )
         backlog = sum(protocol.unread for protocol in list(self.factory.protocols))
         yield GaugeMetricFamily(

@@ -7,6 +7,7 @@ import sys
 import time
 from functools import partial
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -15,6 +16,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from . import config
+from .admission import Admission, Policy
 from .config import endpoint_description  # noqa: F401 - imported from here by others
 from .cork import Cork
 from .domain import DatabaseRouting, Domain, LocalRouting
@@ -48,6 +50,15 @@ DEFAULTS = {
     "dedup-window": DEFAULT_RETENTION.dedup_window,
     "keep-delivered": DEFAULT_RETENTION.keep_delivered,
     "expire-held": DEFAULT_RETENTION.expire_held,
+    "trusted": ",".join(Policy.trusted),
+    "max-address-connections": Policy.connections,
+    "address-connect-rate": Policy.connect_rate,
+    "address-frame-rate": Policy.frame_rate,
+    "address-frame-burst": Policy.frame_burst,
+    "registrations-per-hour": Policy.registrations,
+    "group-changes-per-hour": Policy.group_changes,
+    "max-groups-per-user": Domain.MAX_GROUPS_PER_USER,
+    "max-login-delay": Policy.max_failure_delay,
 }
 
 
@@ -166,6 +177,90 @@ class Options(usage.Options):
             "Drop messages held for users who have not logged in or out for this long (a DURATION); "
             "off (0) by default: nothing undelivered is ever dropped.",
         ],
+        [
+            "trusted",
+            None,
+            None,
+            _help(
+                "Addresses or networks, comma-separated, that no per-address limit applies to "
+                "(the machine itself by default; 127.0.0.2 and the rest of loopback are limited).",
+                "trusted",
+            ),
+        ],
+        [
+            "max-address-connections",
+            None,
+            None,
+            _help(
+                "Connections open at once from one address (an IPv6 /64); one more gets 12 00 11 "
+                "(0: no limit).",
+                "max-address-connections",
+            ),
+        ],
+        [
+            "address-connect-rate",
+            None,
+            None,
+            _help(
+                "New connections a second from one address, with bursts up to --max-address-connections; "
+                "more get 12 00 10 (0: no limit).",
+                "address-connect-rate",
+            ),
+        ],
+        [
+            "address-frame-rate",
+            None,
+            None,
+            _help(
+                "Frames a second from one address over all its connections (0: no limit).",
+                "address-frame-rate",
+            ),
+        ],
+        [
+            "address-frame-burst",
+            None,
+            None,
+            _help("Frames one address may send in a burst.", "address-frame-burst"),
+        ],
+        [
+            "registrations-per-hour",
+            None,
+            None,
+            _help(
+                "Accounts (01/13) one address may make an hour; more get 12 XX 10 (0: no limit).",
+                "registrations-per-hour",
+            ),
+        ],
+        [
+            "group-changes-per-hour",
+            None,
+            None,
+            _help(
+                "Group changes one user may make an hour (10 create, 17 subject, 19 add members); "
+                "more get 12 XX 10 (0: no limit).",
+                "group-changes-per-hour",
+            ),
+        ],
+        [
+            "max-groups-per-user",
+            None,
+            None,
+            _help(
+                "Groups one user may be a member of; a 10 that would pass it for a member gets "
+                "12 10 11 (0: no limit).",
+                "max-groups-per-user",
+            ),
+        ],
+        [
+            "max-login-delay",
+            None,
+            None,
+            _help(
+                "After 5 failed logins from one address its next login waits 1 s, doubled at each failure up "
+                "to this many seconds (0: no wait).",
+                "max-login-delay",
+            ),
+        ],
     ]
     optFlags = [
         [
@@ -253,6 +348,7 @@ class ChatService(MultiService):
         delivery is committed.
         """
         started = time.monotonic()
+        self.factory.tick()  # the last summaries of what each address did
         self.log.info(
             "chatproto stopping: {count} connections, {ops} store operations pending",
             count=self.factory.connections,
@@ -307,6 +403,45 @@ class ChatService(MultiService):
             )
 
 
+#: Descriptors kept for what is not a client: the database and its WAL and
+#: SHM, the log, the listening sockets, the metrics, one refused newcomer.
+RESERVED_DESCRIPTORS = 64
+
+log = Logger(namespace="chatproto.service")
+
+
+def fit_connections(wanted: int) -> int:
+    """``--max-connections``, lowered to what the descriptor limit allows.
+
+    The soft limit is raised to the hard one first; a connection past the
+    cap is answered 12 00 11, which needs a descriptor too, so the cap must
+    sit below the limit or newcomers get a reset instead of an answer.
+    """
+    try:
+        import resource
+    except ImportError:
+        return wanted  # not Unix
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # an unlimited hard limit the kernel will not grant: keep the soft one
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    fits = max(1, soft - RESERVED_DESCRIPTORS)
+    if wanted == 0 or wanted > fits:
+        log.warn(
+            "--max-connections {wanted} does not fit in {limit} file descriptors: lowered to {fits}",
+            wanted=wanted or "0 (no limit)",
+            limit=soft,
+            fits=fits,
+        )
+        return fits
+    return wanted
+
+
 def _tune_garbage_collector():
     """Each message allocates a few short-lived objects (a Deferred, tuples);
     with the default threshold the cyclic collector ran every few hundred
@@ -356,18 +491,37 @@ def makeService(options, reactor=None):
     except (SchemaError, StoreUnavailable) as e:
         # Said in one line, not a traceback: the operator has a decision to make.
         raise SystemExit(f"chatproto: {e}") from None
-    domain = Domain(store, routing, require_secrets=bool(options["require-secrets"]), max_held=max_held)
+    domain = Domain(
+        store,
+        routing,
+        require_secrets=bool(options["require-secrets"]),
+        max_held=max_held,
+        max_groups_per_user=options["max-groups-per-user"],
+    )
     limits = Limits(
         frame_rate=options["max-frame-rate"],
         frame_burst=options["frame-burst"],
-        max_connections=options["max-connections"],
+        max_connections=fit_connections(options["max-connections"]),
         login_timeout=options["login-timeout"],
         max_buffer=options["max-buffer"],
     )
-    factory = ChatFactory(domain, cork, reactor, limits)
+    policy = Policy(
+        trusted=tuple(options["trusted"].split(",")) if options["trusted"] else (),
+        connections=options["max-address-connections"],
+        connect_rate=options["address-connect-rate"],
+        frame_rate=options["address-frame-rate"],
+        frame_burst=options["address-frame-burst"],
+        registrations=options["registrations-per-hour"],
+        group_changes=options["group-changes-per-hour"],
+        max_failure_delay=options["max-login-delay"],
+    )
+    factory = ChatFactory(domain, cork, reactor, limits, Admission(reactor, policy))
     from . import startup  # which imports this module
 
+    summaries = TimerService(policy.summary_interval, factory.tick)
+    summaries.clock = reactor
     children = [
+        summaries,
         startup.ListeningService(
             reactor,
             "--port",

@@ -280,17 +280,22 @@ def frame_length(lengths: dict[bytes, int], buf: bytes, at: int) -> int | None:
     return length
 
 
-def split_frames(lengths: dict[bytes, int], buf: bytes) -> tuple[list[bytes], bytes, int]:
-    """Every complete frame at the front of ``buf``, in one pass.
+def split_frames(
+    lengths: dict[bytes, int], buf: bytes, limit: int | None = None
+) -> tuple[list[bytes], bytes, int]:
+    """Every complete frame at the front of ``buf`` (``limit`` at most), in one pass.
 
     Returns (frames, rest, status) where status is 0 when ``rest`` is just an
-    incomplete frame, or the negative code of :func:`frame_length` when the
-    stream stopped being frameable at ``rest``.
+    incomplete frame (or frames past the limit), or the negative code of
+    :func:`frame_length` when the stream stopped being frameable at ``rest``.
     """
     frames = []
     at = 0
     end = len(buf)
-    while at < end:
+    # Every frame is at least 2 bytes, so the default bound never stops it early.
+    for _ in range(end // 2 + 1 if limit is None else limit):
+        if at >= end:
+            break
         length = frame_length(lengths, buf, at)
         if length <= 0:
             return frames, buf[at:], length

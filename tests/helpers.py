@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 from itertools import count
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -291,8 +291,8 @@ class Net:
         f, args, kwargs = self.reactor.from_threads.get(timeout=10)
         f(*args, **kwargs)
 
-    def connect(self) -> Conn:
-        conn = Conn(self)
+    def connect(self, host: str = "127.0.0.1") -> Conn:
+        conn = Conn(self, host)
         self.conns.append(conn)
         return conn
 
@@ -393,12 +393,12 @@ class WritesTransport(StringTransport):
 class Conn:
     """One client connection on a StringTransport (one that counts its writes)."""
 
-    def __init__(self, net: Net):
+    def __init__(self, net: Net, host: str = "127.0.0.1"):
         self.net = net
         port = next(net._ports)
         self.transport = WritesTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 7000),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", port),
+            peerAddress=(IPv6Address if ":" in host else IPv4Address)("TCP", host, port),
         )
         self.proto = net.factory.buildProtocol(self.transport.getPeer())
         self.proto.makeConnection(self.transport)

@@ -138,16 +138,16 @@ def test_a_password_on_the_command_line_is_warned_about_and_never_printed(tmp_pa
     assert "every local user can read" in done.stderr
 
 
-def test_a_new_database_is_readable_by_its_owner_alone(server, tmp_path):
+def test_a_new_database_and_its_wal_and_shm_are_readable_by_their_owner_alone(server, tmp_path):
     old = os.umask(0o022)
     try:
         srv = server()
     finally:
         os.umask(old)
     srv.client().register()
-    # SQLite gives its -wal and -shm files the database's mode.
-    for path in (srv.db, f"{srv.db}-wal", f"{srv.db}-shm"):
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    # While it runs, the WAL and SHM exist: SQLite gives them the database's mode.
+    for suffix in ("", "-wal", "-shm"):
+        assert stat.S_IMODE(os.stat(srv.db + suffix).st_mode) == 0o600, suffix
     assert srv.stop() in (0, -signal.SIGTERM)
     assert stat.S_IMODE(os.stat(srv.db).st_mode) == 0o600
 
@@ -271,7 +271,9 @@ def test_sighup_reopens_the_log_file_and_the_server_goes_on(tmp_path):
         client.send(b"01")
         (made,) = client.read(1)
         assert made[:2] == b"02", made
-        wait_for_text(log, "registered")
+        client.send(b"03" + made[2:15])
+        assert client.read(1) == [b"04" + made[2:15]]
+        wait_for_text(log, f"{made[2:15].decode()} online")
         assert proc.poll() is None
         proc.send_signal(signal.SIGHUP)  # twice: the handler stays
         wait_for_text(log, "SIGHUP: reopened")
@@ -281,7 +283,7 @@ def test_sighup_reopens_the_log_file_and_the_server_goes_on(tmp_path):
         code = proc.wait(DEADLINE)
     assert code in (0, -signal.SIGTERM), proc.stderr.read()
     assert "chatproto stopped in" in log.read_text()
-    assert "registered" not in rotated.read_text()
+    assert "online" not in rotated.read_text()
     assert not (tmp_path / "chat.sqlite3-wal").exists()
 
 

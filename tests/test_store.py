@@ -214,6 +214,27 @@ def test_acknowledge_names_the_message_by_src_dst_and_timestamp(backend):
     assert [i.ts for i in backend.inbox(B)] == [200]
 
 
+def test_a_16_acknowledges_one_message_the_oldest_pending_with_that_name(backend):
+    """Two messages may share SRC, DST and TIMESTAMP (their texts differ): each
+    16 ends one hold, the oldest first, so no 07 goes out for a message the
+    recipient never acknowledged."""
+    backend.record_message(A, B, 100, b"first", [B])
+    backend.record_message(A, B, 100, b"second", [B])
+    assert backend.acknowledge(B, A, B, 100) == [Completed(A, B, 100)]
+    assert [i.text for i in backend.inbox(B)] == [b"second"]
+    assert backend.acknowledge(B, A, B, 100) == [Completed(A, B, 100)]
+    assert backend.inbox(B) == []
+    assert backend.acknowledge(B, A, B, 100) == [], "nothing left to acknowledge"
+
+
+def test_the_snapshot_counts_everything_held_for_a_user_notices_too(backend):
+    backend.record_message(A, B, 100, b"m1", [B])
+    backend.hold(B, HELD_DELIVERED, "", C, 90)
+    backend.hold(B, HELD_SEEN, C, "", 95)
+    backend.add_group(G, 110, [A, B], [B])
+    assert backend.load().held == {B: 4}
+
+
 def test_the_inbox_keeps_the_order_things_were_queued_in(backend):
     backend.record_message(A, B, 100, b"m1", [B])
     backend.hold(B, HELD_DELIVERED, "", C, 90)

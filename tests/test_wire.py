@@ -289,3 +289,12 @@ def test_name_is_unpadded_or_called_malformed(field, name):
 )
 def test_text_is_unpadded_or_called_malformed(field, text):
     assert wire.unpad_text(field) == text
+
+
+def test_split_frames_stops_at_its_limit_and_leaves_the_rest_unframed():
+    stream = b"01" * 5 + b"03" + b"0" * 13
+    frames, rest, status = wire.split_frames(wire.CLIENT_FRAME_LEN, stream, 3)
+    assert frames == [b"01"] * 3 and status == 0
+    assert rest == b"01" * 2 + b"03" + b"0" * 13
+    assert wire.split_frames(wire.CLIENT_FRAME_LEN, stream, 0) == ([], stream, 0)
+    assert wire.split_frames(wire.CLIENT_FRAME_LEN, stream)[0] == [b"01"] * 5 + [b"03" + b"0" * 13]

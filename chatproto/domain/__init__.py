@@ -49,14 +49,27 @@ class Domain:
     ``DatabaseRouting`` with its clock).
     """
 
-    def __init__(self, store, routing=LocalRouting, require_secrets: bool = False, max_held: int = 0):
+    #: Groups one user may be a member of, by default: a classroom's many
+    #: project groups, far short of what fills a disk with 11s.
+    MAX_GROUPS_PER_USER = 500
+
+    def __init__(
+        self,
+        store,
+        routing=LocalRouting,
+        require_secrets: bool = False,
+        max_held: int = 0,
+        max_groups_per_user: int = 0,
+    ):
         self.store = store
         self.directory = Directory()
         self.routing = routing(self)
         self.delivery = Delivery(self.directory, store, self.routing, max_held=max_held)
         self.accounts = Accounts(self.directory, store, self.delivery, self.routing, require_secrets)
         self.receipts = Receipts(self.directory, store, self.delivery, self.routing)
-        self.groups = Groups(self.directory, store, self.delivery, self.receipts, self.routing)
+        self.groups = Groups(
+            self.directory, store, self.delivery, self.receipts, self.routing, max_groups_per_user
+        )
 
     def start(self):
         """Deferred: the store's snapshot loaded (and, for a cluster, the listener started)."""

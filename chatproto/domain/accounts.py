@@ -46,7 +46,8 @@ class Accounts:
         )
 
     def _registered(self, _, session: Session, user: bytes, frame: bytes) -> None:
-        self.log.info("registered {user}", user=user.decode())
+        # Counted per address in the admission's summaries: a line each would let a flood write the log.
+        self.log.debug("registered {user}", user=user.decode())
         session.connection.write(frame)
 
     def _not_registered(self, failure, session: Session, code: bytes, user: bytes) -> None:
@@ -70,7 +71,7 @@ class Accounts:
         else:
             refused = stored is None or not hmac.compare_digest(hash_secret(secret), stored)
         if refused:
-            self.log.info("refused login of {user}", user=user.decode())
+            self.log.debug("refused login of {user}", user=user.decode())
             connection.error(code, wire.SECRET_REQUIRED)
             return
         if session.user is not None and session.user != user:

@@ -77,8 +77,9 @@ class Delivery:
         self.sessions = directory.sessions
         #: Messages that may wait for one offline user (0: no cap).
         self.max_held = max_held
-        #: user id → messages held for them while offline (an estimate: it
-        #: starts from the store's count and counts what arrives meanwhile).
+        #: user id → what is held for them while offline, messages and
+        #: notices (07, 09, 11) alike (an estimate: it starts from the store's
+        #: count and counts what is held meanwhile).
         self.held_offline: dict[bytes, int] = {}
         #: Messages waiting in conversations for the store's answer.
         self.waiting = 0
@@ -274,7 +275,25 @@ class Delivery:
                 return
             if session.takes_frames and session.connection.write(frame):
                 return
+        else:
+            self.count_held([user])
         self.store.hold(user.decode(), code, src, dst, ts, text).addErrback(kept)
+
+    def count_held(self, users) -> None:
+        """Notices held for these offline users count against --max-held too."""
+        if self.max_held:
+            held = self.held_offline
+            for user in users:
+                held[user] = held.get(user, 0) + 1
+
+    def full(self, user: bytes) -> bool:
+        """Whether ``user`` is offline with --max-held items waiting: what would
+        be held for it next is refused (12 XX 11) rather than stored."""
+        return (
+            bool(self.max_held)
+            and user not in self.sessions
+            and self.held_offline.get(user, 0) >= self.max_held
+        )
 
     def _deciding(self, senders: dict[bytes, int]) -> None:
         deciding = self.deciding
@@ -578,7 +597,10 @@ class Delivery:
             if user not in sessions:
                 count = held.get(user, 0)
                 if count >= self.max_held:
-                    self.log.warn("held data cap reached for {user}", user=user.decode())
+                    if count == self.max_held:
+                        # Once, not at each refused 05: the count stays past it until the user logs in.
+                        self.log.warn("held data cap reached for {user}", user=user.decode())
+                        held[user] = count + 1
                     if dst == user:
                         session.connection.error(wire.SEND, wire.BUSY)
                     continue

@@ -31,12 +31,17 @@ class Directory:
         self.groups: dict[bytes, list[bytes]] = {}
         #: user id → the session it is logged in on (here).
         self.sessions: dict = {}
+        #: user id → how many groups it is a member of (for --max-groups-per-user).
+        self.memberships: dict[bytes, int] = {}
 
     def load(self, snapshot: Snapshot) -> None:
         self.users.clear()
         self.users.update((u.encode(), h) for u, h in snapshot.users.items())
         self.groups.clear()
         self.groups.update((g.encode(), [m.encode() for m in ms]) for g, ms in snapshot.groups.items())
+        self.memberships.clear()
+        for members in self.groups.values():
+            self._count(members, 1)
         self.log.info(
             "loaded {users} users and {groups} groups", users=len(self.users), groups=len(self.groups)
         )
@@ -46,7 +51,26 @@ class Directory:
         for user, secret_hash in users.items():
             self.users[user.encode()] = secret_hash
         for group, members in groups.items():
-            self.groups[group.encode()] = [m.encode() for m in members]
+            self.joined(group.encode(), [m.encode() for m in members])
+
+    def joined(self, group: bytes, members: list[bytes]) -> None:
+        """A group made (here or on another node), or its members changed."""
+        old = self.groups.get(group)
+        if old is not None:
+            self._count(old, -1)
+        self.groups[group] = members
+        self._count(members, 1)
+
+    def forget_group(self, group: bytes) -> None:
+        """A group that was not stored after all."""
+        members = self.groups.pop(group, None)
+        if members is not None:
+            self._count(members, -1)
+
+    def _count(self, members: list[bytes], step: int) -> None:
+        counts = self.memberships
+        for member in members:
+            counts[member] = counts.get(member, 0) + step
 
     def known(self, ident: bytes) -> bool:
         return ident in self.users or ident in self.groups

@@ -20,8 +20,10 @@ from .session import Session
 class Groups:
     log = Logger()
 
-    def __init__(self, directory, store, delivery, receipts, routing):
+    def __init__(self, directory, store, delivery, receipts, routing, max_groups_per_user: int = 0):
         self.directory = directory
+        #: Groups one user may be a member of (0: no cap): a 10 past it for any member gets 12 10 11.
+        self.max_groups_per_user = max_groups_per_user
         self.store = store
         self.delivery = delivery
         self.receipts = receipts
@@ -42,6 +44,10 @@ class Groups:
         if any(member not in users for member in members):
             session.connection.error(wire.CREATE_GROUP, wire.UNKNOWN_USER)
             return None
+        cap = self.max_groups_per_user
+        if cap and any(self.directory.memberships.get(member, 0) >= cap for member in members):
+            session.connection.error(wire.CREATE_GROUP, wire.BUSY)
+            return None
         return members
 
     def create(self, session: Session, ts: bytes, listed: list[bytes]) -> None:
@@ -49,7 +55,7 @@ class Groups:
         if members is None:
             return
         group = self.directory.new_group_id()
-        self.directory.groups[group] = members
+        self.directory.joined(group, members)
         self.receipts.group_created(group)
         d = self.routing.add_group(group, ts, members)
         d.addCallbacks(self._created, self._not_created, (group, ts, members), errbackArgs=(session, group))
@@ -69,7 +75,7 @@ class Groups:
 
     def _not_created(self, failure, session: Session, group: bytes) -> None:
         """A group that was not stored is not handed out."""
-        self.directory.groups.pop(group, None)
+        self.directory.forget_group(group)
         busy(failure, session, wire.CREATE_GROUP)
 
     # -- 17, 19, 20: what a member may do -------------------------------------------
@@ -85,18 +91,10 @@ class Groups:
             return None
         return members
 
-    def _within_quota(self, session: Session, code: bytes) -> bool:
-        """The one place a 17 or 19 that passed every check is counted against
-        its user's (and address's) limits before it changes anything: issue
-        17's per-user quota goes here (answering 12 XX 10 and returning False
-        when it is spent). There is none yet: the connection's frame budget
-        (server.Limits) is the only limit."""
-        return True
-
     def set_subject(self, session: Session, group: bytes, ts: bytes, name: bytes) -> None:
         """17: every member gets the 18, the sender included (held for the offline)."""
         members = self._membership(session, group, wire.SET_SUBJECT)
-        if members is None or not self._within_quota(session, wire.SET_SUBJECT):
+        if members is None:
             return
         src = session.user
         online = self.routing.writes_to(members)
@@ -128,7 +126,9 @@ class Groups:
         if any(user not in users for user in new):
             session.connection.error(wire.ADD_MEMBERS, wire.UNKNOWN_USER)
             return
-        if not self._within_quota(session, wire.ADD_MEMBERS):
+        cap = self.max_groups_per_user
+        if cap and any(self.directory.memberships.get(user, 0) >= cap for user in new):
+            session.connection.error(wire.ADD_MEMBERS, wire.BUSY)
             return
         if not new:
             # Nothing changes: the sender alone gets the list as it is.
@@ -137,8 +137,9 @@ class Groups:
             self.delivery.notify(session.user, frame, HELD_ADDED, "", group.decode(), int(ts), text)
             return
         after = members + new
-        self.directory.groups[group] = after
+        self.directory.joined(group, after)
         online = self.routing.writes_to(after)
+        self.delivery.count_held(m for m in after if m not in online)  # their 11, held
         d = self.store.add_members(
             group.decode(), int(ts), [u.decode() for u in new], [m.decode() for m in online]
         )
@@ -174,7 +175,7 @@ class Groups:
         """Not stored: the users it would have added are not members."""
         members = self.directory.groups.get(group)
         if members is not None:
-            self.directory.groups[group] = [m for m in members if m not in new]
+            self.directory.joined(group, [m for m in members if m not in new])
         busy(failure, session, wire.ADD_MEMBERS)
 
     def leave(self, session: Session, group: bytes, ts: bytes) -> None:
@@ -184,8 +185,9 @@ class Groups:
         if members is None:
             return
         user = session.user
-        self.directory.groups[group] = [m for m in members if m != user]
+        self.directory.joined(group, [m for m in members if m != user])
         online = self.routing.writes_to(members)
+        self.delivery.count_held(m for m in members if m not in online)  # their 11 or 21, held
         d = self.store.leave_group(group.decode(), user.decode(), int(ts), [m.decode() for m in online])
         d.addCallbacks(
             self._left,
@@ -210,5 +212,5 @@ class Groups:
         """Not stored: the user is still a member, where it was."""
         members = self.directory.groups.get(group)
         if members is not None and user not in members:
-            self.directory.groups[group] = [*members[:at], user, *members[at:]]
+            self.directory.joined(group, [*members[:at], user, *members[at:]])
         busy(failure, session, wire.LEAVE_GROUP)

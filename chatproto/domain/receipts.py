@@ -27,6 +27,10 @@ class Receipts:
     def seen(self, session: Session, peer: bytes, ts: bytes) -> None:
         reader = session.user
         if peer in self.directory.users:
+            if self.delivery.full(peer):
+                # Its 09 would be held past --max-held: refused, as a 05 would be.
+                session.connection.error(wire.SEEN, wire.BUSY)
+                return
             self.routing.seen_user(session, peer, ts)
             return
         members = self.directory.groups.get(peer)

@@ -110,6 +110,7 @@ class LocalRouting:
         sessions = self.domain.directory.sessions
         offline = [m.decode() for m in members if m not in sessions]
         online = [m for m in members if m in sessions]
+        self.domain.delivery.count_held(m for m in members if m not in sessions)
         d = self.store.add_group(group.decode(), int(ts), [m.decode() for m in members], offline)
         d.addCallback(lambda _: online)
         return d

@@ -220,7 +220,7 @@ class Snapshot(NamedTuple):
     groups: dict[str, list[str]]
     read_marks: dict[str, dict[str, int]]
     low_marks: dict[str, int]
-    #: user id → messages held for them (for the cap on held data).
+    #: user id → items held for them, messages and notices (for --max-held).
     held: dict[str, int] = {}
 
 

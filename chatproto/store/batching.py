@@ -48,7 +48,7 @@ def load_snapshot(cur):
         groups[group_id].append(user_id)
         if mark:
             read_marks[group_id][user_id] = mark
-    held = dict(cur.execute("SELECT user_id, count(*) FROM inbox WHERE code = 6 GROUP BY user_id"))
+    held = dict(cur.execute("SELECT user_id, count(*) FROM inbox GROUP BY user_id"))
     return Snapshot(users, groups, read_marks, low_marks, held)
 
 

@@ -84,11 +84,7 @@ class MemoryStore:
                 {g: list(m) for g, m in self.groups.items()},
                 {g: dict(m) for g, m in self.read_marks.items()},
                 dict(self.low_marks),
-                {
-                    user: count
-                    for user, inbox in self._inboxes.items()
-                    if (count := sum(item.code == HELD_MESSAGE for item in inbox.values()))
-                },
+                {user: count for user, inbox in self._inboxes.items() if (count := len(inbox))},
             )
         )
 
@@ -199,12 +195,13 @@ class MemoryStore:
         return _answered([done for user_id in user_ids for done in self._deliver(user_id, [msg_id])], answer)
 
     def acknowledge(self, user_id, src, dst, ts):
-        ids = [
-            item.msg_id
+        """A 16 ends one hold: the oldest pending for user_id with that name."""
+        pending = sorted(
+            item
             for item in self._inboxes.get(user_id, {}).values()
             if item.code == HELD_MESSAGE and (item.src, item.dst, item.ts) == (src, dst, ts)
-        ]
-        return succeed(self._deliver(user_id, ids))
+        )
+        return succeed(self._deliver(user_id, [item.msg_id for item in pending[:1]]))
 
     def hold(self, user_id, code, src, dst, ts, text=None):
         self._put(user_id, code, src, dst, ts, text, None)

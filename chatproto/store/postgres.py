@@ -811,10 +811,13 @@ _mark_reached.bulk = True
 
 
 def _acknowledge(store, cur, user_id, src, dst, ts):
+    """A 16 ends one hold: the oldest pending for user_id with that name."""
     ids = [
         msg_id
         for (msg_id,) in cur.execute(
-            "SELECT id FROM messages WHERE src = %s AND dst = %s AND ts = %s", (src, dst, ts)
+            "SELECT msg_id FROM inbox WHERE user_id = %s AND code = %s AND src = %s AND dst = %s "
+            "AND ts = %s ORDER BY seq LIMIT 1",
+            (user_id, HELD_MESSAGE, src, dst, ts),
         ).fetchall()
     ]
     return _end_holds(store, cur, [[(msg_id, user_id) for msg_id in ids]])[0]

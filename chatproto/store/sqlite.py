@@ -695,9 +695,14 @@ _TAKE_COMPLETED = "SELECT msg_id, src, dst, ts FROM temp.completed ORDER BY rowi
 
 
 def _acknowledge(store, cur, items):
+    """A 16 ends one hold: the oldest pending for user_id with that name."""
     results = []
     for user_id, src, dst, ts in items:
-        found = cur.execute("SELECT id FROM messages WHERE src = ? AND dst = ? AND ts = ?", (src, dst, ts))
+        found = cur.execute(
+            "SELECT msg_id FROM inbox WHERE user_id = ? AND code = ? AND src = ? AND dst = ? AND ts = ? "
+            "ORDER BY seq LIMIT 1",
+            (user_id, HELD_MESSAGE, src, dst, ts),
+        )
         results += _mark_delivered(store, cur, [(user_id, [msg_id for (msg_id,) in found.fetchall()])])
     return results
 
