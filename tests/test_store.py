@@ -679,3 +679,23 @@ def test_a_housekeeping_pass_has_a_transaction_of_its_own(sql_backend):
     for d in ds:
         sql_backend.run(d)
     assert store.transactions - before == 3, "the two around the pass are not in its transaction"
+
+
+def test_postgresql_notes_logins_in_transactions_of_their_own(sql_backend):
+    """Its users' rows locked in id order, apart from the frames' row locks:
+    two nodes noting the same users cannot deadlock (the PostgreSQL soak did,
+    once the notes shared the frames' transactions). SQLite has one writer:
+    they go with the frames."""
+    store = sql_backend.store
+    for user in (A, B):
+        sql_backend.run(store.add_user(user, None))
+    before = store.transactions
+    ds = [
+        store.record_message(A, B, 100, b"one", [B]),
+        store.seen(B),
+        store.seen(A),
+        store.record_message(A, B, 101, b"two", [B]),
+    ]
+    for d in ds:
+        sql_backend.run(d)
+    assert store.transactions - before == (3 if sql_backend.kind == "postgres" else 1)

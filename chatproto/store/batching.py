@@ -91,9 +91,10 @@ class BatchingStore:
 
     An operation is ``fn(cur, *args)``, or, when ``fn.bulk`` is set,
     ``fn(store, cur, [args, ...])`` for a run of consecutive calls, so that
-    a burst goes to the database as one statement per table. One with
-    ``fn.alone`` set (housekeeping) runs in a transaction of its own, so that
-    whatever befalls it fails no frame's operation.
+    a burst goes to the database as one statement per table. A run of one
+    with ``fn.alone`` set (housekeeping; PostgreSQL's login times) has a
+    transaction of its own: whatever befalls it fails no frame's operation,
+    and the row locks it takes never interleave with theirs.
     """
 
     log = Logger()
@@ -161,14 +162,15 @@ class BatchingStore:
             return
         queue = self._queue
         taken = cut = 0
+        # A batch is a run of ordinary operations, or a run of one ``alone`` one.
+        head = queue[0][0]
+        lone = getattr(head, "alone", False)
         while cut < len(queue) and (cut == 0 or taken + queue[cut][3] <= MAX_BATCH):
-            alone = getattr(queue[cut][0], "alone", False)
-            if alone and cut:
-                break  # it gets a transaction of its own, next
+            fn = queue[cut][0]
+            if cut and (fn is not head if lone else getattr(fn, "alone", False)):
+                break
             taken += queue[cut][3]
             cut += 1
-            if alone:
-                break
         batch, self._queue = queue[:cut], queue[cut:]
         self._queued -= taken
         self._busy = True

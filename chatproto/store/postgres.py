@@ -601,8 +601,26 @@ def _add_user(store, cur, user_id, secret_hash):
     store._notes.append(_dumps("u", user_id, secret_hash))
 
 
-def _seen(store, cur, user_id, now):
-    cur.execute("UPDATE users SET last_seen = %s WHERE id = %s", (now, user_id))
+def _seen(store, cur, items):
+    """A run of logins and logouts, in a transaction of their own (``alone``),
+    the users' rows locked in id order: several nodes noting the same users
+    wait for each other instead of deadlocking, and no frame's transaction
+    holds one of these locks while it waits for another."""
+    latest: dict[str, int] = {}
+    for user_id, now in items:
+        latest[user_id] = max(now, latest.get(user_id, 0))
+    users = sorted(latest)
+    cur.execute("SELECT id FROM users WHERE id = ANY(%b::text[]) ORDER BY id FOR UPDATE", (users,))
+    cur.execute(
+        "UPDATE users u SET last_seen = greatest(u.last_seen, t.at) "
+        "FROM unnest(%b::text[], %b::bigint[]) AS t(id, at) WHERE u.id = t.id",
+        (users, [latest[user] for user in users]),
+    )
+    return [None] * len(items)
+
+
+_seen.bulk = True
+_seen.alone = True
 
 
 def _add_group(store, cur, group_id, ts, members, hold_for):
