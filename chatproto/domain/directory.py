@@ -51,10 +51,11 @@ class Directory:
         for user, secret_hash in users.items():
             self.users[user.encode()] = secret_hash
         for group, members in groups.items():
-            self.joined(group.encode(), [m.encode() for m in members])
+            self.set_members(group.encode(), [m.encode() for m in members])
 
-    def joined(self, group: bytes, members: list[bytes]) -> None:
-        """A group made (here or on another node), or its members changed."""
+    def set_members(self, group: bytes, members: list[bytes]) -> None:
+        """A group's whole member list: a group made (here or on another node),
+        or its members changed (added, left, or a change undone)."""
         old = self.groups.get(group)
         if old is not None:
             self._count(old, -1)
