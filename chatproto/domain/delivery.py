@@ -75,12 +75,15 @@ class Delivery:
         self.users = directory.users
         self.groups = directory.groups
         self.sessions = directory.sessions
-        #: Messages that may wait for one offline user (0: no cap).
+        #: Items (messages and notices) that may wait for one offline user (0: no cap).
         self.max_held = max_held
         #: user id → what is held for them while offline, messages and
-        #: notices (07, 09, 11) alike (an estimate: it starts from the store's
+        #: notices (07, 09, 11, 21) alike (an estimate: it starts from the store's
         #: count and counts what is held meanwhile).
         self.held_offline: dict[bytes, int] = {}
+        #: Offline users whose full inbox has been logged: once until they log in,
+        #: not at each refused 05.
+        self.full_logged: set[bytes] = set()
         #: Messages waiting in conversations for the store's answer.
         self.waiting = 0
         #: sender → store operations in flight that may complete its messages
@@ -101,6 +104,7 @@ class Delivery:
 
     def came_online(self, user: bytes) -> None:
         self.held_offline.pop(user, None)
+        self.full_logged.discard(user)
 
     def start_flush(self, session: Session, flush: Flush | None = None) -> None:
         """Send everything held, a page at a time; frames decided meanwhile wait behind it."""
@@ -590,10 +594,9 @@ class Delivery:
             if user not in sessions:
                 count = held.get(user, 0)
                 if count >= self.max_held:
-                    if count == self.max_held:
-                        # Once, not at each refused 05: the count stays past it until the user logs in.
+                    if user not in self.full_logged:
+                        self.full_logged.add(user)
                         self.log.warn("held data cap reached for {user}", user=user.decode())
-                        held[user] = count + 1
                     if dst == user:
                         session.connection.error(wire.SEND, wire.BUSY)
                     continue
