@@ -204,6 +204,11 @@ class Message:
     #: TEXT, or a note of a group change (ADDED, LEFT, SUBJECT): never counted as unread or read.
     kind: str = TEXT
 
+    @property
+    def incoming(self) -> bool:
+        """Written by someone else: what counts as unread and is reported read (not a note)."""
+        return not self.outgoing and self.kind == TEXT
+
 
 @dataclass(eq=False)
 class Group:
@@ -235,7 +240,7 @@ class Conversation:
         return self.id.startswith("1")
 
     def newest_incoming(self) -> int:
-        return max((m.ts for m in self.messages if not m.outgoing and m.kind == TEXT), default=0)
+        return max((m.ts for m in self.messages if m.incoming), default=0)
 
 
 _SCHEMA = """

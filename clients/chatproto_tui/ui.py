@@ -596,7 +596,7 @@ class App:
             self.msg_list.to_end()
             self._below = 0
         else:
-            self._below += sum(1 for m in new if not m.outgoing and m.kind == TEXT)
+            self._below += sum(1 for m in new if m.incoming)
 
     def _trim(self) -> None:
         drop = len(self.msg_walker) - SHOWN_MESSAGES
@@ -644,7 +644,7 @@ class App:
             # The first unread message: the unread-th incoming one from the end.
             left = conv.unread
             for i in range(len(conv.messages) - 1, -1, -1):
-                if not conv.messages[i].outgoing and conv.messages[i].kind == TEXT:
+                if conv.messages[i].incoming:
                     left -= 1
                     if left == 0:
                         self._unread_from[cid] = i
