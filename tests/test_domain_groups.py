@@ -281,6 +281,29 @@ def test_a_message_sent_before_leaving_is_not_refused_when_it_goes_out_after():
     assert s_message(a, group, ts(2), b"my last words") in sc.connection.take()
 
 
+def test_a_message_waiting_in_its_conversation_goes_to_the_members_of_when_it_was_read():
+    """The recipients are the members at the moment it was sent: a 05 read,
+    then a 19 and a 20 while it waits for its conversation's latest; the
+    member added after it does not get it, the one who left after it does."""
+    store = SlowLatestStore()
+    domain = Domain(store)
+    domain.load(store.load().result)
+    a, b, c, d = user(domain), user(domain), user(domain), user(domain)
+    sa, sb, sc, sd = online(domain, a), online(domain, b), online(domain, c), online(domain, d)
+    group = group_of(domain, sa, [b, c])
+    domain.send_many(sa, [message(a, group, ts(2), b"before")])
+    domain.add_members(sa, group, ts(3), [d])
+    domain.leave_group(sb, group, ts(4))
+    for conn in (sa, sb, sc, sd):
+        conn.connection.take()
+    for deferred, latest in store.asked:
+        deferred.callback(latest)
+    assert sb.connection.take() == [s_message(a, group, ts(2), b"before")], "a member when it was sent"
+    assert sc.connection.take() == [s_message(a, group, ts(2), b"before")]
+    assert sd.connection.take() == [], "added after it was sent"
+    assert sa.connection.take() == [s_delivered(group, ts(2))]
+
+
 # -- the low mark: current members, never back -----------------------------------------
 
 
