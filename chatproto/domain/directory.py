@@ -27,7 +27,8 @@ class Directory:
     def __init__(self):
         #: user id → secret hash (str), or None for an account made with 01.
         self.users: dict[bytes, str | None] = {}
-        #: group id → members, creator first.
+        #: group id → members, creator first. A change replaces the list (set_members),
+        #: never edits it: a message waiting to go out keeps the list it was read with.
         self.groups: dict[bytes, list[bytes]] = {}
         #: user id → the session it is logged in on (here).
         self.sessions: dict = {}
