@@ -21,14 +21,6 @@ from .test_domain import FakeConnection, message, online, user
 pytestmark = pytest.mark.usefixtures("no_logged_failures")
 
 
-@pytest.fixture
-def domain():
-    store = MemoryStore()
-    d = Domain(store)
-    d.load(store.load().result)
-    return d
-
-
 def group_of(domain, creator_session, others: list[bytes], when=b"0000000001") -> bytes:
     """A new group of the session's user and ``others``; its 11 taken from the creator."""
     domain.create_group(creator_session, when, others)
