@@ -376,8 +376,8 @@ class Delivery:
             stop = at + 1
             while stop < end and items[stop][1] == dst:
                 stop += 1
-            members = groups.get(dst)
-            if dst in users or (members is not None and src in members):
+            members = None if dst in users else groups.get(dst, ())
+            if members is None or src in members:
                 self._converse(self._conversation(session, src, dst), items[at:stop], members)
             else:
                 for item in items[at:stop]:
