@@ -297,6 +297,8 @@ def test_a_bracketed_paste_is_text_even_where_it_holds_keys(world):
     assert "Keys" not in tmux.screen("a")  # the ? opened no help, the line end sent nothing
     tmux.keys("a", "Enter")
     tmux.wait("a", r"me: \?first line")
+    # Alt-Down opens the first conversation in the list: wait until there is one.
+    tmux.wait("b", r"\d{13} +\(1\)")
     tmux.keys("b", "M-Down")
     tmux.wait("b", r"\?first line\s*\n\s*second line")
 
