@@ -91,6 +91,10 @@ class Delivery:
         #: sender → store operations in flight that may complete its messages
         #: (and so decide 07s); while any is, its other notices wait (``notify``).
         self.deciding: dict[bytes, int] = {}
+        #: group → its 19s not committed yet. Meanwhile its messages take the
+        #: held way, whose record commits after the addition: an added member
+        #: gets its 11 before any 06 of the group.
+        self.adding: dict[bytes, int] = {}
         #: sender → notices waiting for those 07s, in order.
         self.behind_07s: dict[bytes, list[tuple]] = {}
 
@@ -391,6 +395,8 @@ class Delivery:
         if members is None:
             reader = sessions.get(dst)
             return [reader] if reader is not None and reader.delivers_on_write else None
+        if dst in self.adding:
+            return None
         readers = []
         for member in members:
             if member != src:

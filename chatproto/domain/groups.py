@@ -137,6 +137,8 @@ class Groups:
         self.directory.set_members(group, after)
         online = self.routing.writes_to(after)
         self.delivery.count_held(m for m in after if m not in online)  # their 11, held
+        adding = self.delivery.adding
+        adding[group] = adding.get(group, 0) + 1
         d = self.store.add_members(
             group.decode(), int(ts), [u.decode() for u in new], [m.decode() for m in online]
         )
@@ -152,6 +154,7 @@ class Groups:
 
     def _added(self, change, group: bytes, ts: bytes, new: list[bytes], online: list[bytes]) -> None:
         """Committed, with the 11 (and the new members' 18) held for the offline: the rest get them now."""
+        self._committed(group)
         members = [m.encode() for m in change.members]
         self.routing.members_added(group, [m for m in new if m in members], change.read_mark)
         frame = wire.added_to_group(group, ts, members)
@@ -170,10 +173,19 @@ class Groups:
 
     def _not_added(self, failure, session: Session, group: bytes, new: list[bytes]) -> None:
         """Not stored: the users it would have added are not members."""
+        self._committed(group)
         members = self.directory.groups.get(group)
         if members is not None:
             self.directory.set_members(group, [m for m in members if m not in new])
         busy(failure, session, wire.ADD_MEMBERS)
+
+    def _committed(self, group: bytes) -> None:
+        """A 19's store operation answered: the group's messages may go live again."""
+        adding = self.delivery.adding
+        if adding[group] == 1:
+            del adding[group]
+        else:
+            adding[group] -= 1
 
     def leave(self, session: Session, group: bytes, ts: bytes) -> None:
         """20: the leaver gets 21, the members left the new 11. What was sent to
