@@ -91,10 +91,11 @@ class Delivery:
         #: sender → store operations in flight that may complete its messages
         #: (and so decide 07s); while any is, its other notices wait (``notify``).
         self.deciding: dict[bytes, int] = {}
-        #: group → its 19s not committed yet. Meanwhile its messages take the
-        #: held way, whose record commits after the addition: an added member
-        #: gets its 11 before any 06 of the group.
-        self.adding: dict[bytes, int] = {}
+        #: group → the users its 19s not committed yet add (with how many of
+        #: those 19s add each). A message to the group that would reach one of
+        #: them takes the held way, whose record commits after the addition:
+        #: an added member gets its 11 before any 06 of the group.
+        self.adding: dict[bytes, dict[bytes, int]] = {}
         #: sender → notices waiting for those 07s, in order.
         self.behind_07s: dict[bytes, list[tuple]] = {}
 
@@ -395,7 +396,8 @@ class Delivery:
         if members is None:
             reader = sessions.get(dst)
             return [reader] if reader is not None and reader.delivers_on_write else None
-        if dst in self.adding:
+        pending = self.adding.get(dst)
+        if pending is not None and any(member in pending for member in members):
             return None
         readers = []
         for member in members:

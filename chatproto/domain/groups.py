@@ -137,8 +137,9 @@ class Groups:
         self.directory.set_members(group, after)
         online = self.routing.writes_to(after)
         self.delivery.count_held(m for m in after if m not in online)  # their 11, held
-        adding = self.delivery.adding
-        adding[group] = adding.get(group, 0) + 1
+        adding = self.delivery.adding.setdefault(group, {})
+        for user in new:
+            adding[user] = adding.get(user, 0) + 1
         d = self.store.add_members(
             group.decode(), int(ts), [u.decode() for u in new], [m.decode() for m in online]
         )
@@ -154,7 +155,7 @@ class Groups:
 
     def _added(self, change, group: bytes, ts: bytes, new: list[bytes], online: list[bytes]) -> None:
         """Committed, with the 11 (and the new members' 18) held for the offline: the rest get them now."""
-        self._committed(group)
+        self._committed(group, new)
         members = [m.encode() for m in change.members]
         self.routing.members_added(group, [m for m in new if m in members], change.read_mark)
         frame = wire.added_to_group(group, ts, members)
@@ -173,19 +174,22 @@ class Groups:
 
     def _not_added(self, failure, session: Session, group: bytes, new: list[bytes]) -> None:
         """Not stored: the users it would have added are not members."""
-        self._committed(group)
+        self._committed(group, new)
         members = self.directory.groups.get(group)
         if members is not None:
             self.directory.set_members(group, [m for m in members if m not in new])
         busy(failure, session, wire.ADD_MEMBERS)
 
-    def _committed(self, group: bytes) -> None:
-        """A 19's store operation answered: the group's messages may go live again."""
-        adding = self.delivery.adding
-        if adding[group] == 1:
-            del adding[group]
-        else:
-            adding[group] -= 1
+    def _committed(self, group: bytes, new: list[bytes]) -> None:
+        """A 19's store operation answered: messages to the users it added may go live again."""
+        adding = self.delivery.adding[group]
+        for user in new:
+            if adding[user] == 1:
+                del adding[user]
+            else:
+                adding[user] -= 1
+        if not adding:
+            del self.delivery.adding[group]
 
     def leave(self, session: Session, group: bytes, ts: bytes) -> None:
         """20: the leaver gets 21, the members left the new 11. What was sent to
