@@ -45,8 +45,10 @@ ADDED = "added"
 LEFT = "left"
 SUBJECT = "subject"
 
-#: Where this profile stands in a group: a member, or left (its 21 came; the history stays).
+#: Where this profile stands in a group (Group.state): a member, or a former one (its 21
+#: came; the history stays). FORMER's value is the note's LEFT, as stored since schema step 1.
 MEMBER = "member"
+FORMER = "left"
 
 CONNECTED = "connected"
 RECONNECTING = "reconnecting"
@@ -202,6 +204,11 @@ class Message:
     #: TEXT, or a note of a group change (ADDED, LEFT, SUBJECT): never counted as unread or read.
     kind: str = TEXT
 
+    @property
+    def incoming(self) -> bool:
+        """Written by someone else: what counts as unread and is reported read (not a note)."""
+        return not self.outgoing and self.kind == TEXT
+
 
 @dataclass(eq=False)
 class Group:
@@ -233,7 +240,7 @@ class Conversation:
         return self.id.startswith("1")
 
     def newest_incoming(self) -> int:
-        return max((m.ts for m in self.messages if not m.outgoing and m.kind == TEXT), default=0)
+        return max((m.ts for m in self.messages if m.incoming), default=0)
 
 
 _SCHEMA = """
@@ -491,7 +498,7 @@ class ClientModel:
 
     def has_left(self, cid: str) -> bool:
         g = self.groups.get(cid)
-        return g is not None and g.state == LEFT
+        return g is not None and g.state == FORMER
 
     def ordered(self) -> list[Conversation]:
         """Conversations, the most recently active first."""
@@ -641,7 +648,7 @@ class ClientModel:
         g = self.groups.get(group)
         if g is None:
             raise ValueError("That is not a group this profile knows.")
-        if g.state == LEFT:
+        if g.state == FORMER:
             raise ValueError("You left this group.")
         self.flush()
         return g
@@ -850,9 +857,9 @@ class ClientModel:
         g = self.groups.get(group)
         if g is None:
             g = self.groups[group] = Group(group, [])
-        if g.state == LEFT:
+        if g.state == FORMER:
             return
-        g.state = LEFT
+        g.state = FORMER
         if self.me is not None:
             g.members = [m for m in g.members if m != self.me.user]
         self.store.set_group(g)
@@ -1259,6 +1266,7 @@ __all__ = [
     "ClientModel",
     "Conversation",
     "FailoverEndpoint",
+    "FORMER",
     "Group",
     "Identity",
     "LEFT",

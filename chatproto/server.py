@@ -559,9 +559,7 @@ class ChatProtocol(Protocol):
 
     def _create_group(self, frame):
         src, ts, count, members = wire.decode_group(frame)
-        if count == b"00" or len(frame) != wire.GROUP_HEADER_LEN + wire.ID_LEN * int(count):
-            return self.error(wire.CREATE_GROUP, wire.MALFORMED)
-        if not (wire.is_id(src) and wire.is_timestamp(ts) and all(map(wire.is_id, members))):
+        if not (_listed(count, members) and wire.is_id(src) and wire.is_timestamp(ts)):
             return self.error(wire.CREATE_GROUP, wire.MALFORMED)
         user = self.session.user
         if user is None:
@@ -602,9 +600,7 @@ class ChatProtocol(Protocol):
 
     def _add_members(self, frame):
         src, group, ts, count, members = wire.decode_add_members(frame)
-        if count == b"00" or len(frame) != wire.ADD_HEADER_LEN + wire.ID_LEN * int(count):
-            return self.error(wire.ADD_MEMBERS, wire.MALFORMED)
-        if not all(map(wire.is_id, members)):
+        if not _listed(count, members):
             return self.error(wire.ADD_MEMBERS, wire.MALFORMED)
         if self._member_frame(wire.ADD_MEMBERS, src, group, ts):
             self.domain.add_members(self.session, group, ts, members)
@@ -796,6 +792,13 @@ def _describe(address) -> str:
     if host is None:
         return getattr(address, "name", None) or str(address)
     return f"{host}:{address.port}"
+
+
+def _listed(count: bytes, members: list[bytes]) -> bool:
+    """A 10's or 19's N and MEMBERs are well-formed. The framer read the frame's
+    length from N (two digits, or the connection was refused), so only N=00
+    and the ids are left to check."""
+    return count != b"00" and all(map(wire.is_id, members))
 
 
 def _awaits_proxy_header(transport) -> bool:

@@ -138,7 +138,8 @@ class Options(usage.Options):
             None,
             None,
             _help(
-                "Messages that may wait for one offline user; past it a sender is told 12 05 11 (0: no cap).",
+                "Messages and notices (07, 09, 11, 21) that may wait for one offline user; past it a "
+                "05 to that user gets 12 05 11, an 08 naming it 12 08 11 (0: no cap).",
                 "max-held",
             ),
         ],
@@ -236,8 +237,8 @@ class Options(usage.Options):
             None,
             None,
             _help(
-                "Group changes one user may make an hour (10 create, 17 subject, 19 add members); "
-                "more get 12 XX 10 (0: no limit).",
+                "Group changes one user from an untrusted address may make an hour (10 create, "
+                "17 subject, 19 add members); more get 12 XX 10 (0: no limit).",
                 "group-changes-per-hour",
             ),
         ],
@@ -246,8 +247,8 @@ class Options(usage.Options):
             None,
             None,
             _help(
-                "Groups one user may be a member of; a 10 that would pass it for a member gets "
-                "12 10 11 (0: no limit).",
+                "Groups one user may be a member of; a 10 or 19 that would pass it for a member "
+                "gets 12 XX 11 (0: no limit).",
                 "max-groups-per-user",
             ),
         ],

@@ -449,7 +449,7 @@ def decode_subject(frame: bytes) -> Subject:
 
 
 def decode_add_members(frame: bytes) -> AddMembers:
-    """A 19; ``members`` holds only whole ids (a short frame is the caller's to refuse)."""
+    """A 19 as split_frames cut it (its length from N); ``members`` holds only whole ids."""
     at = ADD_HEADER_LEN
     members = [frame[i : i + ID_LEN] for i in range(at, len(frame) - ID_LEN + 1, ID_LEN)]
     return AddMembers(

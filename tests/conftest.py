@@ -9,9 +9,21 @@ import signal
 import pytest
 from twisted.logger import globalLogPublisher
 
+from chatproto.domain import Domain
+from chatproto.store.memory import MemoryStore
+
 from .helpers import Net
 from .postgres import postgres_cluster
 from .test_e2e_server import Server
+
+
+@pytest.fixture
+def domain():
+    """The domain alone over a MemoryStore (tests/test_domain*.py)."""
+    store = MemoryStore()
+    d = Domain(store)
+    d.load(store.load().result)
+    return d
 
 
 @pytest.fixture

@@ -361,6 +361,26 @@ def test_held_notices_count_against_max_held_and_an_08_past_it_gets_12_08_11(mak
     assert len(net.result(net.store.inbox(victim.decode()))) == 3
 
 
+def test_a_full_inbox_is_logged_once_even_when_notices_took_it_past_the_cap(make_net):
+    """Held 11s are counted but never refused, so they may take a count past
+    --max-held without meeting it: the warning must not depend on meeting it."""
+    net = make_net("memory", max_held=2)
+    victim, _ = net.register()
+    a, _ = net.register()
+    conn = net.online(a)
+    conn.send(*[f_group(a, ts(i), [victim]) for i in range(1, 4)])  # three 11s held: 3 > 2
+    assert [f[:2] for f in conn.take()] == [b"11"] * 3
+    lines = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        conn.send(f_send(a, victim, ts(5), b"x"), f_send(a, victim, ts(6), b"y"))
+        assert conn.take() == [s_error(b"05", b"11")] * 2
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+    warned = [e for e in lines if e.get("log_format", "").startswith("held data cap reached")]
+    assert [e["user"] for e in warned] == [victim.decode()], "once for the user, not per 05"
+
+
 def test_a_group_past_a_members_group_cap_gets_12_10_11(make_net):
     net = make_net("memory")
     net.domain.groups.max_groups_per_user = 2

@@ -59,14 +59,6 @@ class FakeConnection:
         return frames
 
 
-@pytest.fixture
-def domain():
-    store = MemoryStore()
-    d = Domain(store)
-    d.load(store.load().result)
-    return d
-
-
 def user(domain) -> bytes:
     session = domain.open(FakeConnection())
     domain.register(session, with_secret=False)

@@ -21,14 +21,6 @@ from .test_domain import FakeConnection, message, online, user
 pytestmark = pytest.mark.usefixtures("no_logged_failures")
 
 
-@pytest.fixture
-def domain():
-    store = MemoryStore()
-    d = Domain(store)
-    d.load(store.load().result)
-    return d
-
-
 def group_of(domain, creator_session, others: list[bytes], when=b"0000000001") -> bytes:
     """A new group of the session's user and ``others``; its 11 taken from the creator."""
     domain.create_group(creator_session, when, others)
@@ -279,6 +271,88 @@ def test_a_message_sent_before_leaving_is_not_refused_when_it_goes_out_after():
     assert sb.connection.take() == [s_message(a, group, ts(2), b"my last words")]
     sc = online(domain, c)
     assert s_message(a, group, ts(2), b"my last words") in sc.connection.take()
+
+
+def test_a_message_waiting_in_its_conversation_goes_to_the_members_of_when_it_was_read():
+    """The recipients are the members at the moment it was sent: a 05 read,
+    then a 19 and a 20 while it waits for its conversation's latest; the
+    member added after it does not get it, the one who left after it does."""
+    store = SlowLatestStore()
+    domain = Domain(store)
+    domain.load(store.load().result)
+    a, b, c, d = user(domain), user(domain), user(domain), user(domain)
+    sa, sb, sc, sd = online(domain, a), online(domain, b), online(domain, c), online(domain, d)
+    group = group_of(domain, sa, [b, c])
+    domain.send_many(sa, [message(a, group, ts(2), b"before")])
+    domain.add_members(sa, group, ts(3), [d])
+    domain.leave_group(sb, group, ts(4))
+    for conn in (sa, sb, sc, sd):
+        conn.connection.take()
+    for deferred, latest in store.asked:
+        deferred.callback(latest)
+    assert sb.connection.take() == [s_message(a, group, ts(2), b"before")], "a member when it was sent"
+    assert sc.connection.take() == [s_message(a, group, ts(2), b"before")]
+    assert sd.connection.take() == [], "added after it was sent"
+    assert sa.connection.take() == [s_delivered(group, ts(2))]
+
+
+class InOrderStore(MemoryStore):
+    """Answers as a SQL store does: nothing at once, every answer after a
+    commit (``commit``), in the order the operations were submitted."""
+
+    def __init__(self):
+        super().__init__()
+        self.queued: list = []
+
+    def commit(self) -> None:
+        while self.queued:
+            fire = self.queued.pop(0)
+            fire()
+
+    def _later(self, value):
+        d = Deferred()
+        self.queued.append(lambda: d.callback(value))
+        return d
+
+    def latest_timestamp(self, src, dst):
+        return self._later(super().latest_timestamp(src, dst).result)
+
+    def add_members(self, group_id, ts, added, online):
+        return self._later(super().add_members(group_id, ts, added, online).result)
+
+    def record_message(self, src, dst, ts, text, recipients, answer=None):
+        value = self._record(src, dst, ts, text, recipients)
+        self.queued.append(lambda: answer.callback(value))
+
+
+def test_while_a_19_is_uncommitted_only_messages_that_reach_its_users_wait_for_it():
+    """The 11 goes after the commit; no 06 may reach the added member before it.
+    A message read before the 19, which does not reach him, is not held back
+    behind it even when it goes out after the 19 was read."""
+    store = InOrderStore()
+    domain = Domain(store)
+    domain.load(store.load().result)
+    a, b, c, d = user(domain), user(domain), user(domain), user(domain)
+    sa, sb, sc, sd = (online(domain, u) for u in (a, b, c, d))
+    group = group_of(domain, sa, [b, c])
+    sb.connection.take(), sc.connection.take()
+    domain.send_many(sb, [message(b, group, ts(2), b"b's first")])
+    store.commit()  # b's conversation is known now
+    for session in (sa, sb, sc):
+        session.connection.take()
+    domain.send_many(sc, [message(c, group, ts(3), b"c's first")])  # waits for its conversation's latest
+    domain.add_members(sa, group, ts(4), [d])
+    domain.send_many(sb, [message(b, group, ts(5), b"after")])  # would reach d: waits for the 19
+    assert sd.connection.take() == [] and sb.connection.take() == []
+    store.commit()
+    added = s_added(group, ts(4), [a, b, c, d])
+    assert sb.connection.take() == [
+        s_message(c, group, ts(3), b"c's first"),  # not held back behind the 19
+        added,
+        s_delivered(group, ts(5)),
+    ]
+    assert sd.connection.take() == [added, s_message(b, group, ts(5), b"after")], "his 11 first"
+    assert domain.delivery.adding == {}
 
 
 # -- the low mark: current members, never back -----------------------------------------

@@ -122,6 +122,28 @@ def test_a_full_session_byte_for_byte(net):
     assert cc.take() == [s_error(b"05", b"07")]
 
 
+def test_an_added_member_gets_its_11_before_a_message_sent_right_after_the_19(net):
+    """A conversation that goes live (b's first message is committed) writes an
+    06 at once, but the 11 waits for the addition's commit: meanwhile the
+    group's messages take the held way, recorded after the addition."""
+    a, _ = net.register()
+    b, _ = net.register()
+    c, _ = net.register()
+    ca, cb, cc = net.online(a), net.online(b), net.online(c)
+    group = made_group(net, ca, a, [b])
+    cb.take()
+    cb.send(f_send(b, group, ts(2), b"first"))
+    assert ca.take() == [s_message(b, group, ts(2), b"first")]
+    cb.take()
+    cb.send(f_add(b, group, ts(3), [c]), f_send(b, group, ts(4), b"hi c"))
+    three = s_added(group, ts(3), [a, b, c])
+    assert cc.take() == [three, s_message(b, group, ts(4), b"hi c")]
+    assert ca.take() == [three, s_message(b, group, ts(4), b"hi c")]
+    assert cb.take() == [three, b"07" + group + ts(4)]
+    cb.send(f_send(b, group, ts(5), b"live again"))
+    assert cc.take() == [s_message(b, group, ts(5), b"live again")]
+
+
 def test_changes_and_what_they_held_survive_a_restart(make_net):
     """Offline members at each step; a restart between each step and the logins."""
     net = make_net("sqlite")

@@ -230,6 +230,8 @@ def test_add_contact_dialog(live):
     assert "13 digits" not in app.render_text()
     app.press(*"Bobby", "enter")
     assert "An id is 13 digits" in app.render_text()
+    app.press("esc", "f2", "0", "tab", "x", "tab", "2")  # Tab goes to the nickname and back
+    assert "Id:       02" in app.render_text() and "Nickname: x" in app.render_text()
     app.press("esc", "f2", *BOB, "enter", *"Bobby", "enter")
     assert app.dialog is None and app.model.open_id == BOB
     assert "Bobby" in app.render_text()

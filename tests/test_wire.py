@@ -244,7 +244,7 @@ def test_add_members_decodes_its_members_and_n():
     frame = wire.add_members(ALICE, TRIO, WHEN, [BOB, CAROL])
     assert len(frame) == 40 + 26
     assert wire.decode_add_members(frame) == wire.AddMembers(ALICE, TRIO, WHEN, b"02", [BOB, CAROL])
-    # A frame cut short keeps only the whole ids: the reader compares N with them.
+    # A frame cut short (the framer never makes one: it reads the length from N) keeps only whole ids.
     assert wire.decode_add_members(frame[:-5]).members == [BOB]
 
 

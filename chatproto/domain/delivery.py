@@ -53,7 +53,9 @@ class Conversation:
     message must not overtake them, so while the store has not answered
     one or the other, messages a reader could take now wait in
     ``waiting`` (not written, not stored: a sender that goes meanwhile
-    sends them again), in order.
+    sends them again), in order, in runs of (items, the group's members
+    when they were read): a 19 or 20 handled meanwhile does not change
+    whom they go to.
     """
 
     __slots__ = ("session", "latest", "known", "pending", "waiting")
@@ -63,7 +65,7 @@ class Conversation:
         self.latest = 0
         self.known = False
         self.pending = 0
-        self.waiting: list[tuple] | None = None
+        self.waiting: list[tuple[list[tuple], list[bytes] | None]] | None = None
 
 
 class Delivery:
@@ -75,17 +77,25 @@ class Delivery:
         self.users = directory.users
         self.groups = directory.groups
         self.sessions = directory.sessions
-        #: Messages that may wait for one offline user (0: no cap).
+        #: Items (messages and notices) that may wait for one offline user (0: no cap).
         self.max_held = max_held
         #: user id → what is held for them while offline, messages and
-        #: notices (07, 09, 11) alike (an estimate: it starts from the store's
+        #: notices (07, 09, 11, 21) alike (an estimate: it starts from the store's
         #: count and counts what is held meanwhile).
         self.held_offline: dict[bytes, int] = {}
+        #: Offline users whose full inbox has been logged: once until they log in,
+        #: not at each refused 05.
+        self.full_logged: set[bytes] = set()
         #: Messages waiting in conversations for the store's answer.
         self.waiting = 0
         #: sender → store operations in flight that may complete its messages
         #: (and so decide 07s); while any is, its other notices wait (``notify``).
         self.deciding: dict[bytes, int] = {}
+        #: group → the users its 19s not committed yet add (with how many of
+        #: those 19s add each). A message to the group that would reach one of
+        #: them takes the held way, whose record commits after the addition:
+        #: an added member gets its 11 before any 06 of the group.
+        self.adding: dict[bytes, dict[bytes, int]] = {}
         #: sender → notices waiting for those 07s, in order.
         self.behind_07s: dict[bytes, list[tuple]] = {}
 
@@ -101,6 +111,7 @@ class Delivery:
 
     def came_online(self, user: bytes) -> None:
         self.held_offline.pop(user, None)
+        self.full_logged.discard(user)
 
     def expired(self, dropped: dict[str, int]) -> None:
         """--expire-held dropped messages held for these users (id → count): they count no more."""
@@ -377,21 +388,24 @@ class Delivery:
             stop = at + 1
             while stop < end and items[stop][1] == dst:
                 stop += 1
-            if dst in users or src in groups.get(dst, ()):
-                self._converse(self._conversation(session, src, dst), items[at:stop])
+            members = None if dst in users else groups.get(dst, ())
+            if members is None or src in members:
+                self._converse(self._conversation(session, src, dst), items[at:stop], members)
             else:
                 for item in items[at:stop]:
                     self.send(session, *item)  # refused there: no such group, or not a member
             at = stop
 
-    def _live_readers(self, src: bytes, dst: bytes) -> list[Session] | None:
+    def _live_readers(self, src: bytes, dst: bytes, members: list[bytes] | None) -> list[Session] | None:
         """Who a message from ``src`` to ``dst`` goes to live: its reader, or
-        every other member of the group; None unless each can take it now."""
+        every other of the group's ``members``; None unless each can take it now."""
         sessions = self.sessions
-        members = self.groups.get(dst)
         if members is None:
             reader = sessions.get(dst)
             return [reader] if reader is not None and reader.delivers_on_write else None
+        pending = self.adding.get(dst)
+        if pending is not None and any(member in pending for member in members):
+            return None
         readers = []
         for member in members:
             if member != src:
@@ -401,8 +415,9 @@ class Delivery:
                 readers.append(reader)
         return readers
 
-    def _converse(self, conversation: Conversation, items: list[tuple]) -> None:
-        """Send ``items`` (one sender, one user or group) in order: live where they can go live.
+    def _converse(self, conversation: Conversation, items: list[tuple], members: list[bytes] | None) -> None:
+        """Send ``items`` (one sender, one user, or one group of ``members`` as
+        they were when the items were read) in order: live where they can go live.
 
         A message goes live when its readers can take it now and it cannot
         repeat a stored message (its TIMESTAMP is past the conversation's
@@ -416,19 +431,19 @@ class Delivery:
         at, end = 0, len(items)
         while at < end:
             if conversation.waiting is not None:
-                conversation.waiting.extend(items[at:])
+                conversation.waiting.append((items[at:], members))
                 self.waiting += end - at
                 return
-            readers = self._live_readers(items[at][0], items[at][1])
+            readers = self._live_readers(items[at][0], items[at][1], members)
             if readers is not None:
                 if not conversation.known or conversation.pending:
-                    conversation.waiting = items[at:]
+                    conversation.waiting = [(items[at:], members)]
                     self.waiting += end - at
                     return
                 at = self._send_live(conversation, readers, items, at)
                 if at == end:
                     return
-            self._send_accepted(session, *items[at])
+            self._send_accepted(session, *items[at], members)
             at += 1
 
     def _send_live(
@@ -490,8 +505,9 @@ class Delivery:
         """The store answered: the messages that waited go on, in order."""
         if conversation.waiting is not None and conversation.known and not conversation.pending:
             waiting, conversation.waiting = conversation.waiting, None
-            self.waiting -= len(waiting)
-            self._converse(conversation, waiting)
+            for items, members in waiting:
+                self.waiting -= len(items)
+                self._converse(conversation, items, members)
 
     def _conversation(self, session: Session, src: bytes, dst: bytes) -> Conversation:
         """The session's state for messages to ``dst``; the first time, the store is asked its latest."""
@@ -521,6 +537,7 @@ class Delivery:
 
     def send(self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes) -> None:
         """A 05 from the logged-in ``src`` the held way; ``frame`` is the 06 to deliver."""
+        members = None
         if dst not in self.users:
             members = self.groups.get(dst)
             if members is None:
@@ -529,18 +546,27 @@ class Delivery:
             if src not in members:
                 session.connection.error(wire.SEND, wire.NOT_A_MEMBER)
                 return
-        self._send_accepted(session, src, dst, ts, text, frame)
+        self._send_accepted(session, src, dst, ts, text, frame, members)
 
     def _send_accepted(
-        self, session: Session, src: bytes, dst: bytes, ts: bytes, text: bytes, frame: bytes
+        self,
+        session: Session,
+        src: bytes,
+        dst: bytes,
+        ts: bytes,
+        text: bytes,
+        frame: bytes,
+        members: list[bytes] | None,
     ) -> None:
         """A 05 whose sender could send to ``dst`` when it was read, the held way:
-        to the user, or to every other member of the group now. A message that
-        waited in its conversation is not refused if its sender left meanwhile."""
-        if dst in self.users:
+        to the user, or to every other of the group's ``members`` when it was
+        read (the contract's recipients: a message that waited in its
+        conversation is neither refused nor sent to others by a 19 or 20
+        handled meanwhile)."""
+        if members is None:
             recipients = [dst]
         else:
-            recipients = [m for m in self.groups.get(dst, ()) if m != src]
+            recipients = [m for m in members if m != src]
         if self.max_held:
             recipients = self._within_cap(session, dst, recipients)
             if not recipients and dst in self.users:
@@ -597,10 +623,9 @@ class Delivery:
             if user not in sessions:
                 count = held.get(user, 0)
                 if count >= self.max_held:
-                    if count == self.max_held:
-                        # Once, not at each refused 05: the count stays past it until the user logs in.
+                    if user not in self.full_logged:
+                        self.full_logged.add(user)
                         self.log.warn("held data cap reached for {user}", user=user.decode())
-                        held[user] = count + 1
                     if dst == user:
                         session.connection.error(wire.SEND, wire.BUSY)
                     continue

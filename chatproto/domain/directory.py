@@ -27,7 +27,8 @@ class Directory:
     def __init__(self):
         #: user id → secret hash (str), or None for an account made with 01.
         self.users: dict[bytes, str | None] = {}
-        #: group id → members, creator first.
+        #: group id → members, creator first. A change replaces the list (set_members),
+        #: never edits it: a message waiting to go out keeps the list it was read with.
         self.groups: dict[bytes, list[bytes]] = {}
         #: user id → the session it is logged in on (here).
         self.sessions: dict = {}
@@ -51,10 +52,11 @@ class Directory:
         for user, secret_hash in users.items():
             self.users[user.encode()] = secret_hash
         for group, members in groups.items():
-            self.joined(group.encode(), [m.encode() for m in members])
+            self.set_members(group.encode(), [m.encode() for m in members])
 
-    def joined(self, group: bytes, members: list[bytes]) -> None:
-        """A group made (here or on another node), or its members changed."""
+    def set_members(self, group: bytes, members: list[bytes]) -> None:
+        """A group's whole member list: a group made (here or on another node),
+        or its members changed (added, left, or a change undone)."""
         old = self.groups.get(group)
         if old is not None:
             self._count(old, -1)

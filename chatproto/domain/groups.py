@@ -22,7 +22,7 @@ class Groups:
 
     def __init__(self, directory, store, delivery, receipts, routing, max_groups_per_user: int = 0):
         self.directory = directory
-        #: Groups one user may be a member of (0: no cap): a 10 past it for any member gets 12 10 11.
+        #: Groups one user may be a member of (0: no cap): a 10 or 19 past it for any member gets 12 XX 11.
         self.max_groups_per_user = max_groups_per_user
         self.store = store
         self.delivery = delivery
@@ -33,29 +33,35 @@ class Groups:
 
     def _members(self, session: Session, listed: list[bytes]) -> list[bytes] | None:
         """The creator first, then the listed once each; None (with the error sent) if refused."""
-        members = [session.user]
-        for member in listed:
-            if member not in members:
-                members.append(member)
-        if len(members) > wire.MAX_MEMBERS:
-            session.connection.error(wire.CREATE_GROUP, wire.MALFORMED)
-            return None
-        users = self.directory.users
-        if any(member not in users for member in members):
-            session.connection.error(wire.CREATE_GROUP, wire.UNKNOWN_USER)
-            return None
-        cap = self.max_groups_per_user
-        if cap and any(self.directory.memberships.get(member, 0) >= cap for member in members):
-            session.connection.error(wire.CREATE_GROUP, wire.BUSY)
+        members = list(dict.fromkeys([session.user, *listed]))
+        if self._refused(session, wire.CREATE_GROUP, 0, members):
             return None
         return members
+
+    def _refused(self, session: Session, code: bytes, size: int, joining: list[bytes]) -> bool:
+        """The checks a 10 and a 19 share, in the documented order, on the users
+        ``joining`` a group of ``size`` members: past 99 (12 XX 01), a user that
+        does not exist (12 XX 04), a user in --max-groups-per-user groups
+        already (12 XX 11). True, with the error sent, if one fails."""
+        if size + len(joining) > wire.MAX_MEMBERS:
+            reason = wire.MALFORMED
+        elif any(user not in self.directory.users for user in joining):
+            reason = wire.UNKNOWN_USER
+        elif self.max_groups_per_user and any(
+            self.directory.memberships.get(user, 0) >= self.max_groups_per_user for user in joining
+        ):
+            reason = wire.BUSY
+        else:
+            return False
+        session.connection.error(code, reason)
+        return True
 
     def create(self, session: Session, ts: bytes, listed: list[bytes]) -> None:
         members = self._members(session, listed)
         if members is None:
             return
         group = self.directory.new_group_id()
-        self.directory.joined(group, members)
+        self.directory.set_members(group, members)
         self.receipts.group_created(group)
         d = self.routing.add_group(group, ts, members)
         d.addCallbacks(self._created, self._not_created, (group, ts, members), errbackArgs=(session, group))
@@ -119,16 +125,7 @@ class Groups:
         if members is None:
             return
         new = [user for user in dict.fromkeys(listed) if user not in members]
-        if len(members) + len(new) > wire.MAX_MEMBERS:
-            session.connection.error(wire.ADD_MEMBERS, wire.MALFORMED)
-            return
-        users = self.directory.users
-        if any(user not in users for user in new):
-            session.connection.error(wire.ADD_MEMBERS, wire.UNKNOWN_USER)
-            return
-        cap = self.max_groups_per_user
-        if cap and any(self.directory.memberships.get(user, 0) >= cap for user in new):
-            session.connection.error(wire.ADD_MEMBERS, wire.BUSY)
+        if self._refused(session, wire.ADD_MEMBERS, len(members), new):
             return
         if not new:
             # Nothing changes: the sender alone gets the list as it is.
@@ -137,9 +134,12 @@ class Groups:
             self.delivery.notify(session.user, frame, HELD_ADDED, "", group.decode(), int(ts), text)
             return
         after = members + new
-        self.directory.joined(group, after)
+        self.directory.set_members(group, after)
         online = self.routing.writes_to(after)
         self.delivery.count_held(m for m in after if m not in online)  # their 11, held
+        adding = self.delivery.adding.setdefault(group, {})
+        for user in new:
+            adding[user] = adding.get(user, 0) + 1
         d = self.store.add_members(
             group.decode(), int(ts), [u.decode() for u in new], [m.decode() for m in online]
         )
@@ -155,6 +155,7 @@ class Groups:
 
     def _added(self, change, group: bytes, ts: bytes, new: list[bytes], online: list[bytes]) -> None:
         """Committed, with the 11 (and the new members' 18) held for the offline: the rest get them now."""
+        self._committed(group, new)
         members = [m.encode() for m in change.members]
         self.routing.members_added(group, [m for m in new if m in members], change.read_mark)
         frame = wire.added_to_group(group, ts, members)
@@ -173,10 +174,22 @@ class Groups:
 
     def _not_added(self, failure, session: Session, group: bytes, new: list[bytes]) -> None:
         """Not stored: the users it would have added are not members."""
+        self._committed(group, new)
         members = self.directory.groups.get(group)
         if members is not None:
-            self.directory.joined(group, [m for m in members if m not in new])
+            self.directory.set_members(group, [m for m in members if m not in new])
         busy(failure, session, wire.ADD_MEMBERS)
+
+    def _committed(self, group: bytes, new: list[bytes]) -> None:
+        """A 19's store operation answered: messages to the users it added may go live again."""
+        adding = self.delivery.adding[group]
+        for user in new:
+            if adding[user] == 1:
+                del adding[user]
+            else:
+                adding[user] -= 1
+        if not adding:
+            del self.delivery.adding[group]
 
     def leave(self, session: Session, group: bytes, ts: bytes) -> None:
         """20: the leaver gets 21, the members left the new 11. What was sent to
@@ -185,7 +198,7 @@ class Groups:
         if members is None:
             return
         user = session.user
-        self.directory.joined(group, [m for m in members if m != user])
+        self.directory.set_members(group, [m for m in members if m != user])
         online = self.routing.writes_to(members)
         self.delivery.count_held(m for m in members if m not in online)  # their 11 or 21, held
         d = self.store.leave_group(group.decode(), user.decode(), int(ts), [m.decode() for m in online])
@@ -212,5 +225,5 @@ class Groups:
         """Not stored: the user is still a member, where it was."""
         members = self.directory.groups.get(group)
         if members is not None and user not in members:
-            self.directory.joined(group, [*members[:at], user, *members[at:]])
+            self.directory.set_members(group, [*members[:at], user, *members[at:]])
         busy(failure, session, wire.LEAVE_GROUP)

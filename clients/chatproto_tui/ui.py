@@ -596,7 +596,7 @@ class App:
             self.msg_list.to_end()
             self._below = 0
         else:
-            self._below += sum(1 for m in new if not m.outgoing and m.kind == TEXT)
+            self._below += sum(1 for m in new if m.incoming)
 
     def _trim(self) -> None:
         drop = len(self.msg_walker) - SHOWN_MESSAGES
@@ -644,7 +644,7 @@ class App:
             # The first unread message: the unread-th incoming one from the end.
             left = conv.unread
             for i in range(len(conv.messages) - 1, -1, -1):
-                if not conv.messages[i].outgoing and conv.messages[i].kind == TEXT:
+                if conv.messages[i].incoming:
                     left -= 1
                     if left == 0:
                         self._unread_from[cid] = i
@@ -1004,37 +1004,20 @@ class App:
     def do_add_contact(self) -> None:
         who = Field("Id:       ")
         nick = Field("Nickname: ")
-        problem = urwid.Text("")
-        fields = urwid.Pile([who, nick])
-        body = urwid.Pile(
-            [
-                urwid.Text("Their 13-digit id (they see it on their status line), and a name for them."),
-                urwid.Divider(),
-                fields,
-                urwid.Divider(),
-                problem,
-                urwid.Text("Enter: next / add   Esc: cancel"),
-            ]
+
+        def save():
+            conv = self.model.add_contact(who.edit_text, nick.edit_text)
+            self.close_dialog()
+            self.open(conv.id)
+
+        self._two_fields(
+            "Add a contact",
+            "Their 13-digit id (they see it on their status line), and a name for them.",
+            (who, nick),
+            "Enter: next / add   Esc: cancel",
+            save,
+            height=12,
         )
-
-        def on_key(key):
-            if key == "esc":
-                return self.close_dialog()
-            if key in ("enter", "tab") and fields.focus_position == 0:
-                fields.focus_position = 1
-                return True
-            if key == "enter":
-                try:
-                    conv = self.model.add_contact(who.edit_text, nick.edit_text)
-                except ValueError as e:
-                    problem.set_text(("error", str(e)))
-                    return True
-                self.close_dialog()
-                self.open(conv.id)
-                return True
-            return False
-
-        self.show_dialog("Add a contact", urwid.Filler(body, valign="top"), on_key, height=12)
 
     def do_new_group(self) -> None:
         contacts = self.model.contacts()
@@ -1092,42 +1075,22 @@ class App:
             return
         subject = Field("Subject:  ", group.subject)
         nick = Field("Nickname: ", self.model.names.get(group.id, ""))
-        fields = urwid.Pile([subject, nick])
-        problem = urwid.Text("")
-        body = urwid.Pile(
-            [
-                urwid.Text("The subject is the group's name for every member; a nickname only you see."),
-                urwid.Divider(),
-                fields,
-                urwid.Divider(),
-                problem,
-                urwid.Text("Enter: next / save   Esc: cancel"),
-            ]
+
+        def save():
+            if subject.edit_text.strip() != group.subject:
+                self.model.set_subject(group.id, subject.edit_text)
+            self.model.set_nickname(group.id, nick.edit_text)
+            self.close_dialog()
+            self._retitle = True
+
+        self._two_fields(
+            "Rename the group",
+            "The subject is the group's name for every member; a nickname only you see.",
+            (subject, nick),
+            "Enter: next / save   Esc: cancel",
+            save,
+            height=11,
         )
-
-        def on_key(key):
-            if key == "esc":
-                return self.close_dialog()
-            if key in ("enter", "tab") and fields.focus_position == 0:
-                fields.focus_position = 1
-                return True
-            if key == "tab":
-                fields.focus_position = 0
-                return True
-            if key == "enter":
-                try:
-                    if subject.edit_text.strip() != group.subject:
-                        self.model.set_subject(group.id, subject.edit_text)
-                    self.model.set_nickname(group.id, nick.edit_text)
-                except ValueError as e:
-                    problem.set_text(("error", str(e)))
-                    return True
-                self.close_dialog()
-                self._retitle = True
-                return True
-            return False
-
-        self.show_dialog("Rename the group", urwid.Filler(body, valign="top"), on_key, height=11)
 
     def do_add_members(self) -> None:
         group = self._open_group()
@@ -1215,6 +1178,35 @@ class App:
         self.show_dialog("Quit?", urwid.Filler(urwid.Text(text)), on_key, height=9)
 
     # -- dialogs -------------------------------------------------------------------
+
+    def _two_fields(self, title: str, intro: str, fields, hint: str, save, height: int) -> None:
+        """A dialog of two fields: Enter or Tab goes from the first to the second,
+        Tab back, Enter on the second calls ``save`` (which closes the dialog);
+        a ValueError it raises is shown in the dialog, which stays."""
+        pile = urwid.Pile(list(fields))
+        problem = urwid.Text("")
+        body = urwid.Pile(
+            [urwid.Text(intro), urwid.Divider(), pile, urwid.Divider(), problem, urwid.Text(hint)]
+        )
+
+        def on_key(key):
+            if key == "esc":
+                return self.close_dialog()
+            if key in ("enter", "tab") and pile.focus_position == 0:
+                pile.focus_position = 1
+                return True
+            if key == "tab":
+                pile.focus_position = 0
+                return True
+            if key == "enter":
+                try:
+                    save()
+                except ValueError as e:
+                    problem.set_text(("error", str(e)))
+                return True
+            return False
+
+        self.show_dialog(title, urwid.Filler(body, valign="top"), on_key, height=height)
 
     def show_dialog(self, title: str, body: urwid.Widget, on_key, height: int | None = None) -> None:
         self.dialog = Dialog(title, body, on_key, height)
