@@ -490,6 +490,83 @@ def test_below_60_columns_the_list_folds_away_and_a_key_brings_it_back(live):
     assert any("Show this help" in x for x in help_lines_)  # a line of its own, not an 8-column strip
 
 
+def test_with_the_list_folded_away_the_status_line_counts_what_is_unread(tmp_path):
+    """At 40x12 with nothing open, a group created by someone else and its first message
+    showed nowhere: the list that would have counted them was folded away."""
+    client, endpoint, _ = online(tmp_path)
+    client.address = "127.0.0.1:7000"
+    app = App(client.model, client)
+    protocol, _ = endpoint.last
+    size = (40, 12)
+    assert app.render_text(size).splitlines()[0].rstrip() == f" {ME} ● connected"
+    protocol.dataReceived(wire.added_to_group(b(GROUP), wire.timestamp(T0), [b(BOB), b(ME)]))
+    protocol.dataReceived(incoming(BOB, GROUP, T0 + 1, "hi all"))
+    app.clock.advance(1)  # drawn as the running loop draws: on the model's events
+    lines = app.render_text(size).splitlines()
+    assert lines[0].rstrip() == " ● connected · 1 unread, Alt-A" and len(lines[0]) == 40
+    assert "Conversations" not in "\n".join(lines)
+    protocol.dataReceived(incoming(CAROL, ME, T0 + 2, "and me") + incoming(CAROL, ME, T0 + 3, "again"))
+    app.clock.advance(1)
+    assert app.render_text(size).splitlines()[0].rstrip() == " ● connected · 3 unread, Alt-A"
+    # Wider, the id comes back and then the number of conversations; at 100 the list shows them.
+    assert app.render_text((50, 12)).splitlines()[0].rstrip() == (
+        " ● connected · 3 unread in 2 conversations, Alt-A"
+    )
+    assert "unread" not in app.render_text((100, 24)).splitlines()[0]
+    # Never wrapped, at any width; the state is always on it.
+    for width in (12, 20, 30, 40, 45, 59):
+        status = app.render_text((width, 12)).splitlines()[0]
+        assert len(status) == width and "●" in status, (width, status)
+    assert app.render_text((20, 12)).splitlines()[0].rstrip() == " ● 3 unread"
+    # A connection that is down is told in full before the count.
+    endpoint.down = True
+    drop(protocol)
+    assert app.render_text(size).splitlines()[0].rstrip() == " ● 127.0.0.1:7000 closed, 1 s, F5"
+    assert app.render_text((50, 12)).splitlines()[0].rstrip() == (
+        " ● 127.0.0.1:7000 closed, 1 s, F5 · 3 unread"
+    )
+    endpoint.down = False
+    app.clock.advance(1)
+    protocol, _ = endpoint.last
+    protocol.dataReceived(wire.online_ok(b(ME)))
+    assert app.render_text(size).splitlines()[0].rstrip() == " ● connected · 3 unread, Alt-A"
+    # Reading clears it: Alt-A opens Carol's (newest), then the group.
+    app.press("meta a", size=size)
+    assert app.model.open_id == CAROL
+    assert app.render_text(size).splitlines()[0].rstrip() == " ● connected · 1 unread, Alt-A"
+    app.press("meta a", size=size)
+    assert app.model.open_id == GROUP and "hi all" in app.render_text(size)
+    assert app.render_text(size).splitlines()[0].rstrip() == f" {ME} ● connected"
+    # A message to the open conversation is read as it arrives: nothing to count.
+    protocol.dataReceived(incoming(BOB, GROUP, T0 + 4, "seen"))
+    app.clock.advance(1)
+    assert app.render_text(size).splitlines()[0].rstrip() == f" {ME} ● connected"
+
+
+def test_the_unread_count_moves_between_the_list_and_the_status_line_with_the_list_key(live):
+    """F4 at an unchanged size in a running loop: the status line is redrawn, not its old canvas."""
+    app, protocol, _ = live
+    app.model.add_contact(BOB, "Bob")
+    protocol.dataReceived(incoming(BOB, ME, T0, "one") + incoming(BOB, ME, T0 + 1, "two"))
+    app.clock.advance(1)
+    for size in ((40, 12), (100, 30)):
+        app.list_mode = "auto"  # 40 columns left it "hidden"
+        keeping = _KeepingScreen(size)
+        app.loop = urwid.MainLoop(app.top, screen=keeping, handle_mouse=False)
+        app.loop.draw_screen()
+        folded = size[0] < 60
+        assert ("2 unread" in keeping.text().splitlines()[0]) is folded
+        app.loop.process_input(["f4"])
+        app.loop.draw_screen()
+        status, rest = keeping.text().split("\n", 1)
+        assert ("2 unread" in status) is not folded and bool(re.search(r"Bob +\(2\)", rest)) is folded
+        app.loop.process_input(["meta l"])
+        app.loop.draw_screen()
+        assert ("2 unread" in keeping.text().splitlines()[0]) is folded
+    ascii_app = App(app.model, app.client, ascii_only=True)
+    assert ascii_app.render_text((40, 12)).splitlines()[0].rstrip() == " * connected - 2 unread, Alt-A"
+
+
 def test_search_in_the_conversation_and_across_conversations(live):
     app, protocol, _ = live
     app.model.add_contact(BOB, "Bob")

@@ -73,6 +73,11 @@ def help_lines() -> list[tuple[str, str, str]]:
     return lines
 
 
+def key_name(command: str) -> str:
+    """How a hint on screen names ``command``: its first key, as the help screen writes it."""
+    return _pretty(KEYS[command].keys[0])
+
+
 def _pretty(key: str) -> str:
     parts = key.split()
     names = {"meta": "Alt", "ctrl": "Ctrl", "page": "Page"}

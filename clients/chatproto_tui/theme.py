@@ -8,6 +8,7 @@ REQUIRED_STYLES = (
     "header",
     "status_ok",
     "status_bad",
+    "status_unread",
     "sidebar",
     "selected",
     "open",
@@ -32,6 +33,7 @@ THEMES: dict[str, dict[str, tuple[str, str]]] = {
         "header": ("white,bold", "dark blue"),
         "status_ok": ("light green,bold", "dark blue"),
         "status_bad": ("yellow,bold", "dark blue"),
+        "status_unread": ("black", "yellow"),
         "sidebar": ("light gray", "black"),
         "selected": ("black", "light gray"),
         "open": ("white,bold", "black"),
@@ -54,6 +56,7 @@ THEMES: dict[str, dict[str, tuple[str, str]]] = {
         "header": ("white,bold", "dark blue"),
         "status_ok": ("light green,bold", "dark blue"),
         "status_bad": ("yellow,bold", "dark blue"),
+        "status_unread": ("black", "yellow"),
         "sidebar": ("black", "white"),
         "selected": ("white", "dark blue"),
         "open": ("dark blue,bold", "white"),
@@ -87,6 +90,8 @@ TICK_MEANING = {
     FAILED: "failed: the server refused it; it will not be retried",
 }
 DOT = {"unicode": "●", "ascii": "*"}
+#: Between the connection state and the unread count on the status line.
+SEPARATOR = {"unicode": " · ", "ascii": " - "}
 
 
 def palette(theme: str) -> list[tuple[str, str, str]]:

@@ -32,8 +32,8 @@ from chatproto.client import (
     Message,
 )
 
-from .keys import KEYS, commands_for, help_lines
-from .theme import DOT, TICK_MEANING, TICKS, palette
+from .keys import KEYS, commands_for, help_lines, key_name
+from .theme import DOT, SEPARATOR, TICK_MEANING, TICKS, palette
 from .widgets import Dialog, Field, MessageList, Row, SizedScreen, StatusLine, safe
 
 SIDEBAR_WIDTH = 24
@@ -181,7 +181,7 @@ class App:
         self._row_markup: dict[str, list] = {}
         self._row_order: list[str] = []
 
-        self.status = StatusLine()
+        self.status = StatusLine(list_hidden=self._list_hidden)
         self.conv_walker = urwid.SimpleFocusListWalker([])
         self.conv_list = urwid.ListBox(self.conv_walker)
         self.title = urwid.Text("", wrap="clip")
@@ -383,11 +383,44 @@ class App:
                 [(header, f" {me} "), (style, long)],
                 [(header, f" {me} "), (style, brief)],
                 [(style, f" {brief}")],
-            ]
+            ],
+            self._unread_variants(me, good, long, brief),
         )
         # A countdown on screen is kept true once a second, only while there is one.
         if wait and (self._tick_call is None or not self._tick_call.active()):
             self._tick_call = self.clock.callLater(1.0, self._status_tick)
+
+    def _unread_variants(self, me: str, good: bool, long: str, brief: str) -> list[list] | None:
+        """The status line while the conversation list is folded away: the list's unread counts
+        move up to it, so a small terminal still shows that something arrived (the same count
+        the list shows and the bell rings for: messages in conversations that are not open).
+        Longest first; the own id goes first, then the number of conversations, then the key,
+        then the word "connected" (the dot's colour still says it). A connection that is down
+        is told in full instead: nothing new arrives meanwhile, and what it does matters more."""
+        counts = [c.unread for c in self.model.conversations.values() if c.unread]
+        if not counts:
+            return None
+        n, convs = sum(counts), len(counts)
+        key = key_name("NEXT_UNREAD")
+        where = f" in {convs} conversation{'s' if convs > 1 else ''}"
+        full = f"{n} unread message{'s' if n > 1 else ''}{where}, {key} opens"
+        mid = f"{n} unread{where}, {key}" if convs > 1 else f"{n} unread, {key}"
+        short, tiny = f"{n} unread, {key}", f"{n} unread"
+        style = "status_ok" if good else "status_bad"
+        header, unread, sep = "header", "status_unread", (style, SEPARATOR[self.glyphs])
+        dot = DOT[self.glyphs]
+        return [
+            [(header, f" you: {me}  "), (style, long), sep, (unread, full), (header, "   F1 help")],
+            [(header, f" you: {me}  "), (style, long), sep, (unread, full)],
+            [(header, f" {me} "), (style, brief), sep, (unread, mid)],
+            [(style, f" {brief}"), sep, (unread, mid)],
+            [(style, f" {brief}"), sep, (unread, short)],
+            [(style, f" {brief}"), sep, (unread, tiny)],
+            [(style, f" {dot} "), (unread, tiny)] if good else [(style, f" {brief}")],
+        ]
+
+    def _list_hidden(self, maxcol: int) -> bool:
+        return self.body.layout(maxcol) == "main"
 
     def _status_tick(self) -> None:
         self._tick_call = None
@@ -871,6 +904,7 @@ class App:
     def _set_list_mode(self, mode: str) -> None:
         self.list_mode = mode
         self.body._arrange((self.body.maxcol,))
+        self.status.relayout()  # the unread counts move between the list and the status line
 
     def do_toggle_list(self) -> None:
         shown = self.body.layout(self.body.maxcol) != "main"

@@ -88,29 +88,40 @@ class Dialog(urwid.WidgetWrap):
 
 class StatusLine(urwid.Widget):
     """One line that never wraps: the first of its variants (longest first) that fits the width,
-    the last one clipped if none does."""
+    the last one clipped if none does.
+
+    ``list_hidden(maxcol)`` says whether the conversation list is folded away at that width:
+    then the ``hidden`` variants are shown instead, if any (they carry what the list would).
+    It is asked at render time, as the width is only known then; ``relayout`` redraws the
+    line when the answer changes at the same width (the list key)."""
 
     _sizing = frozenset([urwid.FLOW])
     ignore_focus = True
 
-    def __init__(self):
+    def __init__(self, list_hidden=lambda maxcol: False):
         super().__init__()
+        self.list_hidden = list_hidden
         self.variants: list[list] = [[""]]
+        self.hidden: list[list] | None = None
 
-    def set_variants(self, variants: list[list]) -> None:
-        if variants != self.variants:
-            self.variants = variants
+    def set_variants(self, variants: list[list], hidden: list[list] | None = None) -> None:
+        if variants != self.variants or hidden != self.hidden:
+            self.variants, self.hidden = variants, hidden
             self._invalidate()
+
+    def relayout(self) -> None:
+        self._invalidate()
 
     def rows(self, size, focus=False) -> int:
         return 1
 
     def text_for(self, maxcol: int) -> urwid.Text:
-        for markup in self.variants:
+        variants = self.hidden if self.hidden and self.list_hidden(maxcol) else self.variants
+        for markup in variants:
             text = urwid.Text(markup, wrap="clip")
             if text.pack()[0] <= maxcol:
                 return text
-        return urwid.Text(self.variants[-1], wrap="clip")
+        return urwid.Text(variants[-1], wrap="clip")
 
     def render(self, size, focus=False):
         (maxcol,) = size
