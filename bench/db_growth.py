@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from loadgen import login, read_exactly, register  # noqa: E402
 from systems import Server, export_tree, free_port  # noqa: E402
 
 PAIRS = 10
@@ -45,31 +46,6 @@ TEXT = 218  # the bench's usual text: a 256-byte frame
 def frame_05(src: bytes, dst: bytes, ts: int, i: int) -> bytes:
     head = b"m%010d " % i
     return b"05" + src + dst + b"%010d" % ts + (head + b"x" * (TEXT - len(head)))
-
-
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, got = [], 0
-    while got < size:
-        chunk = sock.recv(min(1 << 20, size - got))
-        if not chunk:
-            raise RuntimeError("the server closed the connection")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def register(port: int, count: int) -> list[bytes]:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"01" * count)
-        data = read_exactly(s, 15 * count)
-    return [data[i + 2 : i + 15] for i in range(0, len(data), 15)]
-
-
-def login(port: int, user: bytes) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"03" + user)
-    assert read_exactly(s, 15) == b"04" + user
-    return s
 
 
 def size(db: str) -> dict:

@@ -387,3 +387,31 @@ def close_all(socks) -> None:
         except OSError as e:
             if e.errno != errno.EBADF:
                 raise
+
+
+# Blocking helpers for setting up a run (the database-growth benchmarks).
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = sock.recv(min(1 << 20, size - got))
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def register(port: int, count: int) -> list[bytes]:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"01" * count)
+        data = read_exactly(s, 15 * count)
+    return [data[i + 2 : i + 15] for i in range(0, len(data), 15)]
+
+
+def login(port: int, user: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"03" + user)
+    assert read_exactly(s, 15) == b"04" + user
+    return s

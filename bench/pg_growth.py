@@ -21,35 +21,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from loadgen import login, read_exactly, register  # noqa: E402
+
 from tests.postgres import PostgresCluster, find_bin_dir, free_port  # noqa: E402
 
 
 def frame_05(src: bytes, dst: bytes, ts: int, text: bytes) -> bytes:
     return b"05" + src + dst + b"%010d" % ts + text.ljust(256 - 38, b"\0")
-
-
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise RuntimeError("the server closed the connection")
-        data += chunk
-    return data
-
-
-def register(port: int, count: int) -> list[bytes]:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"01" * count)
-        data = read_exactly(s, 15 * count)
-    return [data[i + 2 : i + 15] for i in range(0, len(data), 15)]
-
-
-def login(port: int, user: bytes) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"03" + user)
-    assert read_exactly(s, 15) == b"04" + user
-    return s
 
 
 def send_all(sock: socket.socket, data: bytes) -> threading.Thread:
