@@ -616,21 +616,18 @@ class Delivery:
         A direct message to a full inbox gets 12 05 11 (the sender's outbox
         tries again later); a group message goes to the other members.
         """
-        held = self.held_offline
-        sessions = self.sessions
         kept_for = []
         for user in recipients:
-            if user not in sessions:
-                count = held.get(user, 0)
-                if count >= self.max_held:
-                    if user not in self.full_logged:
-                        self.full_logged.add(user)
-                        self.log.warn("held data cap reached for {user}", user=user.decode())
-                    if dst == user:
-                        session.connection.error(wire.SEND, wire.BUSY)
-                    continue
-                held[user] = count + 1
+            if self.full(user):
+                if user not in self.full_logged:
+                    self.full_logged.add(user)
+                    self.log.warn("held data cap reached for {user}", user=user.decode())
+                if dst == user:
+                    session.connection.error(wire.SEND, wire.BUSY)
+                continue
             kept_for.append(user)
+        sessions = self.sessions
+        self.count_held([user for user in kept_for if user not in sessions])
         return kept_for
 
     def _recorded(self, recorded, src, dst, ts, frame, recipients, conversation=None) -> None:
